@@ -1,0 +1,103 @@
+"""The S3 key layout, as pure functions.
+
+Every object of a training run lives under ``{job}/{run}/``::
+
+    {job}/{run}/commit.json                              last committed round (the only pointer)
+    {job}/{run}/round-{r:05d}/global.safetensors         global model devices train in round r
+    {job}/{run}/round-{r:05d}/global.pte                 its ExecuTorch training program
+    {job}/{run}/round-{r:05d}/server-state.safetensors   strategy state (momentum, Adam moments)
+    {job}/{run}/round-{r:05d}/tasks/{leaf}.json          task manifest of one leaf node
+    {job}/{run}/round-{r:05d}/updates/{leaf}/{batch}.safetensors
+                                                         group-committed device updates
+    {job}/{run}/round-{r:05d}/partials/{node}.safetensors  summed partial aggregate of a node
+    {job}/{run}/round-{r:05d}/report.json                round metrics and outcome
+    control/active/{job}.json                            which run/round gateways serve for a job
+    _lineage/{key}.json                                  lineage record of the object at {key}
+
+Round 0's ``global.safetensors`` is the initial model. Finishing round r writes
+``round-{r+1}/global.safetensors`` and then, last, ``commit.json``: readers follow
+the pointer, so nobody ever sees half a round (single-object PUTs are atomic in S3).
+"""
+
+from __future__ import annotations
+
+import re
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+LINEAGE_PREFIX = "_lineage/"
+
+
+def check_segment(value: str, what: str) -> str:
+    """Refuse key segments that could escape their prefix or break URLs."""
+    if not _SEGMENT.match(value) or ".." in value:
+        raise ValueError(
+            f"{what} {value!r} is not a valid key segment: use letters, digits, '.', '_' or '-' "
+            "(at most 128 characters, starting with a letter or digit)"
+        )
+    return value
+
+
+def run_prefix(job: str, run: str) -> str:
+    return f"{check_segment(job, 'job')}/{check_segment(run, 'run id')}/"
+
+
+def round_prefix(job: str, run: str, rnd: int) -> str:
+    if rnd < 0:
+        raise ValueError(f"round must be >= 0, got {rnd}")
+    return f"{run_prefix(job, run)}round-{rnd:05d}/"
+
+
+def commit_key(job: str, run: str) -> str:
+    return f"{run_prefix(job, run)}commit.json"
+
+
+def global_model_key(job: str, run: str, rnd: int) -> str:
+    return f"{round_prefix(job, run, rnd)}global.safetensors"
+
+
+def program_key(job: str, run: str, rnd: int) -> str:
+    return f"{round_prefix(job, run, rnd)}global.pte"
+
+
+def server_state_key(job: str, run: str, rnd: int) -> str:
+    return f"{round_prefix(job, run, rnd)}server-state.safetensors"
+
+
+def task_manifest_key(job: str, run: str, rnd: int, leaf: str) -> str:
+    return f"{round_prefix(job, run, rnd)}tasks/{check_segment(leaf, 'leaf')}.json"
+
+
+def updates_prefix(job: str, run: str, rnd: int, leaf: str) -> str:
+    return f"{round_prefix(job, run, rnd)}updates/{check_segment(leaf, 'leaf')}/"
+
+
+def update_batch_key(job: str, run: str, rnd: int, leaf: str, batch: str) -> str:
+    return f"{updates_prefix(job, run, rnd, leaf)}{check_segment(batch, 'batch')}.safetensors"
+
+
+def partial_key(job: str, run: str, rnd: int, node: str) -> str:
+    return f"{round_prefix(job, run, rnd)}partials/{check_segment(node, 'node')}.safetensors"
+
+
+def round_report_key(job: str, run: str, rnd: int) -> str:
+    return f"{round_prefix(job, run, rnd)}report.json"
+
+
+def active_job_key(job: str) -> str:
+    return f"control/active/{check_segment(job, 'job')}.json"
+
+
+def lineage_key(object_key: str) -> str:
+    """Where the lineage record of the object at ``object_key`` lives."""
+    return f"{LINEAGE_PREFIX}{object_key}.json"
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """Split ``s3://bucket/key`` into (bucket, key), with a clear error otherwise."""
+    if not uri.startswith("s3://"):
+        raise ValueError(f"expected an s3://BUCKET/KEY URI, got {uri!r}")
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket or not key:
+        raise ValueError(f"expected an s3://BUCKET/KEY URI with both parts, got {uri!r}")
+    return bucket, key
