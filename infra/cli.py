@@ -19,6 +19,13 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
+
+
+@app.callback()
+def _root() -> None:
+    """Cross-device federated learning for phones, orchestrated by Prefect."""
+
+
 # Modules that define a ``register(app)`` function; missing ones are skipped so
 # each area can land on its own.
 _COMMAND_MODULES = (
