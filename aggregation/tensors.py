@@ -43,7 +43,9 @@ def spec_of(tensors: Mapping[str, np.ndarray]) -> dict[str, TensorSpec]:
     return {name: TensorSpec(arr.shape, arr.dtype.name) for name, arr in tensors.items()}
 
 
-def encode_tensors(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
+def encode_tensors(
+    tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> bytes:
     """Serialise named arrays; ``metadata`` values must be strings (safetensors' rule)."""
     meta = {k: str(v) for k, v in (metadata or {}).items()}
     contiguous = {name: np.ascontiguousarray(arr) for name, arr in tensors.items()}

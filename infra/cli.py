@@ -20,7 +20,6 @@ app = typer.Typer(
 )
 
 
-
 @app.callback()
 def _root() -> None:
     """Cross-device federated learning for phones, orchestrated by Prefect."""

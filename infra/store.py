@@ -233,9 +233,7 @@ class MemoryObjectStore:
             if key not in self._objects:
                 return None
             data, meta = self._objects[key]
-        return ObjectRef(
-            bucket=self.bucket, key=key, sha256=meta["canopy-sha256"], size=len(data)
-        )
+        return ObjectRef(bucket=self.bucket, key=key, sha256=meta["canopy-sha256"], size=len(data))
 
     def list_keys(self, prefix: str) -> list[str]:
         with self._lock:
