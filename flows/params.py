@@ -1,0 +1,99 @@
+"""Parameters of a federated training run, validated once at the flow's door.
+
+These are the flow's pydantic parameters, so Prefect renders them as a form in
+the UI and ``prefect deployment run ... -p rounds=10`` is checked before any
+work starts. Everything below the flow receives plain, already-valid values.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from aggregation.topology import TreeShape
+
+
+class StrategyParams(BaseModel):
+    """Server-side optimiser applied to the mean device update."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["fedavg", "fedavgm", "fedadam", "fedyogi"] = "fedavg"
+    server_lr: float = Field(default=1.0, gt=0, description="Server learning rate (eta).")
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="FedAvgM server momentum.")
+    beta1: float = Field(default=0.9, ge=0, lt=1, description="FedAdam/FedYogi first moment.")
+    beta2: float = Field(default=0.99, ge=0, lt=1, description="FedAdam/FedYogi second moment.")
+    tau: float = Field(default=1e-3, gt=0, description="FedAdam/FedYogi adaptivity (epsilon).")
+
+
+class PartitionParams(BaseModel):
+    """How simulated devices split the dataset (real phones bring their own data)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scheme: Literal["iid", "dirichlet", "shards"] = "dirichlet"
+    alpha: float = Field(default=0.5, gt=0, description="Dirichlet concentration (lower = skewed).")
+    shards_per_device: int = Field(default=2, ge=1, description="Labels per device for 'shards'.")
+    num_devices: int = Field(default=40, ge=1, description="Devices the data is split across.")
+    min_samples: int = Field(default=8, ge=1, description="Smallest partition a device gets.")
+
+
+class TrainingParams(BaseModel):
+    """One federated training run: which job, how many rounds, which tree and strategy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job: str = Field(description="Job name (hello-mobile, xor-mobile, cifar10-mobile) or module:ATTR.")
+    run_id: str = Field(
+        default="default",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="Run id; running again with the same id resumes from the last commit.",
+    )
+    runtime: Literal["executorch", "pytorch"] = Field(
+        default="executorch", description="What devices train with."
+    )
+    rounds: int = Field(default=5, ge=1, le=10_000, description="Rounds to commit in total.")
+    tree: TreeShape = Field(default_factory=TreeShape)
+    cohort_size: int = Field(default=10, ge=1, description="Reports that close a round.")
+    over_selection: float = Field(
+        default=1.3, ge=1.0, le=5.0, description="Devices asked per report needed."
+    )
+    min_reports: int = Field(
+        default=2, ge=1, description="Fewest reports for a round to count; below it is abandoned."
+    )
+    round_deadline_s: float = Field(
+        default=120.0, gt=0, description="Seconds a round waits for reports before closing."
+    )
+    registry_wait_s: float = Field(
+        default=60.0, ge=0, description="Seconds to wait for enough devices to enrol."
+    )
+    local_epochs: int = Field(default=1, ge=1, le=100)
+    max_steps: int | None = Field(default=None, ge=1, description="Cap on local steps per round.")
+    batch_size: int = Field(default=32, ge=1, le=4096)
+    lr: float = Field(default=0.05, gt=0, le=10)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    strategy: StrategyParams = Field(default_factory=StrategyParams)
+    partition: PartitionParams = Field(default_factory=PartitionParams)
+    dataset: str = Field(
+        default="synthetic",
+        description="Data source for evaluation and simulated devices: synthetic or cifar10-*.",
+    )
+    norm_bound: float | None = Field(
+        default=None, gt=0, description="Clip device updates to this L2 norm (None: no bound)."
+    )
+    seed: int = Field(default=0, ge=0)
+    eval_samples: int = Field(default=1000, ge=1, description="Held-out samples to evaluate on.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainingParams:
+        if self.min_reports > self.cohort_size:
+            raise ValueError(
+                f"min_reports ({self.min_reports}) cannot exceed cohort_size ({self.cohort_size})"
+            )
+        return self
+
+    @property
+    def selected_per_round(self) -> int:
+        return math.ceil(self.cohort_size * self.over_selection)

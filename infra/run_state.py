@@ -1,0 +1,83 @@
+"""A run's committed state in S3: the commit pointer and per-round reports.
+
+``commit.json`` is written last when a round finishes, in one PUT, so a reader
+(a resumed flow, ``canopy report``, a gateway) either sees the previous round's
+state or the new one, never half of a round. Resuming a run means reading this
+pointer and starting at ``next_round``: no round is applied twice.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from infra.errors import ObjectNotFoundError
+from infra.keys import commit_key, round_report_key
+from infra.store import ObjectRef, ObjectStore, get_json, put_json
+
+RoundOutcome = Literal["committed", "abandoned"]
+
+
+class RoundReport(BaseModel):
+    """What happened in one round: the row of the round table and of ``canopy report``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    round: int
+    outcome: RoundOutcome
+    reason: str = ""
+    devices_selected: int
+    devices_reported: int
+    rejected: dict[str, int] = Field(default_factory=dict)
+    duplicates: int = 0
+    late: int = 0
+    train_loss: float | None = None
+    train_accuracy: float | None = None
+    test_loss: float | None = None
+    test_accuracy: float | None = None
+    eval_dataset: str | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    duration_s: float
+    global_model: ObjectRef
+    program: ObjectRef | None = None
+    flow_run_id: str | None = None
+    finished_at: datetime
+
+
+class CommitRecord(BaseModel):
+    """The pointer to a run's newest committed global model."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job: str
+    run_id: str
+    next_round: int = Field(ge=0, description="The round a resumed run starts with.")
+    global_model: ObjectRef
+    server_state: ObjectRef | None = None
+    reports: list[ObjectRef] = Field(default_factory=list)
+    updated_at: datetime
+
+
+def read_commit(store: ObjectStore, job: str, run_id: str) -> CommitRecord | None:
+    try:
+        return CommitRecord.model_validate(get_json(store, commit_key(job, run_id)))
+    except ObjectNotFoundError:
+        return None
+
+
+def write_commit(store: ObjectStore, record: CommitRecord) -> ObjectRef:
+    return put_json(store, commit_key(record.job, record.run_id), record, kind="commit")
+
+
+def write_report(store: ObjectStore, job: str, run_id: str, report: RoundReport) -> ObjectRef:
+    return put_json(store, round_report_key(job, run_id, report.round), report, kind="report")
+
+
+def read_reports(store: ObjectStore, commit: CommitRecord) -> list[RoundReport]:
+    return [
+        RoundReport.model_validate(get_json(store, ref.key, expected_sha256=ref.sha256))
+        for ref in commit.reports
+    ]
