@@ -79,9 +79,7 @@ class LeafCollector:
         self.reported.add(device_id)
         return ACCEPTED
 
-    def _refusal(
-        self, device_id: str, task_id: str, model_version: str
-    ) -> tuple[str | None, str]:
+    def _refusal(self, device_id: str, task_id: str, model_version: str) -> tuple[str | None, str]:
         if device_id not in self.selected:
             return "not-selected", f"device {device_id} was not selected for task {self.task_id}"
         if task_id != self.task_id:
