@@ -1,0 +1,242 @@
+"""Round manifests: what the round flow writes to S3 and the gateways read.
+
+Gateways hold no state of their own. Everything they need to answer a device
+comes from three kinds of small JSON objects, all pure pydantic models here:
+
+* ``ActiveRound`` at ``control/active/{job}.json`` (``infra.keys.active_job_key``):
+  which run and round of a job the gateways serve, the leaves of the round's
+  aggregation tree and where each leaf's task manifest lives. The flow rewrites
+  it when a round opens (``status="open"``), when it closes (``"closed"``) and
+  when the job ends (``"done"``).
+* ``LeafTask`` at ``{job}/{run}/round-{r:05d}/tasks/{leaf}.json``
+  (``infra.keys.task_manifest_key``): the work of one leaf for one round.
+* ``DeviceRecord`` at ``devices/{job}/{device_id}.json`` (``device_key``):
+  written by a gateway when a device enrols for a job; the flow samples each
+  round's cohort by listing ``registry_prefix(job)`` (keys only, no GETs).
+
+Write them with ``infra.store.put_json(store, key, model, kind=...)`` using the
+``KIND_*`` constants, read them with ``get_json`` plus ``Model.model_validate``.
+No I/O happens in this module.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from aggregation.tensors import TensorSpec
+from infra.keys import check_segment
+from infra.store import ObjectRef
+
+Runtime = Literal["executorch", "pytorch"]
+"""How a device trains: an ExecuTorch training program (.pte) or eager PyTorch."""
+
+RUNTIMES: tuple[Runtime, ...] = ("executorch", "pytorch")
+
+RoundStatus = Literal["open", "closed", "done"]
+TaskStatus = Literal["open", "closed"]
+
+KIND_ACTIVE_ROUND = "active-round"
+KIND_LEAF_TASK = "leaf-task"
+KIND_DEVICE_RECORD = "device-record"
+
+DEVICES_PREFIX = "devices/"
+
+
+def registry_prefix(job: str) -> str:
+    """Prefix under which the devices enrolled for ``job`` are registered."""
+    return f"{DEVICES_PREFIX}{check_segment(job, 'job')}/"
+
+
+def device_key(job: str, device_id: str) -> str:
+    """Where a device's registry record for ``job`` lives: ``devices/{job}/{device_id}.json``.
+
+    Per job, so the flow of one job samples only devices that enrolled for it
+    and the device id is the key's last segment (listing is enough to sample).
+    """
+    return f"{registry_prefix(job)}{check_segment(device_id, 'device id')}.json"
+
+
+def make_task_id(job: str, run_id: str, rnd: int, leaf: str) -> str:
+    """A task id that names its job, run, round and leaf, so logs explain themselves.
+
+    Gateways never parse task ids; they only compare them with the current
+    ``LeafTask.task_id``. Any unique string works, this is the convention.
+    """
+    return f"{job}.{run_id}.r{rnd:05d}.{leaf}"
+
+
+def _aware(value: datetime, what: str) -> datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{what} must be timezone-aware (e.g. datetime.now(UTC)), got {value}")
+    return value
+
+
+class ActiveRound(BaseModel):
+    """Which round of a job gateways serve; the one pointer the flow moves.
+
+    ``status`` drives every gateway answer:
+
+    * ``open``: devices selected in a leaf's ``LeafTask`` get that task;
+    * ``closed``: the flow stopped collecting (aggregating, or between rounds);
+      uploads are refused as late (409) and polls are told to retry after
+      ``poll_seconds``;
+    * ``done``: the job is finished; polls answer ``done`` and devices stop.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    job: str
+    run_id: str
+    round: int = Field(ge=0)
+    status: RoundStatus
+    leaves: list[str] = Field(
+        min_length=1, description="Leaf node names; devices map onto them by leaf_for_device."
+    )
+    leaf_manifest_keys: dict[str, str] = Field(
+        description="leaf name -> S3 key of its LeafTask (task_manifest_key(...))."
+    )
+    opened_at: datetime
+    closed_at: datetime | None = None
+    poll_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        description="How soon a device should ask again while a round is not open for it.",
+    )
+    idle_poll_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="How soon a device that was not selected (or already reported) asks again.",
+    )
+
+    @field_validator("job", "run_id")
+    @classmethod
+    def _segment(cls, value: str) -> str:
+        return check_segment(value, "job or run id")
+
+    @field_validator("opened_at", "closed_at")
+    @classmethod
+    def _tz(cls, value: datetime | None) -> datetime | None:
+        return None if value is None else _aware(value, "opened_at/closed_at")
+
+    @model_validator(mode="after")
+    def _leaves_have_manifests(self) -> ActiveRound:
+        if len(set(self.leaves)) != len(self.leaves):
+            raise ValueError(f"leaves must be unique, got {self.leaves}")
+        for leaf in self.leaves:
+            check_segment(leaf, "leaf")
+        missing = [leaf for leaf in self.leaves if leaf not in self.leaf_manifest_keys]
+        if missing:
+            raise ValueError(f"leaf_manifest_keys has no entry for leaves {missing}")
+        return self
+
+
+class DataHint(BaseModel):
+    """SIMULATION ONLY: how a simulated device finds its own slice of the dataset.
+
+    Real phones train on their own data and ignore this. The simulator passes
+    it, with the device's index, to ``edge.data.device_partition`` so that
+    every simulated device trains on a fixed, reproducible partition.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    scheme: str = Field(description="Partition scheme, e.g. 'iid', 'dirichlet', 'shards'.")
+    num_devices: int = Field(ge=1, description="Number of partitions the data is split into.")
+    seed: int = Field(default=0, description="Seed of the partitioning.")
+    alpha: float | None = Field(default=None, gt=0, description="Dirichlet concentration.")
+    shards: int | None = Field(default=None, ge=1, description="Shards per device.")
+
+
+class LeafTask(BaseModel):
+    """The work of one leaf for one round: who trains, on which model, how."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    task_id: str = Field(min_length=1, max_length=256)
+    job: str
+    run_id: str
+    round: int = Field(ge=0)
+    leaf: str
+    selected_device_ids: list[str] = Field(
+        description="Devices of this leaf asked to train (each has leaf_for_device == leaf)."
+    )
+    model_version: str = Field(description="sha256 of the global model; uploads must echo it.")
+    global_model: ObjectRef = Field(description="The round's global.safetensors.")
+    program: ObjectRef | None = Field(
+        default=None, description="The round's ExecuTorch training program (.pte), if any."
+    )
+    tensor_spec: dict[str, tuple[list[int], str]] = Field(
+        description="name -> [shape, dtype] every update must match exactly."
+    )
+    hyperparams: dict[str, Any] = Field(default_factory=dict)
+    runtime: Runtime
+    deadline: datetime = Field(description="Uploads received after this are late (409).")
+    status: TaskStatus = "open"
+    data_hint: DataHint | None = Field(
+        default=None, description="SIMULATION ONLY: partition of simulated devices."
+    )
+
+    @field_validator("job", "run_id", "leaf")
+    @classmethod
+    def _segment(cls, value: str) -> str:
+        return check_segment(value, "job, run id or leaf")
+
+    @field_validator("deadline")
+    @classmethod
+    def _tz(cls, value: datetime) -> datetime:
+        return _aware(value, "deadline")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LeafTask:
+        if self.model_version != self.global_model.sha256:
+            raise ValueError(
+                f"model_version {self.model_version[:12]} must be the global model's sha256 "
+                f"{self.global_model.sha256[:12]}"
+            )
+        if self.runtime == "executorch" and self.program is None:
+            raise ValueError("an executorch task needs its program (.pte) ObjectRef")
+        if not self.tensor_spec:
+            raise ValueError("tensor_spec is empty; every update would be refused")
+        return self
+
+    def specs(self) -> dict[str, TensorSpec]:
+        """The tensor spec as ``aggregation.tensors.TensorSpec`` values."""
+        return {
+            name: TensorSpec(tuple(shape), dtype)
+            for name, (shape, dtype) in self.tensor_spec.items()
+        }
+
+
+class DeviceRecord(BaseModel):
+    """A device in the registry of one job, written by the gateway that enrolled it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    device_id: str
+    job: str
+    runtimes: list[Runtime] = Field(min_length=1, description="Runtimes the device can train with.")
+    platform: str | None = Field(default=None, max_length=64)
+    app_version: str | None = Field(default=None, max_length=64)
+    enrolled_at: datetime
+    gateway_id: str
+
+    @field_validator("device_id", "job")
+    @classmethod
+    def _segment(cls, value: str) -> str:
+        return check_segment(value, "device id or job")
+
+
+def close_grace_seconds(manifest_cache_seconds: float, group_commit_max_wait_ms: int) -> float:
+    """How long the flow should wait after closing a round before listing its updates.
+
+    A gateway may still accept an upload until its cached ``ActiveRound``
+    expires (``manifest_cache_seconds``); the accepted update then waits up to
+    ``group_commit_max_wait_ms`` for its batch, plus one S3 PUT. Uploads after a
+    task's ``deadline`` are refused regardless of caching, so a flow that closes
+    exactly at the deadline only needs the group-commit part. The 2 s margin
+    covers a slow PUT.
+    """
+    return manifest_cache_seconds + group_commit_max_wait_ms / 1000.0 + 2.0

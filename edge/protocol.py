@@ -1,0 +1,339 @@
+"""The device protocol: paths, headers, JSON bodies and error codes.
+
+This module is the single definition both sides use: the gateway serves these
+models (and FastAPI turns them into ``/openapi.json``), the simulator and tests
+speak them. ``docs/protocol.md`` is the human version; keep the two in step.
+
+Everything a device sends is untrusted, so the parsers here raise
+``ProtocolError`` with a code from ``ErrorCode`` and never anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge.manifests import Runtime
+
+API_PREFIX = "/v1"
+
+HEADER_SHA256 = "X-Canopy-Sha256"
+HEADER_MODEL_VERSION = "X-Canopy-Model-Version"
+HEADER_MODEL_FORMAT = "X-Canopy-Model-Format"
+HEADER_NUM_SAMPLES = "X-Canopy-Num-Samples"
+HEADER_METRICS = "X-Canopy-Metrics"
+HEADER_GATEWAY = "X-Canopy-Gateway"
+
+UPDATE_CONTENT_TYPES = ("application/octet-stream", "application/vnd.safetensors")
+
+MAX_METRICS_HEADER_BYTES = 4096
+MAX_METRICS = 32
+MAX_METRIC_NAME = 64
+MAX_NUM_SAMPLES = 1_000_000_000
+MAX_JSON_BODY_BYTES = 16 * 1024
+
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+ModelFormat = Literal["pte", "safetensors"]
+
+
+class ErrorCode(StrEnum):
+    """Machine-readable ``code`` of every error answer (HTTP status in brackets)."""
+
+    BAD_REQUEST = "bad_request"  # [400/422] malformed JSON, path or query
+    BAD_ENROLMENT_SECRET = "bad_enrolment_secret"  # [401]
+    MISSING_TOKEN = "missing_token"  # [401] no "Authorization: Bearer ..." header
+    BAD_TOKEN = "bad_token"  # [401] malformed or forged token
+    TOKEN_EXPIRED = "token_expired"  # [401] enrol again
+    DEVICE_MISMATCH = "device_mismatch"  # [403] path device id is not the token's device
+    NOT_SELECTED = "not_selected"  # [403] device is not in this task's cohort
+    UNKNOWN_DEVICE = "unknown_device"  # [404] token fine but device not in the registry
+    NO_PROGRAM = "no_program"  # [404] format=pte asked but the round has no .pte
+    NOT_FOUND = "not_found"  # [404] no such path
+    METHOD_NOT_ALLOWED = "method_not_allowed"  # [405]
+    TASK_NOT_CURRENT = "task_not_current"  # [409] download for a task that is over
+    LATE = "late"  # [409] result for a task/model version that is no longer current
+    BODY_TOO_LARGE = "body_too_large"  # [413]
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # [415] update must be safetensors
+    RANGE_NOT_SATISFIABLE = "range_not_satisfiable"  # [416]
+    MALFORMED_UPDATE = "malformed_update"  # [422] body is not safetensors
+    TENSOR_NAMES = "tensor_names"  # [422] missing or unexpected tensor
+    TENSOR_SHAPE = "tensor_shape"  # [422]
+    TENSOR_DTYPE = "tensor_dtype"  # [422]
+    NON_FINITE = "non_finite"  # [422] NaN or Inf in a tensor
+    BAD_NUM_SAMPLES = "bad_num_samples"  # [422]
+    BAD_METRICS = "bad_metrics"  # [422]
+    BAD_MODEL_VERSION = "bad_model_version"  # [422] header missing
+    STORE_UNAVAILABLE = "store_unavailable"  # [503] retry after Retry-After seconds
+    INTERNAL = "internal"  # [500] a gateway bug; retry later
+
+
+class ProtocolError(Exception):
+    """An answer the gateway sends instead of a success; raised by parsers and handlers."""
+
+    def __init__(
+        self,
+        status: int,
+        code: ErrorCode,
+        message: str,
+        *,
+        tensor: str | None = None,
+        details: dict[str, Any] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.tensor = tensor
+        self.details = details
+        self.retry_after = retry_after
+
+    def body(self) -> ErrorBody:
+        return ErrorBody(
+            code=self.code,
+            message=self.message,
+            tensor=self.tensor,
+            details=self.details,
+            retry_after_seconds=self.retry_after,
+        )
+
+
+# --- JSON bodies -----------------------------------------------------------------
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx answer: what was wrong, in words and as a code."""
+
+    code: ErrorCode
+    message: str
+    tensor: str | None = Field(default=None, description="The offending tensor, if any.")
+    details: dict[str, Any] | None = None
+    retry_after_seconds: float | None = None
+
+
+class EnrolRequest(BaseModel):
+    """Body of ``POST /v1/enrol``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device_id: str = Field(pattern=DEVICE_ID_PATTERN, description="Stable id chosen by the device.")
+    enrolment_secret: str = Field(min_length=1, max_length=512)
+    jobs: list[Annotated[str, Field(pattern=DEVICE_ID_PATTERN)]] = Field(
+        min_length=1, max_length=16, description="Jobs the device will train for."
+    )
+    runtimes: list[Runtime] = Field(
+        min_length=1, max_length=2, description="Runtimes the device can train with."
+    )
+    platform: str | None = Field(default=None, max_length=64)
+    app_version: str | None = Field(default=None, max_length=64)
+
+
+class EnrolResponse(BaseModel):
+    """Answer to a successful enrolment."""
+
+    device_id: str
+    token: str = Field(description="Send as 'Authorization: Bearer <token>' on every call.")
+    token_type: Literal["Bearer"] = "Bearer"
+    expires_at: datetime
+
+
+class ArtifactInfo(BaseModel):
+    """One downloadable model artifact of a task."""
+
+    format: ModelFormat
+    url: str = Field(description="Path on the same gateway; supports HTTP Range.")
+    sha256: str
+    size: int
+
+
+class TaskOffer(BaseModel):
+    """What a selected device must do this round."""
+
+    task_id: str
+    job: str
+    run_id: str
+    round: int
+    leaf: str
+    runtime: Runtime = Field(description="Runtime this device trains with for this task.")
+    model_version: str = Field(description="Echo in X-Canopy-Model-Version when uploading.")
+    model: ArtifactInfo = Field(description="What to train: .pte (executorch) or safetensors.")
+    weights: ArtifactInfo = Field(description="The global weights as safetensors (always).")
+    upload_url: str
+    deadline: datetime
+    hyperparams: dict[str, Any]
+    tensor_spec: dict[str, tuple[list[int], str]] = Field(
+        description="name -> [shape, dtype] the uploaded update must match."
+    )
+    data_hint: dict[str, Any] | None = Field(
+        default=None, description="Simulation only: which data partition a simulated device uses."
+    )
+
+
+class TaskAnswer(BaseModel):
+    status: Literal["task"] = "task"
+    task: TaskOffer
+
+
+RetryReason = Literal["round_not_open", "not_selected", "already_submitted", "runtime_unsupported"]
+
+
+class RetryAnswer(BaseModel):
+    """Nothing for you now: ask again after ``retry_after_seconds`` (pace steering)."""
+
+    status: Literal["retry"] = "retry"
+    reason: RetryReason
+    retry_after_seconds: float
+    job: str
+    round: int | None = None
+
+
+class NoJobAnswer(BaseModel):
+    """No run of this job is active (not started yet, or unknown job)."""
+
+    status: Literal["no_job"] = "no_job"
+    job: str
+    retry_after_seconds: float
+
+
+class DoneAnswer(BaseModel):
+    """The job is finished: stop asking."""
+
+    status: Literal["done"] = "done"
+    job: str
+    run_id: str
+    round: int
+
+
+PollAnswer = Annotated[
+    TaskAnswer | RetryAnswer | NoJobAnswer | DoneAnswer, Field(discriminator="status")
+]
+
+
+class UploadReceipt(BaseModel):
+    """Answer to an accepted (or duplicate) upload: the update is durably stored."""
+
+    status: Literal["accepted"] = "accepted"
+    duplicate: bool = Field(description="True when this exact result was already accepted.")
+    task_id: str
+    device_id: str
+    round: int
+    received_at: datetime
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    gateway_id: str
+    pending_updates: int
+
+
+# --- paths -----------------------------------------------------------------------
+
+
+def enrol_path() -> str:
+    return f"{API_PREFIX}/enrol"
+
+
+def task_path(job: str, device_id: str) -> str:
+    return f"{API_PREFIX}/jobs/{job}/devices/{device_id}/task"
+
+
+def model_path(job: str, device_id: str, task_id: str, fmt: ModelFormat) -> str:
+    return f"{API_PREFIX}/jobs/{job}/devices/{device_id}/tasks/{task_id}/model?format={fmt}"
+
+
+def result_path(job: str, device_id: str, task_id: str) -> str:
+    return f"{API_PREFIX}/jobs/{job}/devices/{device_id}/tasks/{task_id}/result"
+
+
+# --- header parsers (untrusted input) -----------------------------------------------
+
+
+def parse_num_samples(value: str | None) -> int:
+    """``X-Canopy-Num-Samples``: a positive integer."""
+    if value is None:
+        raise ProtocolError(
+            422, ErrorCode.BAD_NUM_SAMPLES, f"header {HEADER_NUM_SAMPLES} is required"
+        )
+    text = value.strip()
+    if not text.isdigit() or len(text) > 10 or not 1 <= int(text) <= MAX_NUM_SAMPLES:
+        raise ProtocolError(
+            422,
+            ErrorCode.BAD_NUM_SAMPLES,
+            f"header {HEADER_NUM_SAMPLES} must be an integer in 1..{MAX_NUM_SAMPLES}, "
+            f"got {value[:32]!r}",
+        )
+    return int(text)
+
+
+def parse_metrics(value: str | None) -> dict[str, float]:
+    """``X-Canopy-Metrics``: optional JSON object of finite numbers (training loss etc.)."""
+    if value is None or not value.strip():
+        return {}
+    if len(value.encode()) > MAX_METRICS_HEADER_BYTES:
+        raise ProtocolError(
+            422, ErrorCode.BAD_METRICS, f"{HEADER_METRICS} is over {MAX_METRICS_HEADER_BYTES} bytes"
+        )
+    try:
+        raw = json.loads(value)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ProtocolError(
+            422, ErrorCode.BAD_METRICS, f"{HEADER_METRICS} is not JSON: {exc}"
+        ) from exc
+    if not isinstance(raw, dict) or len(raw) > MAX_METRICS:
+        raise ProtocolError(
+            422,
+            ErrorCode.BAD_METRICS,
+            f"{HEADER_METRICS} must be a JSON object with at most {MAX_METRICS} entries",
+        )
+    metrics: dict[str, float] = {}
+    for name, number in raw.items():
+        ok_number = isinstance(number, int | float) and not isinstance(number, bool)
+        if len(name) > MAX_METRIC_NAME or not ok_number or not math.isfinite(number):
+            raise ProtocolError(
+                422,
+                ErrorCode.BAD_METRICS,
+                f"metric {name[:MAX_METRIC_NAME]!r} must have a name of at most "
+                f"{MAX_METRIC_NAME} characters and a finite number as value",
+            )
+        metrics[name] = float(number)
+    return metrics
+
+
+def parse_range(value: str | None, size: int) -> tuple[int, int] | None:
+    """One ``Range: bytes=a-b`` (or ``a-`` or ``-n``) -> inclusive (start, end), or None.
+
+    Syntax we do not support (several ranges, other units) is ignored, as RFC 9110
+    allows: the whole body is sent. A range that starts past the end is a 416.
+    """
+    if value is None:
+        return None
+    unit, _, spec = value.strip().partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash or (first and not first.isdigit()) or (last and not last.isdigit()):
+        return None
+    if not first:
+        if not last or int(last) == 0:
+            raise _unsatisfiable(size)
+        return max(0, size - int(last)), size - 1
+    start = int(first)
+    end = min(int(last), size - 1) if last else size - 1
+    if start >= size or (last and int(last) < start):
+        raise _unsatisfiable(size)
+    return start, end
+
+
+def _unsatisfiable(size: int) -> ProtocolError:
+    return ProtocolError(
+        416,
+        ErrorCode.RANGE_NOT_SATISFIABLE,
+        f"requested range is outside the {size}-byte model",
+        details={"size": size},
+    )
