@@ -12,32 +12,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from aggregation.strategies.config import StrategyConfig
 from aggregation.topology import TreeShape
-
-
-class StrategyParams(BaseModel):
-    """Server-side optimiser applied to the mean device update."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: Literal["fedavg", "fedavgm", "fedadam", "fedyogi"] = "fedavg"
-    server_lr: float = Field(default=1.0, gt=0, description="Server learning rate (eta).")
-    momentum: float = Field(default=0.9, ge=0, lt=1, description="FedAvgM server momentum.")
-    beta1: float = Field(default=0.9, ge=0, lt=1, description="FedAdam/FedYogi first moment.")
-    beta2: float = Field(default=0.99, ge=0, lt=1, description="FedAdam/FedYogi second moment.")
-    tau: float = Field(default=1e-3, gt=0, description="FedAdam/FedYogi adaptivity (epsilon).")
-
-
-class PartitionParams(BaseModel):
-    """How simulated devices split the dataset (real phones bring their own data)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    scheme: Literal["iid", "dirichlet", "shards"] = "dirichlet"
-    alpha: float = Field(default=0.5, gt=0, description="Dirichlet concentration (lower = skewed).")
-    shards_per_device: int = Field(default=2, ge=1, description="Labels per device for 'shards'.")
-    num_devices: int = Field(default=40, ge=1, description="Devices the data is split across.")
-    min_samples: int = Field(default=8, ge=1, description="Smallest partition a device gets.")
+from edge.data.config import DatasetConfig
+from edge.data.partition import PartitionScheme
 
 
 class TrainingParams(BaseModel):
@@ -45,7 +23,9 @@ class TrainingParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    job: str = Field(description="Job name (hello-mobile, xor-mobile, cifar10-mobile) or module:ATTR.")
+    job: str = Field(
+        description="Job name (hello-mobile, xor-mobile, cifar10-mobile) or module:ATTR."
+    )
     run_id: str = Field(
         default="default",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
@@ -74,11 +54,15 @@ class TrainingParams(BaseModel):
     batch_size: int = Field(default=32, ge=1, le=4096)
     lr: float = Field(default=0.05, gt=0, le=10)
     momentum: float = Field(default=0.9, ge=0, lt=1)
-    strategy: StrategyParams = Field(default_factory=StrategyParams)
-    partition: PartitionParams = Field(default_factory=PartitionParams)
-    dataset: str = Field(
-        default="synthetic",
-        description="Data source for evaluation and simulated devices: synthetic or cifar10-*.",
+    strategy: StrategyConfig = Field(default_factory=lambda: StrategyConfig(name="fedavg"))
+    partition: PartitionScheme | None = Field(
+        default=None, description="How simulated devices split the data (None: the job's)."
+    )
+    num_devices: int = Field(
+        default=40, ge=1, description="Simulated devices the training data is split across."
+    )
+    dataset: DatasetConfig | None = Field(
+        default=None, description="Evaluation and simulated-device data (None: the job's)."
     )
     norm_bound: float | None = Field(
         default=None, gt=0, description="Clip device updates to this L2 norm (None: no bound)."

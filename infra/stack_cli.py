@@ -1,0 +1,121 @@
+"""``canopy up``, ``canopy down``, ``canopy report`` and ``canopy demo`` (what ``make run`` runs)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from infra import stack
+from infra.run_state import CommitRecord, read_commit, read_reports
+from infra.settings import S3Settings
+from infra.store import S3ObjectStore
+
+DEFAULT_ROOT = Path(".canopy/stack")
+console = Console()
+
+
+def up(
+    root: Path = typer.Option(DEFAULT_ROOT, help="Folder for logs, pids and Prefect's database."),
+    jobs: str = typer.Option(",".join(stack.DEFAULT_JOBS), help="Jobs to simulate devices for."),
+    devices: int = typer.Option(40, min=1, help="Simulated devices per job."),
+    seed: int = typer.Option(0, help="Seed of the simulated device population."),
+) -> None:
+    """Start Prefect (SQLite), moto S3, two gateways, a runner and device simulators."""
+    console.print(f"[bold]Starting the Canopy stack[/bold] (logs in {root}/logs)")
+    try:
+        record = stack.up(
+            root, jobs=tuple(j for j in jobs.split(",") if j), devices=devices, seed=seed,
+            log=console.print,
+        )
+    except stack.StackError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    console.print(f"\nPrefect UI: [link]{record.env['CANOPY_PREFECT_UI_URL']}[/link]")
+    console.print("Use the stack from another shell with:")
+    for name in ("PREFECT_API_URL", "CANOPY_S3_ENDPOINT_URL"):
+        console.print(f"  export {name}={record.env[name]}")
+    console.print("  prefect deployment run federated-training/xor-mobile --watch")
+
+
+def down(root: Path = typer.Option(DEFAULT_ROOT, help="Folder `canopy up` used.")) -> None:
+    """Stop exactly what `canopy up` started."""
+    n = stack.down(root, log=console.print)
+    console.print(f"stopped {n} service(s)")
+
+
+def report(
+    job: str = typer.Argument(..., help="Job name, e.g. cifar10-mobile"),
+    run_id: str = typer.Option("default", "--run-id", help="Run id of the training run."),
+) -> None:
+    """Print a run's rounds (accuracy, loss, devices) from its reports in S3."""
+    store = S3ObjectStore(S3Settings())
+    commit = read_commit(store, job, run_id)
+    if commit is None:
+        console.print(f"[red]error:[/red] no committed round for {job} run {run_id!r}")
+        raise typer.Exit(1)
+    console.print(render_reports(job, run_id, store, commit))
+
+
+def render_reports(job: str, run_id: str, store: S3ObjectStore, commit: CommitRecord) -> Table:
+    reports = read_reports(store, commit)
+    dataset = next((r.eval_dataset for r in reports if r.eval_dataset), "n/a")
+    table = Table(title=f"{job} / {run_id} — evaluated on {dataset}")
+    for col in ("round", "outcome", "reported", "rejected", "train loss", "test loss",
+                "test acc", "seconds"):
+        table.add_column(col, justify="right")
+    for r in reports:
+        table.add_row(
+            str(r.round), r.outcome, f"{r.devices_reported}/{r.devices_selected}",
+            str(sum(r.rejected.values())), _fmt(r.train_loss), _fmt(r.test_loss),
+            "-" if r.test_accuracy is None else f"{100 * r.test_accuracy:.1f}%",
+            f"{r.duration_s:.1f}",
+        )
+    return table
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def demo(
+    job: str = typer.Option("cifar10-mobile", help="Deployment to run (a name in prefect.yaml)."),
+    root: Path = typer.Option(DEFAULT_ROOT, help="Folder for the stack's logs and pids."),
+    keep: bool = typer.Option(False, help="Leave the stack running afterwards."),
+) -> None:
+    """Bring the stack up, run one deployment with --watch, print its rounds, stop the stack."""
+    spec = next((s for s in stack.load_deployment_specs() if s.name == job), None)
+    if spec is None:
+        console.print(f"[red]error:[/red] no deployment {job!r} in prefect.yaml")
+        raise typer.Exit(2)
+    job_name = str(spec.parameters["job"])
+    record = stack.up(root, jobs=(job_name,), log=console.print)
+    run_id = f"demo-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    env = {**os.environ, **record.env}
+    cmd = [str(Path(sys.executable).parent / "prefect"), "deployment", "run",
+           f"federated-training/{job}", "-p", f"run_id={run_id}", "--watch"]
+    console.print(f"\n[bold]$ {' '.join(cmd)}[/bold]  (UI: {record.env['CANOPY_PREFECT_UI_URL']})")
+    try:
+        code = subprocess.call(cmd, env=env)
+        os.environ.update(record.env)
+        store = S3ObjectStore(S3Settings())
+        commit = read_commit(store, job_name, run_id)
+        if commit is not None:
+            console.print(render_reports(job_name, run_id, store, commit))
+    finally:
+        if not keep:
+            stack.down(root, log=lambda _m: None)
+    raise typer.Exit(code)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("up")(up)
+    app.command("down")(down)
+    app.command("report")(report)
+    app.command("demo")(demo)

@@ -1,0 +1,55 @@
+"""What every Canopy task needs: the run's parameters, where S3 is, who is running.
+
+A ``RunContext`` is built once by the flow from validated parameters and the
+environment's settings, then handed to each task; tasks never read global config.
+The S3 client is cached per process and per settings, since building a boto3
+client costs more than most of the requests it makes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+
+from prefect.runtime import flow_run
+
+from flows.params import TrainingParams
+from infra.settings import GatewaySettings, S3Settings
+from infra.store import S3ObjectStore
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Immutable per-run context passed to every task."""
+
+    params: TrainingParams
+    s3: S3Settings
+    gateway: GatewaySettings
+
+    @property
+    def job(self) -> str:
+        return self.params.job
+
+    @property
+    def run_id(self) -> str:
+        return self.params.run_id
+
+
+@functools.lru_cache(maxsize=16)
+def _store(settings_json: str) -> S3ObjectStore:
+    return S3ObjectStore(S3Settings.model_validate_json(settings_json))
+
+
+def store_for(settings: S3Settings) -> S3ObjectStore:
+    """A cached S3 store for these settings (the secret is part of the cache key)."""
+    payload = settings.model_dump(mode="json")
+    if settings.secret_access_key is not None:
+        payload["secret_access_key"] = settings.secret_access_key.get_secret_value()
+    return _store(json.dumps(payload, sort_keys=True))
+
+
+def current_flow_run_id() -> str | None:
+    """The Prefect flow run making an artifact, for its lineage record."""
+    run_id = flow_run.get_id()
+    return str(run_id) if run_id else None

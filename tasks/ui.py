@@ -1,0 +1,139 @@
+"""What the Prefect UI shows: round progress, round tables, links, job summary, asset events.
+
+The S3 lineage ledger is the source of truth; the UI is a view of it. Artifact
+keys allow only lowercase letters, digits and dashes, so every key is built by
+``artifact_key``. Lineage also becomes Prefect asset materialisation events
+(the events ``@materialize`` emits), which the open-source server keeps for 7
+days: enough to browse recent rounds, not an archive.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from urllib.parse import quote
+
+from prefect.artifacts import (
+    acreate_link_artifact,
+    acreate_markdown_artifact,
+    acreate_progress_artifact,
+    acreate_table_artifact,
+    aupdate_progress_artifact,
+)
+from prefect.events import emit_event
+
+from infra.lineage import LineageRecord, write_lineage
+from infra.run_state import RoundReport
+from infra.settings import S3Settings
+from infra.store import ObjectRef, ObjectStore
+
+
+def artifact_key(*parts: str) -> str:
+    """Join parts into a valid artifact key (lowercase letters, digits, dashes)."""
+    raw = "-".join(parts).lower()
+    return re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9-]", "-", raw)).strip("-")
+
+
+def object_url(settings: S3Settings, ref: ObjectRef) -> str:
+    """A browsable URL for an object: the endpoint's path-style URL, or the AWS console."""
+    if settings.endpoint_url:
+        return f"{settings.endpoint_url.rstrip('/')}/{ref.bucket}/{quote(ref.key)}"
+    return (
+        f"https://s3.console.aws.amazon.com/s3/object/{ref.bucket}"
+        f"?region={settings.region}&prefix={quote(ref.key)}"
+    )
+
+
+def record_lineage(store: ObjectStore, record: LineageRecord) -> None:
+    """Write the record to the S3 ledger, then mirror it as asset events."""
+    write_lineage(store, record)
+    related = [
+        {"prefect.resource.id": i.uri, "prefect.resource.role": "asset"} for i in record.inputs
+    ]
+    for out in record.outputs:
+        emit_event(
+            event="prefect.asset.materialization.succeeded",
+            resource={
+                "prefect.resource.id": out.uri,
+                "prefect.asset.name": out.uri.rsplit("/", 1)[-1],
+            },
+            related=related,
+            payload={"kind": record.kind, "sha256": out.sha256, "parameters": record.parameters},
+        )
+
+
+async def start_progress(description: str) -> str:
+    artifact_id = await acreate_progress_artifact(progress=0.0, description=description)
+    return str(artifact_id)
+
+
+async def set_progress(artifact_id: str, percent: float) -> None:
+    await aupdate_progress_artifact(artifact_id=artifact_id, progress=min(100.0, max(0.0, percent)))
+
+
+async def publish_round_artifacts(
+    settings: S3Settings, job: str, run_id: str, report: RoundReport, lineage_ref: ObjectRef | None
+) -> None:
+    """The round's table and links to its program, global model and lineage record."""
+    row = {
+        "round": report.round,
+        "outcome": report.outcome if not report.reason else f"{report.outcome}: {report.reason}",
+        "devices selected": report.devices_selected,
+        "devices reported": report.devices_reported,
+        "rejected": ", ".join(f"{k}={v}" for k, v in sorted(report.rejected.items())) or "0",
+        "duplicates": report.duplicates,
+        "late": report.late,
+        "train loss": _fmt(report.train_loss),
+        "test accuracy": "-"
+        if report.test_accuracy is None
+        else f"{100 * report.test_accuracy:.2f}%",
+        "test loss": _fmt(report.test_loss),
+        "eval data": report.eval_dataset or "-",
+        "bytes in": report.bytes_in,
+        "bytes out": report.bytes_out,
+        "seconds": round(report.duration_s, 2),
+    }
+    key = artifact_key(job, run_id, f"round-{report.round:04d}")
+    await acreate_table_artifact(table=[row], key=key, description=f"Round {report.round} of {job}")
+    links = [
+        ("global model", report.global_model),
+        ("program", report.program),
+        ("lineage", lineage_ref),
+    ]
+    for label, ref in links:
+        if ref is None:
+            continue
+        await acreate_link_artifact(
+            link=object_url(settings, ref),
+            link_text=f"{label}: {ref.uri}",
+            key=artifact_key(job, run_id, f"round-{report.round:04d}", label),
+            description=f"sha256 {ref.sha256}",
+        )
+
+
+async def publish_job_summary(job: str, run_id: str, reports: Sequence[RoundReport]) -> None:
+    """Markdown artifact with accuracy and loss per round (one key per run, versioned)."""
+    dataset = next((r.eval_dataset for r in reports if r.eval_dataset), "n/a")
+    lines = [
+        f"# {job} / {run_id}",
+        "",
+        f"Evaluated on **{dataset}**.",
+        "",
+        "| round | outcome | reported | train loss | test loss | test accuracy |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in reports:
+        acc = "-" if r.test_accuracy is None else f"{100 * r.test_accuracy:.2f}%"
+        lines.append(
+            f"| {r.round} | {r.outcome} | {r.devices_reported}/{r.devices_selected} | "
+            f"{_fmt(r.train_loss)} | {_fmt(r.test_loss)} | {acc} |"
+        )
+    await acreate_markdown_artifact(
+        markdown="\n".join(lines),
+        key=artifact_key(job, run_id, "summary"),
+        description=f"Accuracy and loss per round of {job} run {run_id}",
+    )
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
