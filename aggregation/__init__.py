@@ -1,0 +1,10 @@
+"""Canopy's pure aggregation core: no I/O, no Prefect, no cloud SDKs (a test enforces it).
+
+* ``tensors``     - ``TensorDict`` and the safetensors codec, the only tensor wire format.
+* ``partial``     - ``PartialAggregate``: pre-weighted sums that every tree node adds.
+* ``accumulator`` - ``Accumulator``: sums many updates in place into one partial.
+* ``guards``      - ``check_update``: refuses bad device updates before they are summed.
+* ``strategies``  - FedAvg, FedAvgM, FedAdam, FedYogi and ``make_strategy``.
+
+See ``docs/aggregation.md``.
+"""

@@ -88,41 +88,46 @@ class Accumulator:
             self._offsets[name] = (total, total + size)
             total += size
         self._size = total
+        self._layout = [(n, s.shape, np.dtype(s.dtype)) for n, s in self._spec.items()]
         self._blocks = self._plan_blocks()
         self._tmp = np.empty(min(block_elems, max(total, 1)), self._stage_dtype)
         self._reset()
 
-    def _plan_blocks(self) -> list[tuple[list[tuple[str, int, int]], int, int]]:
+    def _plan_blocks(self) -> list[tuple[tuple[str, ...], int, int, int, int]]:
         """Split the flat layout into steps of at most ``block_elems`` elements.
 
-        Consecutive small tensors share one step (gathered with one
-        ``np.concatenate``), large ones are cut into several: this keeps the
-        number of numpy calls per update low for small models and the
-        temporary in cache for large ones.
+        Each step is ``(names, start, stop, lo, hi)``: either a run of whole small
+        tensors (``start == -1``), gathered with one ``np.concatenate``, or the
+        ``[start:stop]`` chunk of one large tensor. Stage positions are ``[lo:hi]``.
+        Grouping keeps the numpy calls per update few for small models; chunking
+        keeps the weighted temporary in cache for large ones.
         """
-        blocks: list[tuple[list[tuple[str, int, int]], int, int]] = []
-        group: list[tuple[str, int, int]] = []
-        group_lo = group_size = 0
+        blocks: list[tuple[tuple[str, ...], int, int, int, int]] = []
+        group: list[str] = []
+        group_lo = group_hi = 0
         for name, (lo, hi) in self._offsets.items():
             size = hi - lo
-            if group and group_size + size > self._block_elems:
-                blocks.append((group, group_lo, group_lo + group_size))
-                group, group_size = [], 0
+            if group and (hi - group_lo > self._block_elems or size > self._block_elems):
+                blocks.append((tuple(group), -1, -1, group_lo, group_hi))
+                group = []
             if size > self._block_elems:
                 for start in range(0, size, self._block_elems):
                     stop = min(start + self._block_elems, size)
-                    blocks.append(([(name, start, stop)], lo + start, lo + stop))
+                    blocks.append(((name,), start, stop, lo + start, lo + stop))
                 continue
             if not group:
                 group_lo = lo
-            group.append((name, 0, size))
-            group_size += size
+            group.append(name)
+            group_hi = hi
         if group:
-            blocks.append((group, group_lo, group_lo + group_size))
+            blocks.append((tuple(group), -1, -1, group_lo, group_hi))
         return blocks
 
     def _reset(self) -> None:
-        self._sum = np.zeros(self._size, np.float64)
+        # Left uninitialised: the first fold or partial *copies* into it, so the
+        # pages are touched once, by a write, instead of zeroed and then added to.
+        self._sum = np.empty(self._size, np.float64)
+        self._sum_written = False
         self._stage = np.empty(self._size, self._stage_dtype)
         self._staged = 0
         self._weight = 0.0
@@ -143,14 +148,16 @@ class Accumulator:
         return dict(self._spec)
 
     def _check_structure(self, update: Mapping[str, np.ndarray]) -> None:
-        if len(update) != len(self._spec) or any(name not in self._spec for name in update):
+        # Runs once per update: compare dtype objects, not ``dtype.name`` (a slow
+        # Python-level property), and key views, not sorted lists.
+        if update.keys() != self._spec.keys():
             found = {n: TensorSpec(getattr(a, "shape", ()), "?") for n, a in update.items()}
             raise InconsistentPartials(
                 f"update does not fit the accumulator: {spec_mismatch(self._spec, found)}"
             )
-        for name, (shape, dtype) in self._spec.items():
+        for name, shape, dtype in self._layout:
             arr = update[name]
-            if not isinstance(arr, np.ndarray) or arr.shape != shape or arr.dtype.name != dtype:
+            if not isinstance(arr, np.ndarray) or arr.shape != shape or arr.dtype != dtype:
                 raise InconsistentPartials(
                     f"update tensor {name!r} is {getattr(arr, 'shape', type(arr).__name__)} "
                     f"{getattr(arr, 'dtype', '')}, the accumulator expects {shape} {dtype}"
@@ -177,28 +184,22 @@ class Accumulator:
         values = check_metrics(metrics)
         self._check_structure(update)
 
-        flat = {name: arr.reshape(-1) for name, arr in update.items()}
         coeff = self._stage_dtype.type(w * factor)
         overwrite = self._staged == 0  # first update after a fold: write the stage, no zeroing
         tmp, stage = self._tmp, self._stage
-        for pieces, lo, hi in self._blocks:
+        for names, start, stop, lo, hi in self._blocks:
             target = stage[lo:hi]
-            if len(pieces) == 1:
-                name, start, stop = pieces[0]
-                source = flat[name][start:stop]
-                if overwrite:
-                    np.multiply(source, coeff, out=target)
-                    continue
-                scratch = tmp[: hi - lo]
-                np.multiply(source, coeff, out=scratch)
+            if start < 0:  # whole small tensors: gather into the cache-resident scratch
+                source = tmp[: hi - lo]
+                np.concatenate([update[name] for name in names], axis=None, out=source)
+            else:
+                source = update[names[0]].reshape(-1)[start:stop]
+            if overwrite:
+                np.multiply(source, coeff, out=target)
             else:
                 scratch = tmp[: hi - lo]
-                np.concatenate([flat[name] for name, _, _ in pieces], axis=None, out=scratch)
-                if overwrite:
-                    np.multiply(scratch, coeff, out=target)
-                    continue
-                np.multiply(scratch, coeff, out=scratch)
-            np.add(target, scratch, out=target)
+                np.multiply(source, coeff, out=scratch)
+                np.add(target, scratch, out=target)
 
         self._staged += 1
         self._weight += w
@@ -225,7 +226,11 @@ class Accumulator:
         for name, arr in partial.sums.items():
             lo, hi = self._offsets[name]
             target = self._sum[lo:hi]
-            np.add(target, arr.reshape(-1), out=target)
+            if self._sum_written:
+                np.add(target, arr.reshape(-1), out=target)
+            else:  # the partial covers every tensor, so this writes the whole buffer
+                np.copyto(target, arr.reshape(-1))
+        self._sum_written = True
         self._weight += partial.weight
         self._count += partial.count
         for key, (total, mweight) in partial.metrics.items():
@@ -233,15 +238,14 @@ class Accumulator:
             self._metrics[key] = MetricSum(old.total + total, old.weight + mweight)
 
     def _flush(self) -> None:
-        """Fold the float32 stage into the float64 sum, block by block so it stays in cache."""
+        """Fold the float32 stage into the float64 sum (a cast copy the first time)."""
         if self._staged == 0:
             return
-        total, stage = self._sum, self._stage
-        step = self._block_elems
-        for lo in range(0, self._size, step):
-            hi = min(lo + step, self._size)
-            target = total[lo:hi]
-            np.add(target, stage[lo:hi], out=target)
+        if self._sum_written:
+            np.add(self._sum, self._stage, out=self._sum)
+        else:
+            np.copyto(self._sum, self._stage)
+            self._sum_written = True
         self._staged = 0
 
     def result(self) -> PartialAggregate:
