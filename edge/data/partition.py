@@ -1,0 +1,162 @@
+"""Partitioners: which training examples each simulated device holds.
+
+All are pure functions of (labels, scheme, number of devices, seed): a device's
+partition is fixed and reproducible, so a simulator process that knows only its
+device index rebuilds exactly the slice it owns, and two processes never
+disagree. Partitions are disjoint; ``iid`` and ``dirichlet`` always cover every
+example, ``shards`` covers every example whenever each label is held by at least
+one device (``num_devices * labels_per_device >= num_classes``, checked), and
+``full`` gives every device the whole set (XOR, where each phone has the truth table).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge.data.dataset import Dataset
+from edge.data.errors import PartitionError
+
+PartitionKind = Literal["iid", "dirichlet", "shards", "full"]
+_MAX_DIRICHLET_DRAWS = 100
+
+
+class PartitionScheme(BaseModel):
+    """How a dataset is split among devices."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: PartitionKind = Field(default="iid", description="iid, dirichlet, shards or full.")
+    alpha: float = Field(
+        default=0.5,
+        gt=0,
+        description="dirichlet: concentration; smaller means more label skew per device.",
+    )
+    labels_per_device: int = Field(
+        default=2, ge=1, description="shards: how many distinct labels each device holds."
+    )
+    min_size: int = Field(
+        default=2, ge=1, description="Fewest examples any device may hold; smaller fails."
+    )
+
+
+def _check_devices(num_devices: int, device_index: int | None = None) -> None:
+    if num_devices < 1:
+        raise PartitionError(f"num_devices must be >= 1, got {num_devices}")
+    if device_index is not None and not 0 <= device_index < num_devices:
+        raise PartitionError(f"device_index {device_index} is outside 0..{num_devices - 1}")
+
+
+def iid_partition(num_examples: int, num_devices: int, seed: int) -> list[np.ndarray]:
+    """A random permutation cut into ``num_devices`` near-equal parts."""
+    _check_devices(num_devices)
+    order = np.random.default_rng([seed, 1]).permutation(num_examples)
+    return [np.sort(part) for part in np.array_split(order, num_devices)]
+
+
+def dirichlet_partition(
+    labels: np.ndarray, num_devices: int, alpha: float, seed: int, min_size: int
+) -> list[np.ndarray]:
+    """Label skew: each label's examples split by proportions drawn from Dir(alpha).
+
+    Draws are repeated (from the same seeded stream, so still reproducible) until
+    every device holds at least ``min_size`` examples.
+    """
+    _check_devices(num_devices)
+    rng = np.random.default_rng([seed, 2])
+    classes = np.unique(labels)
+    for _ in range(_MAX_DIRICHLET_DRAWS):
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_devices)]
+        for label in classes:
+            members = rng.permutation(np.flatnonzero(labels == label))
+            shares = rng.dirichlet(np.full(num_devices, alpha))
+            cuts = (np.cumsum(shares)[:-1] * members.shape[0]).astype(np.int64)
+            for device, chunk in enumerate(np.split(members, cuts)):
+                parts[device].append(chunk)
+        result = [np.sort(np.concatenate(p)) for p in parts]
+        if min(p.shape[0] for p in result) >= min_size:
+            return result
+    raise PartitionError(
+        f"dirichlet(alpha={alpha}) could not give all {num_devices} devices at least "
+        f"{min_size} of {labels.shape[0]} examples in {_MAX_DIRICHLET_DRAWS} draws; "
+        "raise alpha, lower min_size or use fewer devices"
+    )
+
+
+def shard_partition(
+    labels: np.ndarray, num_devices: int, labels_per_device: int, seed: int
+) -> list[np.ndarray]:
+    """Each device holds exactly ``labels_per_device`` labels (fewer if there are fewer).
+
+    Labels are dealt round-robin from a seeded permutation, so each label goes to
+    about the same number of devices; a label's examples are then split evenly
+    among the devices holding it.
+    """
+    _check_devices(num_devices)
+    rng = np.random.default_rng([seed, 3])
+    classes = rng.permutation(np.unique(labels))
+    k = min(labels_per_device, classes.shape[0])
+    if num_devices * k < classes.shape[0]:
+        raise PartitionError(
+            f"shards: {num_devices} devices x {k} labels cannot cover {classes.shape[0]} labels; "
+            "use more devices or more labels per device"
+        )
+    holders: dict[int, list[int]] = {int(c): [] for c in classes}
+    for device in range(num_devices):
+        for j in range(k):
+            holders[int(classes[(device * k + j) % classes.shape[0]])].append(device)
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_devices)]
+    for label, devices in holders.items():
+        members = rng.permutation(np.flatnonzero(labels == label))
+        for device, chunk in zip(devices, np.array_split(members, len(devices)), strict=True):
+            parts[device].append(chunk)
+    return [np.sort(np.concatenate(p)) for p in parts]
+
+
+def partition_indices(
+    labels: np.ndarray, scheme: PartitionScheme, num_devices: int, seed: int
+) -> list[np.ndarray]:
+    """Training-example indices of every device, checked against ``scheme.min_size``."""
+    if scheme.kind == "full":
+        _check_devices(num_devices)
+        everything = np.arange(labels.shape[0])
+        parts = [everything] * num_devices
+    elif scheme.kind == "iid":
+        parts = iid_partition(labels.shape[0], num_devices, seed)
+    elif scheme.kind == "dirichlet":
+        parts = dirichlet_partition(labels, num_devices, scheme.alpha, seed, scheme.min_size)
+    else:
+        parts = shard_partition(labels, num_devices, scheme.labels_per_device, seed)
+    smallest = min(p.shape[0] for p in parts)
+    if smallest < scheme.min_size:
+        raise PartitionError(
+            f"{scheme.kind} partition of {labels.shape[0]} examples over {num_devices} devices "
+            f"leaves a device with {smallest} (< min_size {scheme.min_size}); "
+            "use fewer devices or a larger dataset"
+        )
+    return parts
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_partition(
+    dataset: Dataset, scheme: PartitionScheme, num_devices: int, seed: int
+) -> tuple[np.ndarray, ...]:
+    # Keyed by dataset identity (Dataset hashes by id): a simulator asking for
+    # thousands of devices partitions once, not once per device.
+    return tuple(partition_indices(dataset.y_train, scheme, num_devices, seed))
+
+
+def device_partition(
+    dataset: Dataset,
+    scheme: PartitionScheme,
+    device_index: int,
+    num_devices: int,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The model-ready training data ``(x float32, y int64)`` of one device."""
+    _check_devices(num_devices, device_index)
+    indices = _cached_partition(dataset, scheme, num_devices, seed)[device_index]
+    return dataset.take("train", indices)
