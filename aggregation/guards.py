@@ -141,7 +141,8 @@ def _sum_of_squares(arr: np.ndarray) -> float:
     flat = arr.reshape(-1)
     if flat.dtype not in (np.float32, np.float64):
         flat = flat.astype(np.float64)
-    return float(np.dot(flat, flat))
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is handled by the caller
+        return float(np.dot(flat, flat))
 
 
 def _stable_norm(arrays: Mapping[str, np.ndarray]) -> float:

@@ -224,7 +224,8 @@ class PartialAggregate:
                     f"update tensor {name!r} must be a numeric array, "
                     f"got {getattr(arr, 'dtype', type(arr).__name__)}"
                 )
-            sums[name] = np.multiply(arr, w, dtype=np.float64)
+            # asarray: numpy returns a scalar, not a 0-d array, for 0-d inputs
+            sums[name] = np.asarray(np.multiply(arr, w, dtype=np.float64))
             dtypes[name] = arr.dtype.name
         return cls(
             sums=sums,
@@ -287,7 +288,7 @@ class PartialAggregate:
             mine = metrics.get(key, MetricSum(0.0, 0.0))
             metrics[key] = MetricSum(mine.total + total, mine.weight + mweight)
         return PartialAggregate(
-            sums={name: self._sums[name] + other._sums[name] for name in self._sums},
+            sums={name: np.asarray(self._sums[name] + other._sums[name]) for name in self._sums},
             dtypes=self._dtypes,
             weight=self._weight + other._weight,
             count=self._count + other._count,
@@ -334,7 +335,7 @@ class PartialAggregate:
             )
         mean: TensorDict = {}
         for name, total in self._sums.items():
-            avg = total / self._weight
+            avg = np.asarray(total / self._weight)
             dtype = np.dtype(self._dtypes[name])
             if dtype.kind != "f":
                 np.rint(avg, out=avg)  # integer buffers (e.g. step counters) round, not floor

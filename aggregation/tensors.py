@@ -48,7 +48,9 @@ def encode_tensors(
 ) -> bytes:
     """Serialise named arrays; ``metadata`` values must be strings (safetensors' rule)."""
     meta = {k: str(v) for k, v in (metadata or {}).items()}
-    contiguous = {name: np.ascontiguousarray(arr) for name, arr in tensors.items()}
+    # np.asarray(order="C"), not np.ascontiguousarray: the latter turns 0-d tensors
+    # (e.g. BatchNorm's num_batches_tracked) into shape (1,).
+    contiguous = {name: np.asarray(arr, order="C") for name, arr in tensors.items()}
     return bytes(st_save(contiguous, metadata=meta or None))
 
 

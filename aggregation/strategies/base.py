@@ -117,7 +117,7 @@ class Strategy(ABC):
         for name, param in global_state.items():
             update = mean_update[name]
             if not is_optimised(param):
-                new_global[name] = param + np.rint(update).astype(param.dtype)
+                new_global[name] = np.asarray(param + np.rint(update).astype(param.dtype))
                 continue
             slots = {}
             for slot in self.slots:
@@ -131,9 +131,10 @@ class Strategy(ABC):
             new_param, new_slots = self.step(
                 param.astype(np.float64), update.astype(np.float64), slots
             )
-            new_global[name] = new_param.astype(param.dtype)
+            # asarray: arithmetic on 0-d arrays yields numpy scalars, not arrays
+            new_global[name] = np.asarray(new_param, dtype=param.dtype)
             for slot in self.slots:
-                new_state[f"{slot}/{name}"] = new_slots[slot].astype(state_dtype(param))
+                new_state[f"{slot}/{name}"] = np.asarray(new_slots[slot], dtype=state_dtype(param))
         return new_global, new_state
 
     def init_state_keys(self, global_state: Mapping[str, np.ndarray]) -> list[str]:
