@@ -261,7 +261,11 @@ def parse_num_samples(value: str | None) -> int:
             422, ErrorCode.BAD_NUM_SAMPLES, f"header {HEADER_NUM_SAMPLES} is required"
         )
     text = value.strip()
-    if not text.isdigit() or len(text) > 10 or not 1 <= int(text) <= MAX_NUM_SAMPLES:
+    if (
+        not (text.isascii() and text.isdigit())
+        or len(text) > 10
+        or not 1 <= int(text) <= MAX_NUM_SAMPLES
+    ):
         raise ProtocolError(
             422,
             ErrorCode.BAD_NUM_SAMPLES,
@@ -317,7 +321,12 @@ def parse_range(value: str | None, size: int) -> tuple[int, int] | None:
     if unit.strip().lower() != "bytes" or "," in spec:
         return None
     first, dash, last = spec.strip().partition("-")
-    if not dash or (first and not first.isdigit()) or (last and not last.isdigit()):
+    if (
+        not dash
+        or not spec.isascii()
+        or (first and not first.isdigit())
+        or (last and not last.isdigit())
+    ):
         return None
     if not first:
         if not last or int(last) == 0:

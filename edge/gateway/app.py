@@ -1,0 +1,367 @@
+"""The gateway's HTTP surface: ``create_app(settings, store)`` for uvicorn.
+
+Routes only translate HTTP to ``GatewayService`` calls and back; every check
+lives in the service and in ``edge.protocol``. Every error, including FastAPI's
+own validation errors and unknown paths, is answered as an ``ErrorBody`` JSON
+with a machine-readable ``code``, so a device never has to parse HTML or
+guess. ``docs/protocol.md`` describes the same surface for humans.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Header, Path, Query, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from edge.gateway.metrics import GatewayMetrics
+from edge.gateway.middleware import ObservabilityMiddleware
+from edge.gateway.service import GatewayService, GatewayTuning
+from edge.protocol import (
+    API_PREFIX,
+    DEVICE_ID_PATTERN,
+    HEADER_GATEWAY,
+    HEADER_METRICS,
+    HEADER_MODEL_FORMAT,
+    HEADER_MODEL_VERSION,
+    HEADER_NUM_SAMPLES,
+    HEADER_SHA256,
+    MAX_JSON_BODY_BYTES,
+    UPDATE_CONTENT_TYPES,
+    EnrolRequest,
+    EnrolResponse,
+    ErrorBody,
+    ErrorCode,
+    Health,
+    ModelFormat,
+    PollAnswer,
+    ProtocolError,
+    UploadReceipt,
+    parse_metrics,
+    parse_num_samples,
+    parse_range,
+)
+from infra.settings import GatewaySettings
+from infra.store import ObjectStore
+
+log = logging.getLogger("canopy.gateway")
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="The token from POST /v1/enrol, as 'Authorization: Bearer <token>'.",
+)
+
+JobPath = Annotated[str, Path(pattern=DEVICE_ID_PATTERN, description="Job name.")]
+DevicePath = Annotated[str, Path(pattern=DEVICE_ID_PATTERN, description="The device's id.")]
+TaskPath = Annotated[str, Path(min_length=1, max_length=256, description="Task id of the offer.")]
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorBody} for status in statuses}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Read the request body, refusing with 413 as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if (
+        declared is not None
+        and declared.strip().isascii()
+        and declared.strip().isdigit()
+        and int(declared) > limit
+    ):
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> ProtocolError:
+    return ProtocolError(
+        413,
+        ErrorCode.BODY_TOO_LARGE,
+        f"request body is over the gateway's limit of {limit} bytes",
+        details={"max_body_bytes": limit},
+    )
+
+
+def create_app(
+    settings: GatewaySettings,
+    store: ObjectStore,
+    *,
+    gateway_id: str | None = None,
+    tuning: GatewayTuning | None = None,
+) -> FastAPI:
+    """A gateway worker app; run as many as you like over the same store and settings."""
+    metrics = GatewayMetrics()
+    service = GatewayService(
+        settings,
+        store,
+        gateway_id=gateway_id or f"gw-{uuid.uuid4().hex[:10]}",
+        metrics=metrics,
+        tuning=tuning,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        log.info("gateway %s serving bucket %s", service.gateway_id, store.bucket)
+        yield
+        await service.close()  # write batches still open; their devices are waiting
+
+    app = FastAPI(
+        title="Canopy device gateway",
+        version="1",
+        summary="Enrol, fetch a round's task and model, upload a safetensors update.",
+        description="See docs/protocol.md for the walkthrough and a sequence diagram.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.state.metrics = metrics
+    app.add_middleware(
+        ObservabilityMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes
+    )
+    _install_error_handlers(app, metrics)
+    gateway_header = {HEADER_GATEWAY: service.gateway_id}
+
+    @app.post(
+        f"{API_PREFIX}/enrol",
+        response_model=EnrolResponse,
+        responses=_errors(401, 413, 422, 503),
+        openapi_extra=_json_body("EnrolRequest"),
+        summary="Enrol a device and get its token",
+    )
+    async def enrol(request: Request) -> EnrolResponse:
+        body = await read_body(request, MAX_JSON_BODY_BYTES)
+        try:
+            enrol_request = EnrolRequest.model_validate_json(body)
+        except ValueError as exc:
+            raise ProtocolError(
+                422, ErrorCode.BAD_REQUEST, f"invalid enrolment request: {_short(exc)}"
+            ) from exc
+        return await service.enrol(enrol_request)
+
+    @app.get(
+        f"{API_PREFIX}/jobs/{{job}}/devices/{{device_id}}/task",
+        response_model=PollAnswer,
+        responses=_errors(401, 403, 404, 422, 503),
+        summary="Ask for work: a task, retry later, no job, or done",
+    )
+    async def poll(
+        request: Request,
+        job: JobPath,
+        device_id: DevicePath,
+        _: Annotated[Any, Security(_bearer)] = None,
+    ) -> Any:
+        claims = service.authenticate(request.headers.get("authorization"), device_id)
+        answer = await service.poll(job, claims)
+        metrics.poll_answers.labels(answer=getattr(answer, "reason", answer.status)).inc()
+        headers = dict(gateway_header)
+        if (retry := getattr(answer, "retry_after_seconds", None)) is not None:
+            headers["Retry-After"] = str(max(1, round(retry)))
+        return JSONResponse(answer.model_dump(mode="json"), headers=headers)
+
+    @app.get(
+        f"{API_PREFIX}/jobs/{{job}}/devices/{{device_id}}/tasks/{{task_id}}/model",
+        responses={
+            200: {"content": {"application/octet-stream": {}}, "description": "The artifact."},
+            206: {"content": {"application/octet-stream": {}}, "description": "A byte range."},
+            **_errors(401, 403, 404, 409, 416, 422, 503),
+        },
+        response_class=Response,
+        summary="Download the round's model (.pte or safetensors), HTTP Range supported",
+    )
+    async def model(
+        request: Request,
+        job: JobPath,
+        device_id: DevicePath,
+        task_id: TaskPath,
+        format: Annotated[
+            ModelFormat | None,
+            Query(description="pte or safetensors; default: what the offer's runtime trains."),
+        ] = None,
+        _: Annotated[Any, Security(_bearer)] = None,
+    ) -> Response:
+        claims = service.authenticate(request.headers.get("authorization"), device_id)
+        data, ref, fmt, task = await service.model(job, claims, task_id, format)
+        headers = {
+            **gateway_header,
+            HEADER_SHA256: ref.sha256,
+            HEADER_MODEL_VERSION: task.model_version,
+            HEADER_MODEL_FORMAT: fmt,
+            "ETag": f'"{ref.sha256}"',
+            "Accept-Ranges": "bytes",
+        }
+        span = parse_range(request.headers.get("range"), len(data))
+        if span is None:
+            return Response(data, media_type="application/octet-stream", headers=headers)
+        start, end = span
+        headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+        return Response(
+            data[start : end + 1],
+            status_code=206,
+            media_type="application/octet-stream",
+            headers=headers,
+        )
+
+    @app.post(
+        f"{API_PREFIX}/jobs/{{job}}/devices/{{device_id}}/tasks/{{task_id}}/result",
+        response_model=UploadReceipt,
+        responses=_errors(401, 403, 409, 413, 415, 422, 503),
+        openapi_extra=_binary_body(),
+        summary="Upload the update (new - old) as safetensors",
+    )
+    async def upload(
+        request: Request,
+        job: JobPath,
+        device_id: DevicePath,
+        task_id: TaskPath,
+        model_version: Annotated[
+            str | None, Header(alias=HEADER_MODEL_VERSION, description="Offer's model_version.")
+        ] = None,
+        num_samples: Annotated[
+            str | None, Header(alias=HEADER_NUM_SAMPLES, description="Samples trained on (>=1).")
+        ] = None,
+        train_metrics: Annotated[
+            str | None,
+            Header(alias=HEADER_METRICS, description='JSON object of numbers, e.g. {"loss":0.4}.'),
+        ] = None,
+        _: Annotated[Any, Security(_bearer)] = None,
+    ) -> Any:
+        try:
+            claims = service.authenticate(request.headers.get("authorization"), device_id)
+            checked = await service.check_upload(job, claims, task_id, model_version)
+            if isinstance(checked, UploadReceipt):
+                return JSONResponse(checked.model_dump(mode="json"), headers=gateway_header)
+            samples = parse_num_samples(num_samples)
+            values = parse_metrics(train_metrics)
+            content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if content_type not in UPDATE_CONTENT_TYPES:
+                raise ProtocolError(
+                    415,
+                    ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+                    f"the update must be a safetensors body sent as one of {UPDATE_CONTENT_TYPES}, "
+                    f"got {content_type or 'no Content-Type'!r}",
+                )
+            body = await read_body(request, settings.max_body_bytes)
+            receipt = await service.accept(
+                checked, claims, body, num_samples=samples, metrics=values
+            )
+        except ProtocolError as exc:
+            metrics.results_rejected.labels(reason=exc.code.value).inc()
+            raise
+        return JSONResponse(receipt.model_dump(mode="json"), headers=gateway_header)
+
+    @app.get("/healthz", response_model=Health, summary="Liveness")
+    async def healthz() -> Health:
+        return Health(gateway_id=service.gateway_id, pending_updates=service.committer.pending)
+
+    @app.get("/metrics", response_class=Response, summary="Prometheus metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    _install_openapi(app)
+    return app
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).replace("\n", "; ")
+    return text[:500]
+
+
+def _json_body(schema: str) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
+        }
+    }
+
+
+def _binary_body() -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "description": "The update (trained minus global parameters) as safetensors bytes.",
+            "content": {
+                content_type: {"schema": {"type": "string", "format": "binary"}}
+                for content_type in UPDATE_CONTENT_TYPES
+            },
+        }
+    }
+
+
+def _install_openapi(app: FastAPI) -> None:
+    """Add the schemas of bodies read by hand (enrolment) to the generated OpenAPI."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                summary=app.summary,
+                description=app.description,
+                routes=app.routes,
+            )
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            extra = EnrolRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(extra.pop("$defs", {}))
+            components["EnrolRequest"] = extra
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _error_response(exc: ProtocolError, metrics: GatewayMetrics) -> JSONResponse:
+    metrics.errors.labels(status=str(exc.status), code=exc.code.value).inc()
+    headers = {}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    return JSONResponse(exc.body().model_dump(mode="json"), status_code=exc.status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI, metrics: GatewayMetrics) -> None:
+    async def protocol_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ProtocolError)
+        return _error_response(exc, metrics)
+
+    async def validation_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', '')}"
+            for err in exc.errors()[:5]
+        )
+        return _error_response(
+            ProtocolError(422, ErrorCode.BAD_REQUEST, f"invalid request: {problems}"), metrics
+        )
+
+    async def http_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}.get(
+            exc.status_code, ErrorCode.BAD_REQUEST
+        )
+        return _error_response(ProtocolError(exc.status_code, code, str(exc.detail)), metrics)
+
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error answering a device", exc_info=exc)
+        return _error_response(
+            ProtocolError(500, ErrorCode.INTERNAL, "internal gateway error; retry later"), metrics
+        )
+
+    app.add_exception_handler(ProtocolError, protocol_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)

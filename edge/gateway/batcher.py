@@ -1,0 +1,181 @@
+"""Group commit: accepted updates of one leaf written as one S3 object.
+
+Each accepted update joins the open batch of its (job, run, round, leaf). The
+batch is written when it holds ``max_updates`` updates or ``max_wait`` seconds
+after its first update arrived, whichever comes first. Every device waiting on
+the batch is acknowledged only when the PUT has returned, so an acknowledged
+update is in S3 even if the gateway is killed the next instant. If the PUT
+fails every waiter gets a 503 and retries; nothing half-written is acknowledged.
+
+The lineage record of a batch is written after the acknowledgements: it
+describes the batch but is not needed to aggregate it, so devices do not wait
+for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from edge.gateway.metrics import GatewayMetrics
+from edge.protocol import ErrorCode, ProtocolError
+from edge.update_batch import (
+    KIND_UPDATE_BATCH,
+    BatchContext,
+    DeviceUpdate,
+    encode_update_batch,
+)
+from infra.keys import update_batch_key
+from infra.lineage import make_record, write_lineage
+from infra.store import ObjectRef, ObjectStore
+
+log = logging.getLogger("canopy.gateway.batcher")
+
+
+@dataclass
+class _OpenBatch:
+    context: BatchContext
+    global_model: ObjectRef
+    opened: float
+    items: list[tuple[DeviceUpdate, asyncio.Future[str]]] = field(default_factory=list)
+    timer: asyncio.TimerHandle | None = None
+
+
+class GroupCommitter:
+    """Collects accepted updates per leaf and writes each batch as one object."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        executor: Executor,
+        metrics: GatewayMetrics,
+        *,
+        gateway_id: str,
+        max_updates: int,
+        max_wait_seconds: float,
+    ) -> None:
+        self._store = store
+        self._executor = executor
+        self._metrics = metrics
+        self._gateway_id = gateway_id
+        self._max_updates = max_updates
+        self._max_wait = max_wait_seconds
+        self._open: dict[BatchContext, _OpenBatch] = {}
+        self._writes: set[asyncio.Task[None]] = set()
+        self._seq = itertools.count()
+        self.pending = 0
+
+    async def commit(
+        self, context: BatchContext, global_model: ObjectRef, update: DeviceUpdate
+    ) -> str:
+        """Add ``update`` to its leaf's batch; return the batch key once it is in S3."""
+        loop = asyncio.get_running_loop()
+        batch = self._open.get(context)
+        if batch is None:
+            batch = _OpenBatch(context, global_model, time.perf_counter())
+            batch.timer = loop.call_later(self._max_wait, self._flush, context)
+            self._open[context] = batch
+        future: asyncio.Future[str] = loop.create_future()
+        batch.items.append((update, future))
+        self.pending += 1
+        self._metrics.pending_updates.inc()
+        if len(batch.items) >= self._max_updates:
+            self._flush(context)
+        # shield: a device hanging up must not cancel the shared write's future.
+        return await asyncio.shield(future)
+
+    def _flush(self, context: BatchContext) -> None:
+        batch = self._open.pop(context, None)
+        if batch is None:
+            return
+        if batch.timer is not None:
+            batch.timer.cancel()
+        task = asyncio.ensure_future(self._write(batch))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _write(self, batch: _OpenBatch) -> None:
+        loop = asyncio.get_running_loop()
+        ctx = batch.context
+        updates = [update for update, _ in batch.items]
+        batch_id = f"{self._gateway_id}-{time.time_ns() // 1_000_000}-{next(self._seq):06d}"
+        key = update_batch_key(ctx.job, ctx.run_id, ctx.round, ctx.leaf, batch_id)
+        started = time.perf_counter()
+        started_at = datetime.now(UTC)
+        try:
+            data = await loop.run_in_executor(self._executor, encode_update_batch, updates, ctx)
+            ref = await loop.run_in_executor(self._executor, self._put, key, data, len(updates))
+        except Exception as exc:  # any store failure (boto, network) must become a 503, not a crash
+            log.error("batch %s: write of %d updates failed: %s", key, len(updates), exc)
+            self._metrics.batch_failures.inc()
+            self._settle(batch, error=exc)
+            return
+        self._metrics.batch_writes.inc()
+        self._metrics.batch_size.observe(len(updates))
+        self._metrics.batch_write_seconds.observe(time.perf_counter() - started)
+        self._settle(batch, key=key)
+        await self._write_lineage(batch, ref, started_at)
+
+    def _put(self, key: str, data: bytes, count: int) -> ObjectRef:
+        return self._store.put_bytes(
+            key,
+            data,
+            kind=KIND_UPDATE_BATCH,
+            metadata={"gateway-id": self._gateway_id, "updates": str(count)},
+        )
+
+    def _settle(self, batch: _OpenBatch, *, key: str = "", error: Exception | None = None) -> None:
+        for _, future in batch.items:
+            self.pending -= 1
+            self._metrics.pending_updates.dec()
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(key)
+            else:
+                future.set_exception(
+                    ProtocolError(
+                        503,
+                        ErrorCode.STORE_UNAVAILABLE,
+                        "the gateway could not store the update; upload it again",
+                        retry_after=2.0,
+                    )
+                )
+
+    async def _write_lineage(self, batch: _OpenBatch, ref: ObjectRef, started: datetime) -> None:
+        ctx = batch.context
+        updates = [update for update, _ in batch.items]
+        record = make_record(
+            kind="device-update-batch",
+            inputs=[batch.global_model],
+            outputs=[ref],
+            parameters={
+                "job": ctx.job,
+                "run_id": ctx.run_id,
+                "round": ctx.round,
+                "leaf": ctx.leaf,
+                "gateway_id": ctx.gateway_id,
+                "device_ids": [u.device_id for u in updates],
+                "num_samples": [u.num_samples for u in updates],
+                "num_updates": len(updates),
+                "total_samples": sum(u.num_samples for u in updates),
+            },
+            started_at=started,
+        )
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, write_lineage, self._store, record)
+        except Exception as exc:  # lineage is best effort; the batch is already safe
+            log.warning("batch %s: lineage record not written: %s", ref.key, exc)
+
+    async def drain(self) -> None:
+        """Write every open batch now and wait for all writes (graceful shutdown)."""
+        for context in list(self._open):
+            self._flush(context)
+        while self._writes:
+            await asyncio.gather(*list(self._writes), return_exceptions=True)

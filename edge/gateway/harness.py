@@ -1,0 +1,290 @@
+"""Start gateways for tests, benchmarks and local stacks: in a thread or a process.
+
+``GatewayThread`` runs uvicorn in a background thread of the current process
+(fast to start, shares the caller's store object). ``GatewayProcess`` runs
+``python -m edge.gateway`` as a real subprocess configured through
+``CANOPY_S3_*`` / ``CANOPY_GATEWAY_*`` environment variables, so it can be
+killed with SIGKILL to prove that acknowledged updates survive.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+import uvicorn
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings
+
+from aggregation.tensors import TensorDict, encode_tensors
+from edge.gateway.app import create_app
+from edge.gateway.service import GatewayTuning
+from edge.manifests import (
+    KIND_ACTIVE_ROUND,
+    KIND_LEAF_TASK,
+    ActiveRound,
+    DataHint,
+    LeafTask,
+    RoundStatus,
+    Runtime,
+    make_task_id,
+)
+from edge.routing import assign_leaves
+from infra.keys import active_job_key, global_model_key, program_key, task_manifest_key
+from infra.settings import GatewaySettings, S3Settings
+from infra.store import ObjectStore, get_json, put_json
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def settings_env(settings: BaseSettings) -> dict[str, str]:
+    """Environment variables that make a child process rebuild ``settings`` exactly."""
+    prefix = str(settings.model_config.get("env_prefix", ""))
+    env: dict[str, str] = {}
+    for name, value in settings:
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            text = value.get_secret_value()
+        elif isinstance(value, list | dict):
+            text = json.dumps(value)
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        else:
+            text = str(value)
+        env[f"{prefix}{name}".upper()] = text
+    return env
+
+
+def wait_healthy(url: str, *, timeout: float = 20.0, verify: str | bool = True) -> None:
+    """Poll ``/healthz`` until it answers 200 (one client: TLS setup is not free)."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    with httpx.Client(verify=verify, timeout=1.0) as client:
+        while time.monotonic() < deadline:
+            try:
+                if client.get(f"{url}/healthz").status_code == 200:
+                    return
+            except httpx.HTTPError as exc:
+                last = exc
+            time.sleep(0.05)
+    raise TimeoutError(f"gateway at {url} not healthy after {timeout}s ({last})")
+
+
+class GatewayThread:
+    """A gateway served by uvicorn in a daemon thread of this process."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        store: ObjectStore,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        gateway_id: str | None = None,
+        tuning: GatewayTuning | None = None,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+    ) -> None:
+        self.port = port or free_port(host)
+        scheme = "https" if certfile else "http"
+        self.url = f"{scheme}://{host}:{self.port}"
+        self.app = create_app(settings, store, gateway_id=gateway_id, tuning=tuning)
+        config = uvicorn.Config(
+            self.app,
+            host=host,
+            port=self.port,
+            log_level="warning",
+            access_log=False,
+            ssl_certfile=certfile,
+            ssl_keyfile=keyfile,
+            lifespan="on",
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True, name="gateway")
+
+    def __enter__(self) -> GatewayThread:
+        self._thread.start()
+        deadline = time.monotonic() + 20
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"gateway thread on port {self.port} did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=20)
+
+
+class GatewayProcess:
+    """``python -m edge.gateway`` in a subprocess on a free loopback port."""
+
+    def __init__(
+        self,
+        s3_settings: S3Settings,
+        gateway_settings: GatewaySettings,
+        *,
+        port: int | None = None,
+        gateway_id: str | None = None,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+        log_level: str = "warning",
+    ) -> None:
+        self.port = port or free_port()
+        self.url = f"{'https' if certfile else 'http'}://127.0.0.1:{self.port}"
+        self._verify: str | bool = certfile or True
+        env = {**os.environ, **settings_env(s3_settings), **settings_env(gateway_settings)}
+        args = [sys.executable, "-m", "edge.gateway", "--host", "127.0.0.1"]
+        args += ["--port", str(self.port), "--log-level", log_level]
+        if gateway_id:
+            args += ["--gateway-id", gateway_id]
+        if certfile and keyfile:
+            args += ["--certfile", certfile, "--keyfile", keyfile]
+        self._args = args
+        self._env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> GatewayProcess:
+        self.proc = subprocess.Popen(self._args, env=self._env, cwd=_REPO_ROOT)
+        try:
+            wait_healthy(self.url, timeout=timeout, verify=self._verify)
+        except TimeoutError:
+            self.kill()
+            raise
+        return self
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise RuntimeError("gateway process not started")
+        return self.proc.pid
+
+    def kill(self) -> None:
+        """SIGKILL: no graceful shutdown, no flushing; what a crash looks like."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        """SIGTERM: uvicorn drains requests and the gateway writes open batches."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def __enter__(self) -> GatewayProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def write_round(
+    store: ObjectStore,
+    *,
+    job: str,
+    run_id: str,
+    rnd: int,
+    leaves: Sequence[str],
+    selected: Iterable[str],
+    state: TensorDict,
+    runtime: Runtime = "pytorch",
+    program: bytes | None = None,
+    deadline_seconds: float = 120.0,
+    hyperparams: dict[str, Any] | None = None,
+    data_hint: DataHint | None = None,
+    poll_seconds: float = 0.5,
+    idle_poll_seconds: float = 1.0,
+) -> dict[str, LeafTask]:
+    """Write what a round flow writes when it opens a round; return the leaf tasks.
+
+    For tests, benchmarks and experiments without Prefect: global model (and
+    program), one ``LeafTask`` per leaf with the selected devices routed by
+    ``leaf_for_device``, then the ``ActiveRound`` pointer, last, as the flow does.
+    """
+    global_ref = store.put_bytes(
+        global_model_key(job, run_id, rnd), encode_tensors(state), kind="global-model"
+    )
+    program_ref = (
+        store.put_bytes(program_key(job, run_id, rnd), program, kind="executorch-program")
+        if program is not None
+        else None
+    )
+    deadline = datetime.now(UTC) + timedelta(seconds=deadline_seconds)
+    spec = {name: (list(arr.shape), arr.dtype.name) for name, arr in state.items()}
+    tasks: dict[str, LeafTask] = {}
+    for leaf, devices in assign_leaves(selected, leaves).items():
+        tasks[leaf] = LeafTask(
+            task_id=make_task_id(job, run_id, rnd, leaf),
+            job=job,
+            run_id=run_id,
+            round=rnd,
+            leaf=leaf,
+            selected_device_ids=devices,
+            model_version=global_ref.sha256,
+            global_model=global_ref,
+            program=program_ref,
+            tensor_spec=spec,
+            hyperparams=dict(hyperparams or {}),
+            runtime=runtime,
+            deadline=deadline,
+            data_hint=data_hint,
+        )
+        put_json(store, task_manifest_key(job, run_id, rnd, leaf), tasks[leaf], kind=KIND_LEAF_TASK)
+    set_round_status(
+        store,
+        ActiveRound(
+            job=job,
+            run_id=run_id,
+            round=rnd,
+            status="open",
+            leaves=list(leaves),
+            leaf_manifest_keys={leaf: task_manifest_key(job, run_id, rnd, leaf) for leaf in leaves},
+            opened_at=datetime.now(UTC),
+            poll_seconds=poll_seconds,
+            idle_poll_seconds=idle_poll_seconds,
+        ),
+    )
+    return tasks
+
+
+def set_round_status(store: ObjectStore, active: ActiveRound, status: RoundStatus = "open") -> None:
+    """Write ``active`` with ``status`` as the job's ActiveRound (closing or finishing it)."""
+    closed_at = None if status == "open" else datetime.now(UTC)
+    record = active.model_copy(update={"status": status, "closed_at": closed_at})
+    put_json(store, active_job_key(active.job), record, kind=KIND_ACTIVE_ROUND)
+
+
+def read_active(store: ObjectStore, job: str) -> ActiveRound:
+    return ActiveRound.model_validate(get_json(store, active_job_key(job)))

@@ -1,0 +1,669 @@
+"""The device protocol end to end: real HTTP on loopback, a moto S3 server behind.
+
+Each test writes the round manifests itself, as the round flow would, starts a
+gateway (uvicorn in a thread) and plays devices with httpx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import numpy as np
+import pytest
+
+from aggregation.tensors import TensorDict, decode_tensors, encode_tensors
+from edge.gateway.harness import GatewayThread, read_active, set_round_status, write_round
+from edge.manifests import DeviceRecord, LeafTask, device_key
+from edge.routing import leaf_for_device
+from edge.update_batch import decode_update_batch
+from infra.keys import updates_prefix
+from infra.lineage import read_lineage
+from infra.settings import GatewaySettings
+from infra.store import S3ObjectStore, get_json, put_json
+
+JOB, RUN = "hello-test", "run-1"
+LEAVES = ["leaf-0", "leaf-1"]
+SECRET = "canopy-local-enrolment"
+STATE: TensorDict = {
+    "w": np.zeros((4, 3), np.float32),
+    "b": np.zeros(3, np.float32),
+}
+
+
+def gateway_settings(**overrides: object) -> GatewaySettings:
+    values: dict[str, object] = {
+        "max_body_bytes": 64 * 1024,
+        "group_commit_max_wait_ms": 20,
+        "manifest_cache_seconds": 0.0,  # tests flip round status and expect it at once
+    }
+    values.update(overrides)
+    return GatewaySettings(**values)  # type: ignore[arg-type]
+
+
+class Device:
+    """A minimal device speaking the protocol, for driving the gateway in tests."""
+
+    def __init__(
+        self, client: httpx.Client, device_id: str, runtimes: tuple[str, ...] = ("pytorch",)
+    ):
+        self.client = client
+        self.device_id = device_id
+        self.runtimes = runtimes
+        self.token = ""
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def enrol(self, job: str = JOB) -> httpx.Response:
+        response = self.client.post(
+            "/v1/enrol",
+            json={
+                "device_id": self.device_id,
+                "enrolment_secret": SECRET,
+                "jobs": [job],
+                "runtimes": list(self.runtimes),
+            },
+        )
+        if response.status_code == 200:
+            self.token = response.json()["token"]
+        return response
+
+    def poll(self, job: str = JOB) -> httpx.Response:
+        return self.client.get(f"/v1/jobs/{job}/devices/{self.device_id}/task", headers=self.auth)
+
+    def offer(self) -> dict[str, object]:
+        answer = self.poll().json()
+        assert answer["status"] == "task", answer
+        return answer["task"]
+
+    def upload(
+        self,
+        offer: dict[str, object],
+        tensors: TensorDict | None = None,
+        *,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Response:
+        payload = body if body is not None else encode_tensors(tensors or update_like(0.1))
+        sent = {
+            **self.auth,
+            "Content-Type": "application/octet-stream",
+            "X-Canopy-Model-Version": str(offer["model_version"]),
+            "X-Canopy-Num-Samples": "12",
+            "X-Canopy-Metrics": json.dumps({"loss": 0.5}),
+        }
+        sent.update(headers or {})
+        return self.client.post(str(offer["upload_url"]), content=payload, headers=sent)
+
+
+def update_like(value: float) -> TensorDict:
+    return {name: np.full(arr.shape, value, arr.dtype) for name, arr in STATE.items()}
+
+
+def devices_on(leaf: str, count: int, prefix: str = "dev") -> list[str]:
+    found = []
+    i = 0
+    while len(found) < count:
+        if leaf_for_device(f"{prefix}-{i}", LEAVES) == leaf:
+            found.append(f"{prefix}-{i}")
+        i += 1
+    return found
+
+
+@pytest.fixture
+def gateway(s3_store: S3ObjectStore) -> Iterator[GatewayThread]:
+    with GatewayThread(gateway_settings(), s3_store, gateway_id="gw-test") as gw:
+        yield gw
+
+
+@pytest.fixture
+def client(gateway: GatewayThread) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=gateway.url, timeout=10) as c:
+        yield c
+
+
+def error(response: httpx.Response) -> tuple[int, str]:
+    body = response.json()
+    assert body["message"], body
+    return response.status_code, body["code"]
+
+
+def batches(store: S3ObjectStore, leaf: str, rnd: int = 0) -> list[str]:
+    return store.list_keys(updates_prefix(JOB, RUN, rnd, leaf))
+
+
+# --- the happy path ----------------------------------------------------------------------
+
+
+def test_a_round_over_http(s3_store: S3ObjectStore, client: httpx.Client) -> None:
+    # Prepare: two selected devices (one per leaf), one enrolled but not selected.
+    a, b = devices_on("leaf-0", 1)[0], devices_on("leaf-1", 1)[0]
+    idle = devices_on("leaf-0", 2, prefix="idle")[1]
+    devices = {d: Device(client, d) for d in (a, b, idle)}
+    for device in devices.values():
+        assert device.enrol().status_code == 200
+    tasks = write_round(
+        s3_store, job=JOB, run_id=RUN, rnd=0, leaves=LEAVES, selected=[a, b], state=STATE
+    )
+
+    # Execute
+    offers = {d: devices[d].offer() for d in (a, b)}
+    idle_answer = devices[idle].poll()
+    download = client.get(str(offers[a]["model"]["url"]), headers=devices[a].auth)  # type: ignore[index]
+    ranged = client.get(
+        str(offers[a]["model"]["url"]),  # type: ignore[index]
+        headers={**devices[a].auth, "Range": "bytes=8-"},
+    )
+    receipts = {d: devices[d].upload(offers[d], update_like(i + 1.0)) for i, d in enumerate((a, b))}
+    again = devices[a].poll().json()
+
+    # Assert: offers, pacing, download integrity
+    assert offers[a]["task_id"] == tasks["leaf-0"].task_id and offers[a]["leaf"] == "leaf-0"
+    assert offers[b]["task_id"] == tasks["leaf-1"].task_id
+    assert offers[a]["model"]["format"] == "safetensors"  # type: ignore[index]
+    assert idle_answer.json()["status"] == "retry"
+    assert idle_answer.json()["reason"] == "not_selected"
+    assert int(idle_answer.headers["Retry-After"]) >= 1
+    assert download.status_code == 200
+    assert download.headers["X-Canopy-Sha256"] == tasks["leaf-0"].global_model.sha256
+    assert decode_tensors(download.content)[0].keys() == STATE.keys()
+    assert ranged.status_code == 206 and ranged.content == download.content[8:]
+    assert (
+        ranged.headers["Content-Range"]
+        == f"bytes 8-{len(download.content) - 1}/{len(download.content)}"
+    )
+    assert again == {**again, "status": "retry", "reason": "already_submitted"}
+
+    # Assert: acknowledged updates are in S3, decodable, with lineage
+    for i, d in enumerate((a, b)):
+        receipt = receipts[d].json()
+        assert receipts[d].status_code == 200 and receipt["duplicate"] is False
+        leaf = leaf_for_device(d, LEAVES)
+        [key] = batches(s3_store, leaf)
+        [update] = decode_update_batch(s3_store.get(key).data, source=key)
+        assert (update.device_id, update.num_samples, update.metrics) == (d, 12, {"loss": 0.5})
+        assert update.task_id == tasks[leaf].task_id and update.gateway_id == "gw-test"
+        np.testing.assert_array_equal(update.tensors["w"], np.full((4, 3), i + 1.0, np.float32))
+        record = read_lineage(s3_store, key)
+        assert record is not None and record.kind == "device-update-batch"
+        assert record.inputs[0].sha256 == tasks[leaf].global_model.sha256
+        assert record.parameters["device_ids"] == [d]
+    registered = DeviceRecord.model_validate(get_json(s3_store, device_key(JOB, idle)))
+    assert registered.runtimes == ["pytorch"] and registered.gateway_id == "gw-test"
+
+
+def test_executorch_devices_get_the_program(s3_store: S3ObjectStore, client: httpx.Client) -> None:
+    phone, laptop = devices_on("leaf-0", 2)
+    et, pt = Device(client, phone, ("executorch",)), Device(client, laptop, ("pytorch",))
+    et.enrol(), pt.enrol()
+    program = b"PTE-PROGRAM-BYTES" * 100
+    write_round(
+        s3_store,
+        job=JOB,
+        run_id=RUN,
+        rnd=0,
+        leaves=LEAVES,
+        selected=[phone, laptop],
+        state=STATE,
+        runtime="executorch",
+        program=program,
+    )
+
+    et_offer, pt_offer = et.offer(), pt.offer()
+    pte = client.get(str(et_offer["model"]["url"]), headers=et.auth)  # type: ignore[index]
+    weights = client.get(str(pt_offer["model"]["url"]), headers=pt.auth)  # type: ignore[index]
+
+    assert et_offer["runtime"] == "executorch" and pt_offer["runtime"] == "pytorch"
+    assert pte.content == program and pte.headers["X-Canopy-Model-Format"] == "pte"
+    assert weights.headers["X-Canopy-Model-Format"] == "safetensors"
+
+
+def test_no_job_done_and_no_program(s3_store: S3ObjectStore, client: httpx.Client) -> None:
+    device = Device(client, devices_on("leaf-0", 1)[0])
+    device.enrol()
+
+    before = device.poll().json()
+    write_round(
+        s3_store,
+        job=JOB,
+        run_id=RUN,
+        rnd=0,
+        leaves=LEAVES,
+        selected=[device.device_id],
+        state=STATE,
+    )
+    offer = device.offer()
+    missing = client.get(
+        str(offer["model"]["url"]).replace("format=safetensors", "format=pte"),  # type: ignore[index]
+        headers=device.auth,
+    )
+    set_round_status(s3_store, read_active(s3_store, JOB), "done")
+    after = device.poll().json()
+
+    assert before["status"] == "no_job" and before["retry_after_seconds"] > 0
+    assert error(missing) == (404, "no_program")
+    assert after["status"] == "done" and after["run_id"] == RUN
+
+
+# --- authentication ----------------------------------------------------------------------
+
+
+def test_authentication_failures(s3_store: S3ObjectStore, client: httpx.Client) -> None:
+    write_round(s3_store, job=JOB, run_id=RUN, rnd=0, leaves=LEAVES, selected=[], state=STATE)
+    alice, bob = Device(client, "alice"), Device(client, "bob")
+    alice.enrol()
+    url = f"/v1/jobs/{JOB}/devices/alice/task"
+
+    no_token = client.get(url)
+    not_bearer = client.get(url, headers={"Authorization": "Basic abc"})
+    forged = client.get(url, headers={"Authorization": f"Bearer {alice.token[:-3]}xyz"})
+    someone_else = client.get(f"/v1/jobs/{JOB}/devices/bob/task", headers=alice.auth)
+    wrong_secret = client.post(
+        "/v1/enrol",
+        json={
+            "device_id": "bob",
+            "enrolment_secret": "guess",
+            "jobs": [JOB],
+            "runtimes": ["pytorch"],
+        },
+    )
+    bad_body = client.post(
+        "/v1/enrol", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    bad_id = client.post(
+        "/v1/enrol",
+        json={
+            "device_id": "../etc",
+            "enrolment_secret": SECRET,
+            "jobs": [JOB],
+            "runtimes": ["pytorch"],
+        },
+    )
+    # bob enrols for another job only: his token is valid but he is unknown to JOB.
+    bob.enrol(job="other-job")
+    unknown = bob.poll()
+    s3_store.delete(device_key(JOB, "alice"))  # a revoked device, once the gateway re-checks
+    still_cached = alice.poll()
+
+    assert error(no_token) == (401, "missing_token")
+    assert error(not_bearer) == (401, "missing_token")
+    assert error(forged) == (401, "bad_token")
+    assert error(someone_else) == (403, "device_mismatch")
+    assert error(wrong_secret) == (401, "bad_enrolment_secret")
+    assert error(bad_body) == (422, "bad_request")
+    assert error(bad_id) == (422, "bad_request")
+    assert error(unknown) == (404, "unknown_device")
+    assert still_cached.json()["reason"] == "not_selected"  # registry answers are cached
+
+
+# --- validation at the door ----------------------------------------------------------
+
+
+BAD_UPDATES: list[tuple[str, TensorDict | bytes, dict[str, str], int, str, str | None]] = [
+    ("missing tensor", {"w": np.zeros((4, 3), np.float32)}, {}, 422, "tensor_names", "b"),
+    (
+        "extra tensor",
+        {**update_like(0.0), "z": np.zeros(1, np.float32)},
+        {},
+        422,
+        "tensor_names",
+        "z",
+    ),
+    (
+        "shape",
+        {**update_like(0.0), "w": np.zeros((3, 4), np.float32)},
+        {},
+        422,
+        "tensor_shape",
+        "w",
+    ),
+    ("dtype", {**update_like(0.0), "b": np.zeros(3, np.float64)}, {}, 422, "tensor_dtype", "b"),
+    (
+        "nan",
+        {**update_like(0.0), "w": np.full((4, 3), np.nan, np.float32)},
+        {},
+        422,
+        "non_finite",
+        "w",
+    ),
+    (
+        "inf",
+        {**update_like(0.0), "b": np.array([0, np.inf, 0], np.float32)},
+        {},
+        422,
+        "non_finite",
+        "b",
+    ),
+    ("garbage body", b"\x00\x01not safetensors at all", {}, 422, "malformed_update", None),
+    (
+        "pickle body",
+        b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00.",
+        {},
+        422,
+        "malformed_update",
+        None,
+    ),
+    (
+        "json floats",
+        b"[0.1, 0.2]",
+        {"Content-Type": "application/json"},
+        415,
+        "unsupported_media_type",
+        None,
+    ),
+    ("no samples", update_like(0.0), {"X-Canopy-Num-Samples": ""}, 422, "bad_num_samples", None),
+    ("zero samples", update_like(0.0), {"X-Canopy-Num-Samples": "0"}, 422, "bad_num_samples", None),
+    ("bad metrics", update_like(0.0), {"X-Canopy-Metrics": "{oops"}, 422, "bad_metrics", None),
+    ("nan metric", update_like(0.0), {"X-Canopy-Metrics": '{"l": NaN}'}, 422, "bad_metrics", None),
+    (
+        "no version",
+        update_like(0.0),
+        {"X-Canopy-Model-Version": ""},
+        422,
+        "bad_model_version",
+        None,
+    ),
+]
+
+
+def test_bad_uploads_are_refused_with_reasons(
+    s3_store: S3ObjectStore, client: httpx.Client
+) -> None:
+    device = Device(client, devices_on("leaf-0", 1)[0])
+    device.enrol()
+    write_round(
+        s3_store,
+        job=JOB,
+        run_id=RUN,
+        rnd=0,
+        leaves=LEAVES,
+        selected=[device.device_id],
+        state=STATE,
+    )
+    offer = device.offer()
+
+    for label, payload, headers, status, code, tensor in BAD_UPDATES:
+        body = payload if isinstance(payload, bytes) else encode_tensors(payload)
+        response = device.upload(offer, body=body, headers=headers)
+        assert response.status_code == status, (label, response.text)
+        assert response.json()["code"] == code, (label, response.json())
+        assert response.json()["tensor"] == tensor, label
+    accepted = device.upload(offer, update_like(0.25))
+    metrics = client.get("/metrics").text
+
+    assert accepted.status_code == 200 and accepted.json()["duplicate"] is False
+    assert len(batches(s3_store, "leaf-0")) == 1  # nothing refused was stored
+    assert 'canopy_gateway_results_rejected_total{reason="non_finite"} 2.0' in metrics
+    assert 'canopy_gateway_results_rejected_total{reason="tensor_names"} 2.0' in metrics
+
+
+def test_bodies_over_the_limit_are_413_even_when_streamed(
+    s3_store: S3ObjectStore, client: httpx.Client
+) -> None:
+    device = Device(client, devices_on("leaf-0", 1)[0])
+    device.enrol()
+    write_round(
+        s3_store,
+        job=JOB,
+        run_id=RUN,
+        rnd=0,
+        leaves=LEAVES,
+        selected=[device.device_id],
+        state=STATE,
+    )
+    offer = device.offer()
+    big = b"\x00" * (200 * 1024)
+    chunks_sent = 0
+
+    def chunked() -> Iterator[bytes]:
+        nonlocal chunks_sent
+        for start in range(0, len(big), 16 * 1024):
+            chunks_sent += 1
+            yield big[start : start + 16 * 1024]
+
+    declared = device.upload(offer, body=big)
+    streamed = client.post(
+        str(offer["upload_url"]),
+        content=chunked(),
+        headers={
+            **device.auth,
+            "Content-Type": "application/octet-stream",
+            "X-Canopy-Model-Version": str(offer["model_version"]),
+            "X-Canopy-Num-Samples": "3",
+        },
+    )
+    enrol_flood = client.post(
+        "/v1/enrol",
+        content=b"{" + b" " * 40_000 + b"}",
+        headers={"Content-Type": "application/json"},
+    )
+
+    assert error(declared) == (413, "body_too_large")
+    assert "transfer-encoding" not in {k.lower() for k in declared.request.headers}
+    assert error(streamed) == (413, "body_too_large")
+    assert error(enrol_flood) == (413, "body_too_large")
+    assert client.get("/healthz").json()["status"] == "ok"
+
+
+# --- late, duplicate, closed ----------------------------------------------------------
+
+
+def test_duplicates_late_results_and_closed_rounds(
+    s3_store: S3ObjectStore, client: httpx.Client
+) -> None:
+    first, second, third = devices_on("leaf-0", 3)
+    devs = {d: Device(client, d) for d in (first, second, third)}
+    for d in devs.values():
+        d.enrol()
+    write_round(
+        s3_store,
+        job=JOB,
+        run_id=RUN,
+        rnd=0,
+        leaves=LEAVES,
+        selected=[first, second, third],
+        state=STATE,
+    )
+    offers = {d: devs[d].offer() for d in devs}
+
+    accepted = devs[first].upload(offers[first])
+    duplicate = devs[first].upload(offers[first])
+    stale_version = devs[second].upload(
+        offers[second], headers={"X-Canopy-Model-Version": "f" * 64}
+    )
+    set_round_status(s3_store, read_active(s3_store, JOB), "closed")
+    closed = devs[third].upload(offers[third])
+    closed_poll = devs[third].poll().json()
+    set_round_status(s3_store, read_active(s3_store, JOB), "open")
+    # Round 1 opens: results for round 0's task are late.
+    write_round(s3_store, job=JOB, run_id=RUN, rnd=1, leaves=LEAVES, selected=[third], state=STATE)
+    old_task = devs[second].upload(offers[second])
+    old_download = client.get(str(offers[second]["model"]["url"]), headers=devs[second].auth)  # type: ignore[index]
+    metrics = client.get("/metrics").text
+
+    assert accepted.json()["duplicate"] is False
+    assert duplicate.status_code == 200 and duplicate.json()["duplicate"] is True
+    assert duplicate.json()["received_at"] == accepted.json()["received_at"]
+    assert error(stale_version) == (409, "late")
+    assert stale_version.json()["details"]["reason"] == "model_version_not_current"
+    assert error(closed) == (409, "late")
+    assert closed_poll["status"] == "retry" and closed_poll["reason"] == "round_not_open"
+    assert error(old_task) == (409, "late")
+    assert error(old_download) == (409, "task_not_current")
+    assert len(decode_update_batch(s3_store.get(batches(s3_store, "leaf-0")[0]).data, "b")) == 1
+    assert len(batches(s3_store, "leaf-0")) == 1  # duplicates and late results are not stored
+    assert f'canopy_gateway_late_results_total{{job="{JOB}"}} 3.0' in metrics
+    assert "canopy_gateway_results_duplicate_total 1.0" in metrics
+
+
+def test_results_after_the_deadline_are_late(s3_store: S3ObjectStore, client: httpx.Client) -> None:
+    device = Device(client, devices_on("leaf-1", 1)[0])
+    device.enrol()
+    tasks = write_round(
+        s3_store,
+        job=JOB,
+        run_id=RUN,
+        rnd=0,
+        leaves=LEAVES,
+        selected=[device.device_id],
+        state=STATE,
+    )
+    offer = device.offer()
+    expired = tasks["leaf-1"].model_copy(
+        update={"deadline": datetime.now(UTC) - timedelta(seconds=1)}
+    )
+    put_json(
+        s3_store, read_active(s3_store, JOB).leaf_manifest_keys["leaf-1"], expired, kind="leaf-task"
+    )
+
+    late = device.upload(offer)
+
+    assert error(late) == (409, "late")
+    assert late.json()["details"]["reason"] == "round_closed"
+    assert (
+        LeafTask.model_validate(
+            get_json(s3_store, read_active(s3_store, JOB).leaf_manifest_keys["leaf-1"])
+        )
+        == expired
+    )
+
+
+# --- group commit ------------------------------------------------------------------------
+
+
+async def test_concurrent_uploads_share_batches(s3_store: S3ObjectStore) -> None:
+    settings = gateway_settings(group_commit_max_wait_ms=300, group_commit_max_updates=8)
+    ids = devices_on("leaf-0", 20)
+    with GatewayThread(settings, s3_store, gateway_id="gw-batch") as gw:
+        async with httpx.AsyncClient(base_url=gw.url, timeout=20) as client:
+            tokens = {}
+            for d in ids:
+                r = await client.post(
+                    "/v1/enrol",
+                    json={
+                        "device_id": d,
+                        "enrolment_secret": SECRET,
+                        "jobs": [JOB],
+                        "runtimes": ["pytorch"],
+                    },
+                )
+                tokens[d] = r.json()["token"]
+            await asyncio.to_thread(
+                write_round,
+                s3_store,
+                job=JOB,
+                run_id=RUN,
+                rnd=0,
+                leaves=LEAVES,
+                selected=ids,
+                state=STATE,
+            )
+
+            async def play(i: int, d: str) -> httpx.Response:
+                auth = {"Authorization": f"Bearer {tokens[d]}"}
+                offer = (await client.get(f"/v1/jobs/{JOB}/devices/{d}/task", headers=auth)).json()[
+                    "task"
+                ]
+                return await client.post(
+                    offer["upload_url"],
+                    content=encode_tensors(update_like(float(i))),
+                    headers={
+                        **auth,
+                        "Content-Type": "application/octet-stream",
+                        "X-Canopy-Model-Version": offer["model_version"],
+                        "X-Canopy-Num-Samples": str(i + 1),
+                    },
+                )
+
+            receipts = await asyncio.gather(*(play(i, d) for i, d in enumerate(ids)))
+
+    keys = batches(s3_store, "leaf-0")
+    stored = [u for key in keys for u in decode_update_batch(s3_store.get(key).data, key)]
+    assert all(r.status_code == 200 for r in receipts)
+    assert 3 <= len(keys) <= 8  # 20 updates, at most 8 per batch: far fewer PUTs than devices
+    assert sorted(u.device_id for u in stored) == sorted(ids)
+    assert {u.device_id: u.num_samples for u in stored} == {d: i + 1 for i, d in enumerate(ids)}
+
+
+# --- the rest of the surface ---------------------------------------------------------
+
+
+def test_health_metrics_openapi_and_unknown_paths(client: httpx.Client) -> None:
+    health = client.get("/healthz").json()
+    spec = client.get("/openapi.json").json()
+    metrics = client.get("/metrics")
+    missing = client.get("/v1/nothing-here")
+    wrong_method = client.delete("/v1/enrol")
+    bad_job = client.get("/v1/jobs/..%2Fx/devices/d/task", headers={"Authorization": "Bearer x"})
+
+    assert health == {"status": "ok", "gateway_id": "gw-test", "pending_updates": 0}
+    assert set(spec["paths"]) >= {
+        "/v1/enrol",
+        "/v1/jobs/{job}/devices/{device_id}/task",
+        "/v1/jobs/{job}/devices/{device_id}/tasks/{task_id}/model",
+        "/v1/jobs/{job}/devices/{device_id}/tasks/{task_id}/result",
+    }
+    assert "EnrolRequest" in spec["components"]["schemas"]
+    upload = spec["paths"]["/v1/jobs/{job}/devices/{device_id}/tasks/{task_id}/result"]["post"]
+    assert "application/octet-stream" in upload["requestBody"]["content"]
+    assert {p["name"] for p in upload["parameters"]} >= {
+        "X-Canopy-Model-Version",
+        "X-Canopy-Num-Samples",
+    }
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert "canopy_gateway_request_seconds_bucket" in metrics.text
+    assert 'route="/healthz"' in metrics.text
+    assert error(missing) == (404, "not_found")
+    assert error(wrong_method) == (405, "method_not_allowed")
+    assert bad_job.status_code in (401, 404, 422) and bad_job.json()["code"]
+
+
+def test_hostile_requests_never_take_the_gateway_down(
+    s3_store: S3ObjectStore, client: httpx.Client
+) -> None:
+    device = Device(client, devices_on("leaf-0", 1)[0])
+    device.enrol()
+    write_round(
+        s3_store,
+        job=JOB,
+        run_id=RUN,
+        rnd=0,
+        leaves=LEAVES,
+        selected=[device.device_id],
+        state=STATE,
+    )
+    offer = device.offer()
+    rng = np.random.default_rng(7)
+    header_sets = [
+        {"X-Canopy-Num-Samples": "1" * 400},
+        {"X-Canopy-Metrics": "[" * 3000 + "]" * 3000},
+        {"X-Canopy-Metrics": json.dumps({"x" * 100: 1})},
+        {"Content-Type": "application/octet-stream; charset=binary"},
+        {"Range": "bytes=" + "9" * 200 + "-"},
+    ]
+    # A safetensors header claiming a huge tensor, and one with a lying length prefix.
+    lying = (10**12).to_bytes(8, "little") + b"{}"
+    huge_shape = encode_tensors({"w": np.zeros(1, np.float32)}).replace(b"[1]", b"[99999999]", 1)
+    statuses = []
+
+    for i in range(30):
+        body = rng.bytes(int(rng.integers(0, 4000)))
+        statuses.append(
+            device.upload(offer, body=body, headers=header_sets[i % len(header_sets)]).status_code
+        )
+    statuses.append(device.upload(offer, body=lying).status_code)
+    statuses.append(device.upload(offer, body=huge_shape).status_code)
+    statuses.append(
+        client.get(
+            str(offer["model"]["url"]), headers={**device.auth, **header_sets[4]}
+        ).status_code
+    )  # type: ignore[index]
+
+    assert all(400 <= s < 500 for s in statuses), statuses
+    assert device.upload(offer, update_like(1.0)).status_code == 200
+    assert client.get("/healthz").status_code == 200
