@@ -166,7 +166,11 @@ class LeafTask(BaseModel):
     model_version: str = Field(description="sha256 of the global model; uploads must echo it.")
     global_model: ObjectRef = Field(description="The round's global.safetensors.")
     program: ObjectRef | None = Field(
-        default=None, description="The round's ExecuTorch training program (.pte), if any."
+        default=None,
+        description=(
+            "The round's ExecuTorch training program (.pte). None for jobs without a network "
+            "(closed-form jobs such as hello-mobile), which every runtime trains from the weights."
+        ),
     )
     tensor_spec: dict[str, tuple[list[int], str]] = Field(
         description="name -> [shape, dtype] every update must match exactly."
@@ -196,8 +200,6 @@ class LeafTask(BaseModel):
                 f"model_version {self.model_version[:12]} must be the global model's sha256 "
                 f"{self.global_model.sha256[:12]}"
             )
-        if self.runtime == "executorch" and self.program is None:
-            raise ValueError("an executorch task needs its program (.pte) ObjectRef")
         if not self.tensor_spec:
             raise ValueError("tensor_spec is empty; every update would be refused")
         return self

@@ -151,7 +151,6 @@ def test_leaf_task_round_trips_through_json_with_a_simulation_hint() -> None:
     ("overrides", "message"),
     [
         ({"model_version": "b" * 64}, "global model's sha256"),
-        ({"runtime": "executorch"}, "needs its program"),
         ({"deadline": datetime(2030, 1, 1)}, "timezone-aware"),
         ({"tensor_spec": {}}, "tensor_spec is empty"),
         ({"leaf": "../x"}, "not a valid key segment"),
