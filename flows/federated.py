@@ -24,11 +24,9 @@ from datetime import UTC, datetime
 
 from prefect import flow, get_run_logger
 from prefect.states import Completed, State
-from tasks.models import ensure_initial_model, evaluate_model, export_program
 
 from aggregation.strategies.config import StrategyConfig
 from aggregation.topology import Node, Tree, TreeShape, build_tree
-from edge.manifests import close_grace_seconds
 from edge.data.config import DatasetConfig
 from edge.data.partition import PartitionScheme
 from flows.params import TrainingParams
@@ -39,6 +37,7 @@ from tasks.aggregate import RootResult, finalize_root, sum_node
 from tasks.collect import LeafOutcome, ReportTracker, collect_leaf, wait_until_enough
 from tasks.context import RunContext, current_flow_run_id, store_for
 from tasks.dispatch import RoundPlan, close_round, mark_done, open_round, wait_for_devices
+from tasks.models import ensure_initial_model, evaluate_model, export_program
 from tasks.rounds import commit_round
 from tasks.ui import publish_job_summary, publish_round_artifacts, set_progress, start_progress
 
@@ -48,6 +47,16 @@ _D = TrainingParams.model_construct(job="")
 
 
 # ---------------------------------------------------------------- level subflows
+
+
+def close_grace(gateway: GatewaySettings) -> float:
+    """Seconds after closing a round in which an accepted upload may still be written.
+
+    A gateway accepts uploads until its cached ``ActiveRound`` expires, then the
+    update waits for its group commit and one PUT (half a second is ample on
+    loopback and in-region S3).
+    """
+    return gateway.manifest_cache_seconds + gateway.group_commit_max_wait_ms / 1000 + 0.5
 
 
 @flow(name="leaf-level", validate_parameters=False, log_prints=True)
@@ -62,12 +71,9 @@ async def leaf_level(ctx: RunContext, plan: RoundPlan) -> list[LeafOutcome]:
     async def close_when_enough() -> None:
         await wait_until_enough(tracker, on_progress)
         await close_round(ctx, plan)
-        # Uploads a gateway accepted just before it saw the close may still be landing.
-        await asyncio.sleep(
-            close_grace_seconds(
-                ctx.gateway.manifest_cache_seconds, ctx.gateway.group_commit_max_wait_ms
-            )
-        )
+        if tracker.reported < plan.selected:
+            # Uploads a gateway accepted just before it saw the close may still be landing.
+            await asyncio.sleep(close_grace(ctx.gateway))
         tracker.closed.set()
 
     results = await asyncio.gather(

@@ -20,9 +20,10 @@ from aggregation.accumulator import sum_partials
 from aggregation.partial import PartialAggregate
 from aggregation.tensors import decode_tensors, encode_tensors
 from infra.keys import global_model_key, partial_key, server_state_key
-from infra.lineage import make_record, write_lineage
+from infra.lineage import make_record
 from infra.store import ObjectRef, ObjectStore
 from tasks.context import RunContext, current_flow_run_id, store_for
+from tasks.ui import record_lineage
 
 
 class RootResult(BaseModel):
@@ -58,7 +59,7 @@ def sum_children(
     ref = store.put_bytes(
         partial_key(ctx.job, ctx.run_id, rnd, node), total.to_bytes(), kind="partial"
     )
-    write_lineage(
+    record_lineage(
         store,
         make_record(
             kind="partial-aggregation",
@@ -120,7 +121,7 @@ def _finalize(
         kind="server-state",
         metadata=meta,
     )
-    write_lineage(
+    record_lineage(
         store,
         make_record(
             kind="global-aggregation",

@@ -27,9 +27,10 @@ from edge.manifests import LeafTask
 from edge.update_batch import decode_update_batch
 from infra.errors import CanopyError
 from infra.keys import partial_key, updates_prefix
-from infra.lineage import make_record, write_lineage
+from infra.lineage import make_record
 from infra.store import ObjectRef, ObjectStore
 from tasks.context import RunContext, current_flow_run_id, store_for
+from tasks.ui import record_lineage
 
 POLL_SECONDS = 0.25
 
@@ -51,6 +52,10 @@ class ReportTracker:
     @property
     def reported(self) -> int:
         return sum(self.per_leaf.values())
+
+    def __post_init__(self) -> None:
+        if self.target <= 0:  # nobody was asked: nothing to wait for
+            self.enough.set()
 
     def add(self, leaf: str, n: int) -> None:
         self.per_leaf[leaf] += n
@@ -158,7 +163,7 @@ async def collect_leaf(ctx: RunContext, leaf_task: LeafTask, tracker: ReportTrac
         started_at=started,
         flow_run_id=current_flow_run_id(),
     )
-    await asyncio.to_thread(write_lineage, store, record)
+    await asyncio.to_thread(record_lineage, store, record)
     if collector.rejected:
         get_run_logger().warning(
             "collect-leaf %s: refused %s; e.g. %s",

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from aggregation.cohort import group_by_leaf, reports_needed, select_cohort
 from aggregation.tensors import decode_tensors, spec_of
+from edge.jobs import get_job
 from edge.manifests import (
     KIND_ACTIVE_ROUND,
     KIND_LEAF_TASK,
@@ -29,7 +30,6 @@ from edge.manifests import (
     make_task_id,
     registry_prefix,
 )
-from edge.jobs import get_job
 from edge.routing import leaf_for_device
 from infra.keys import active_job_key, task_manifest_key
 from infra.run_state import CommitRecord

@@ -47,6 +47,11 @@ def object_url(settings: S3Settings, ref: ObjectRef) -> str:
 def record_lineage(store: ObjectStore, record: LineageRecord) -> None:
     """Write the record to the S3 ledger, then mirror it as asset events."""
     write_lineage(store, record)
+    emit_lineage_events(record)
+
+
+def emit_lineage_events(record: LineageRecord) -> None:
+    """One ``prefect.asset.materialization.succeeded`` event per output of a lineage record."""
     related = [
         {"prefect.resource.id": i.uri, "prefect.resource.role": "asset"} for i in record.inputs
     ]
