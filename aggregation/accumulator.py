@@ -8,13 +8,16 @@ weighted update in place, walking the tensors in cache-sized blocks.
 Precision choice (measured, see ``docs/aggregation.md``): numpy has no fused
 "multiply float32 and add into float64" kernel, and its mixed-dtype ufuncs cast
 through slow buffered loops, so adding every update straight into float64 ran at
-about 0.3x the speed of a plain float32 ``np.add``. Instead each weighted update
-is added into a float32 *staging* buffer, and the stage is folded into the float64
-sum every ``flush_every`` updates (and on :meth:`Accumulator.result`). Rounding
-error therefore grows with ``flush_every`` (16 by default), not with the number
-of devices, and every sum that leaves the accumulator, crosses the wire or is
-added up the tree is float64. Updates holding float64 or wide-integer tensors
-are staged in float64 so nothing is rounded below their own precision.
+about 0.3x the speed of a plain float32 ``np.add``. Instead, by default, each
+weighted update is added into a float32 *staging* buffer, and the stage is folded
+into the float64 sum every ``flush_every`` updates (and on
+:meth:`Accumulator.result`). Rounding error therefore grows with ``flush_every``
+(16 by default), not with the number of devices, and every sum that leaves the
+accumulator, crosses the wire or is added up the tree is float64.
+
+``flush_every=1`` turns staging off: products and sums are float64 throughout,
+at about half the speed. Models holding float64 or wide-integer tensors always
+run that way, so nothing is rounded below the updates' own precision.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ class Accumulator:
         with :func:`aggregation.guards.check_update` first (or use :meth:`add_checked`).
     flush_every
         Updates staged in float32 between folds into the float64 sum (default: 16).
-        1 folds after every update.
+        1 means no staging: weighted products and sums are float64 throughout.
     block_elems
         Elements processed per step (default: 131072, i.e. 512 KiB of float32).
     """
@@ -78,7 +81,9 @@ class Accumulator:
             if np.dtype(dtype).kind not in "fiu":
                 raise ConfigError(f"tensor {name!r} has dtype {dtype}, which cannot be summed")
         exact_in_f32 = all(np.can_cast(s.dtype, np.float32, "safe") for s in self._spec.values())
-        self._stage_dtype = np.dtype(np.float32 if exact_in_f32 else np.float64)
+        # "direct": no float32 stage; updates go straight into the float64 sum.
+        self._direct = flush_every == 1 or not exact_in_f32
+        self._stage_dtype = np.dtype(np.float64 if self._direct else np.float32)
         self._flush_every = flush_every
         self._block_elems = block_elems
         self._offsets: dict[str, tuple[int, int]] = {}
@@ -128,7 +133,7 @@ class Accumulator:
         # pages are touched once, by a write, instead of zeroed and then added to.
         self._sum = np.empty(self._size, np.float64)
         self._sum_written = False
-        self._stage = np.empty(self._size, self._stage_dtype)
+        self._stage = self._sum if self._direct else np.empty(self._size, self._stage_dtype)
         self._staged = 0
         self._weight = 0.0
         self._count = 0
@@ -185,7 +190,9 @@ class Accumulator:
         self._check_structure(update)
 
         coeff = self._stage_dtype.type(w * factor)
-        overwrite = self._staged == 0  # first update after a fold: write the stage, no zeroing
+        # The first update into an empty stage (or sum) writes it instead of adding,
+        # so buffers are never zeroed.
+        overwrite = not self._sum_written if self._direct else self._staged == 0
         tmp, stage = self._tmp, self._stage
         for names, start, stop, lo, hi in self._blocks:
             target = stage[lo:hi]
@@ -201,13 +208,16 @@ class Accumulator:
                 np.multiply(source, coeff, out=scratch)
                 np.add(target, scratch, out=target)
 
-        self._staged += 1
+        if self._direct:
+            self._sum_written = True
+        else:
+            self._staged += 1
         self._weight += w
         self._count += 1
         for key, value in values.items():
             old = self._metrics.get(key, MetricSum(0.0, 0.0))
             self._metrics[key] = MetricSum(old.total + w * value, old.weight + w)
-        if self._staged >= self._flush_every:
+        if not self._direct and self._staged >= self._flush_every:
             self._flush()
 
     def add_checked(self, checked: CheckedUpdate) -> None:

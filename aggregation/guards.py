@@ -139,10 +139,9 @@ def _sum_of_squares(arr: np.ndarray) -> float:
     float64 so the sum cannot wrap around.
     """
     flat = arr.reshape(-1)
-    if flat.dtype not in (np.float32, np.float64):
+    if flat.dtype.char not in "fd":  # not float32/float64 (``dtype.name`` is slow to read)
         flat = flat.astype(np.float64)
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow is handled by the caller
-        return float(np.dot(flat, flat))
+    return float(np.dot(flat, flat))
 
 
 def _stable_norm(arrays: Mapping[str, np.ndarray]) -> float:
@@ -206,16 +205,17 @@ def check_update(
             raise reject("dtype", name, f"expected a numpy array, got {type(arr).__name__}")
         if arr.shape != tuple(shape):
             raise reject("shape", name, f"shape {arr.shape}, expected {tuple(shape)}")
-        if arr.dtype.name != dtype:
+        if arr.dtype != dtype:  # compares with the name; ``arr.dtype.name`` is slow to read
             raise reject("dtype", name, f"dtype {arr.dtype.name}, expected {dtype}")
 
     squares = 0.0
-    for name in spec:
-        part = _sum_of_squares(update[name])
-        if not math.isfinite(part) and not np.isfinite(update[name]).all():
-            bad = int(np.size(update[name]) - np.count_nonzero(np.isfinite(update[name])))
-            raise reject("non-finite", name, f"{bad} NaN or infinite values")
-        squares += part
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is told apart below
+        for name in spec:
+            part = _sum_of_squares(update[name])
+            if not math.isfinite(part) and not np.isfinite(update[name]).all():
+                bad = int(np.size(update[name]) - np.count_nonzero(np.isfinite(update[name])))
+                raise reject("non-finite", name, f"{bad} NaN or infinite values")
+            squares += part
     norm = math.sqrt(squares)
     if not math.isfinite(norm):  # finite values whose squares overflowed
         norm = _stable_norm(update)

@@ -94,9 +94,7 @@ def guard_then_accumulate(spec: dict[str, TensorSpec], updates: Updates) -> obje
     """What a leaf really does: every update through the guard, then into the sum."""
     acc = Accumulator(spec)
     for i, (update, weight, metrics) in enumerate(updates):
-        checked = check_update(
-            update, spec=spec, device_id=f"d{i}", weight=weight, metrics=metrics
-        )
+        checked = check_update(update, spec=spec, device_id=f"d{i}", weight=weight, metrics=metrics)
         acc.add_checked(checked)
     return acc.result()
 
@@ -126,7 +124,7 @@ def report(label: str, shapes: dict[str, tuple[int, ...]], n: int, reps: int, se
     methods = {
         "numpy add (baseline)": numpy_add,
         "Accumulator (staged f32->f64)": accumulator(16),
-        "Accumulator flush_every=1": accumulator(1),
+        "Accumulator all-f64 (flush=1)": accumulator(1),
         "guard + Accumulator": guard_then_accumulate,
         "PartialAggregate + chain": partial_add_chain,
     }

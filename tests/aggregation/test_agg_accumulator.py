@@ -194,3 +194,18 @@ def test_empty_or_unsummable_spec_is_refused() -> None:
         Accumulator({})
     with pytest.raises(ConfigError, match="cannot be summed"):
         Accumulator({"flag": TensorSpec((2,), "bool")})
+
+
+def test_flush_every_one_is_float64_throughout() -> None:
+    # Prepare: weights that are not powers of two, so float32 products would round
+    items = updates(3, seed=4)
+    acc = Accumulator(spec_of(items[0][0]), flush_every=1, block_elems=16)
+    pure = PartialAggregate.zero()
+
+    # Execute
+    for update, weight in items:
+        acc.add(update, weight=weight + 0.1)
+        pure = pure + PartialAggregate.from_update(update, weight=weight + 0.1)
+
+    # Assert: same float64 operations in the same order, so bit-identical
+    assert acc.result() == pure
