@@ -60,9 +60,8 @@ def close_grace(gateway: GatewaySettings) -> float:
 
 
 @flow(name="leaf-level", validate_parameters=False, log_prints=True)
-async def leaf_level(ctx: RunContext, plan: RoundPlan) -> list[LeafOutcome]:
+async def leaf_level(ctx: RunContext, plan: RoundPlan, tracker: ReportTracker) -> list[LeafOutcome]:
     """Collect device updates on every leaf until the round has enough reports."""
-    tracker = ReportTracker(target=plan.target, deadline=plan.deadline)
     progress = await start_progress(f"round {plan.round}: device reports ({plan.target} needed)")
 
     async def on_progress(reported: int) -> None:
@@ -70,6 +69,7 @@ async def leaf_level(ctx: RunContext, plan: RoundPlan) -> list[LeafOutcome]:
 
     async def close_when_enough() -> None:
         await wait_until_enough(tracker, on_progress)
+        tracker.enough_at = time.perf_counter()
         await close_round(ctx, plan)
         if tracker.reported < plan.selected:
             # Uploads a gateway accepted just before it saw the close may still be landing.
@@ -120,13 +120,21 @@ async def training_round(ctx: RunContext, tree: Tree, commit: CommitRecord) -> S
     rnd = commit.next_round
     tag = f"r{rnd:04d}"
 
+    marks = {"start": started}
     program = None
     if ctx.params.runtime == "executorch":
         program = await export_program(ctx, rnd, commit.global_model)
+    marks["exported"] = time.perf_counter()
     devices = await wait_for_devices(ctx)
     plan = await open_round(ctx, rnd, devices, list(tree.leaves), commit.global_model, program)
+    marks["opened"] = time.perf_counter()
 
-    leaves = await leaf_level.with_options(flow_run_name=f"{tag}-level-0-leaves")(ctx, plan)
+    tracker = ReportTracker(target=plan.target, deadline=plan.deadline)
+    leaves = await leaf_level.with_options(flow_run_name=f"{tag}-level-0-leaves")(
+        ctx, plan, tracker
+    )
+    marks["enough"] = tracker.enough_at or marks["opened"]
+    marks["collected"] = time.perf_counter()
     refs = {o.leaf: o.partial for o in leaves}
     for nodes in tree.levels[1:-1]:
         level = nodes[0].level
@@ -137,9 +145,11 @@ async def training_round(ctx: RunContext, tree: Tree, commit: CommitRecord) -> S
         ctx, rnd, tree.root, refs, commit
     )
 
+    marks["aggregated"] = time.perf_counter()
     evaluation = None
     if root.global_model is not None:
         evaluation = await evaluate_model(ctx, rnd, root.global_model)
+    marks["evaluated"] = time.perf_counter()
     reason = ""
     if root.global_model is None:
         reason = f"{root.devices} report(s), fewer than min_reports={ctx.params.min_reports}"
@@ -159,6 +169,7 @@ async def training_round(ctx: RunContext, tree: Tree, commit: CommitRecord) -> S
         bytes_in=sum(o.bytes_in for o in leaves),
         bytes_out=_bytes_out(plan, program, commit.global_model, root.devices),
         duration_s=time.perf_counter() - started,
+        timings=phase_timings(marks),
         global_model=root.global_model or commit.global_model,
         program=program,
         flow_run_id=current_flow_run_id(),
@@ -180,6 +191,16 @@ async def training_round(ctx: RunContext, tree: Tree, commit: CommitRecord) -> S
     )
     name = "Completed" if report.outcome == "committed" else "Abandoned"
     return Completed(name=name, message=reason or None, data=new_commit)
+
+
+def phase_timings(marks: Mapping[str, float]) -> dict[str, float]:
+    """Seconds per phase; ``devices`` is the wait for reports, the rest is overhead."""
+    order = ["start", "exported", "opened", "enough", "collected", "aggregated", "evaluated"]
+    names = ["export", "dispatch", "devices", "close-and-collect", "aggregate", "evaluate"]
+    return {
+        name: round(marks[b] - marks[a], 4)
+        for name, a, b in zip(names, order, order[1:], strict=True)
+    }
 
 
 def _sum_counts(counts: Iterable[Mapping[str, int]]) -> dict[str, int]:

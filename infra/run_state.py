@@ -41,6 +41,11 @@ class RoundReport(BaseModel):
     bytes_in: int = 0
     bytes_out: int = 0
     duration_s: float
+    timings: dict[str, float] = Field(
+        default_factory=dict,
+        description="Seconds per phase: export, dispatch, devices (waiting for reports), "
+        "close-and-collect, aggregate, evaluate.",
+    )
     global_model: ObjectRef
     program: ObjectRef | None = None
     flow_run_id: str | None = None

@@ -9,6 +9,7 @@ background ignores SIGINT), then SIGKILL for any that linger.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -186,8 +187,13 @@ def up(
     bindir = Path(py).parent
     host = "127.0.0.1"
 
-    def launch(name: str, cmd: list[str], ready: Callable[[], bool] | None, url: str | None,
-               timeout_s: float = 60.0) -> None:
+    def launch(
+        name: str,
+        cmd: list[str],
+        ready: Callable[[], bool] | None,
+        url: str | None,
+        timeout_s: float = 60.0,
+    ) -> None:
         service = _start(name, cmd, root, env, url)
         record.services.append(service)
         record.save(path)  # saved after each start, so `down` can clean a half-started stack
@@ -197,24 +203,62 @@ def up(
 
     try:
         s3_url = env["CANOPY_S3_ENDPOINT_URL"]
-        launch("moto-s3", [py, "-m", "moto.server", "-H", host, "-p", str(ports.s3)],
-               _http_ok(f"{s3_url}/moto-api/"), s3_url)
+        launch(
+            "moto-s3",
+            [py, "-m", "moto.server", "-H", host, "-p", str(ports.s3)],
+            _http_ok(f"{s3_url}/moto-api/"),
+            s3_url,
+        )
         api = env["PREFECT_API_URL"]
-        launch("prefect-server",
-               [str(bindir / "prefect"), "server", "start", "--host", host,
-                "--port", str(ports.prefect)],
-               _http_ok(f"{api}/health"), env["CANOPY_PREFECT_UI_URL"], timeout_s=120.0)
+        launch(
+            "prefect-server",
+            [
+                str(bindir / "prefect"),
+                "server",
+                "start",
+                "--host",
+                host,
+                "--port",
+                str(ports.prefect),
+            ],
+            _http_ok(f"{api}/health"),
+            env["CANOPY_PREFECT_UI_URL"],
+            timeout_s=120.0,
+        )
         gateway_urls = json.loads(env["CANOPY_GATEWAY_URLS"])
         for i, (port, url) in enumerate(zip(ports.gateways, gateway_urls, strict=True)):
-            launch(f"gateway-{i}", [str(bindir / "canopy"), "gateway", "--host", host,
-                                    "--port", str(port)], _http_ok(f"{url}/healthz"), url)
-        launch("runner", [py, "-m", "flows.serve"],
-               _deployments_ready(api, deployment_names()), None, timeout_s=120.0)
+            launch(
+                f"gateway-{i}",
+                [str(bindir / "canopy"), "gateway", "--host", host, "--port", str(port)],
+                _http_ok(f"{url}/healthz"),
+                url,
+            )
+        launch(
+            "runner",
+            [py, "-m", "flows.serve"],
+            _deployments_ready(api, deployment_names()),
+            None,
+            timeout_s=120.0,
+        )
         for job in jobs:
-            launch(f"simulator-{job}",
-                   [str(bindir / "canopy"), "simulate", "--job", job, "--devices", str(devices),
-                    "--seed", str(seed), "--gateway", ",".join(gateway_urls), "--forever"],
-                   None, None)
+            launch(
+                f"simulator-{job}",
+                [
+                    str(bindir / "canopy"),
+                    "simulate",
+                    "--job",
+                    job,
+                    "--devices",
+                    str(devices),
+                    "--seed",
+                    str(seed),
+                    "--gateway",
+                    ",".join(gateway_urls),
+                    "--forever",
+                ],
+                None,
+                None,
+            )
     except BaseException:
         down(root, log=lambda _msg: None)
         raise
@@ -251,7 +295,5 @@ def down(root: Path, *, timeout_s: float = 15.0, log: Callable[[str], None] = pr
 
 def _reap(pid: int) -> None:
     """Collect a child we started ourselves, so it does not linger as a zombie."""
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass

@@ -1,4 +1,4 @@
-"""``canopy up``, ``canopy down``, ``canopy report`` and ``canopy demo`` (what ``make run`` runs)."""
+"""``canopy up``, ``down``, ``report`` and ``demo`` (what ``make run`` runs)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,10 @@ def up(
     console.print(f"[bold]Starting the Canopy stack[/bold] (logs in {root}/logs)")
     try:
         record = stack.up(
-            root, jobs=tuple(j for j in jobs.split(",") if j), devices=devices, seed=seed,
+            root,
+            jobs=tuple(j for j in jobs.split(",") if j),
+            devices=devices,
+            seed=seed,
             log=console.print,
         )
     except stack.StackError as exc:
@@ -67,13 +70,25 @@ def render_reports(job: str, run_id: str, store: S3ObjectStore, commit: CommitRe
     reports = read_reports(store, commit)
     dataset = next((r.eval_dataset for r in reports if r.eval_dataset), "n/a")
     table = Table(title=f"{job} / {run_id} — evaluated on {dataset}")
-    for col in ("round", "outcome", "reported", "rejected", "train loss", "test loss",
-                "test acc", "seconds"):
+    for col in (
+        "round",
+        "outcome",
+        "reported",
+        "rejected",
+        "train loss",
+        "test loss",
+        "test acc",
+        "seconds",
+    ):
         table.add_column(col, justify="right")
     for r in reports:
         table.add_row(
-            str(r.round), r.outcome, f"{r.devices_reported}/{r.devices_selected}",
-            str(sum(r.rejected.values())), _fmt(r.train_loss), _fmt(r.test_loss),
+            str(r.round),
+            r.outcome,
+            f"{r.devices_reported}/{r.devices_selected}",
+            str(sum(r.rejected.values())),
+            _fmt(r.train_loss),
+            _fmt(r.test_loss),
             "-" if r.test_accuracy is None else f"{100 * r.test_accuracy:.1f}%",
             f"{r.duration_s:.1f}",
         )
@@ -98,8 +113,15 @@ def demo(
     record = stack.up(root, jobs=(job_name,), log=console.print)
     run_id = f"demo-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     env = {**os.environ, **record.env}
-    cmd = [str(Path(sys.executable).parent / "prefect"), "deployment", "run",
-           f"federated-training/{job}", "-p", f"run_id={run_id}", "--watch"]
+    cmd = [
+        str(Path(sys.executable).parent / "prefect"),
+        "deployment",
+        "run",
+        f"federated-training/{job}",
+        "-p",
+        f"run_id={run_id}",
+        "--watch",
+    ]
     console.print(f"\n[bold]$ {' '.join(cmd)}[/bold]  (UI: {record.env['CANOPY_PREFECT_UI_URL']})")
     try:
         code = subprocess.call(cmd, env=env)

@@ -48,6 +48,7 @@ class ReportTracker:
     per_leaf: Counter[str] = field(default_factory=Counter)
     enough: asyncio.Event = field(default_factory=asyncio.Event)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
+    enough_at: float | None = None  # perf_counter() when the round stopped waiting
 
     @property
     def reported(self) -> int:
