@@ -46,6 +46,6 @@ CIFAR10_MOBILE = JobSpec(
     num_classes=10,
     dataset=load_image_dataset,
     model=LeNet,
-    hyperparams=TrainHyperparams(local_epochs=1, batch_size=32, lr=0.05, momentum=0.9),
+    hyperparams=TrainHyperparams(local_epochs=1, batch_size=32, lr=0.01, momentum=0.9),
     partition=PartitionScheme(kind="dirichlet", alpha=0.5, min_size=32),
 )
