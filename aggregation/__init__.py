@@ -5,6 +5,8 @@
 * ``accumulator`` - ``Accumulator``: sums many updates in place into one partial.
 * ``guards``      - ``check_update``: refuses bad device updates before they are summed.
 * ``strategies``  - FedAvg, FedAvgM, FedAdam, FedYogi and ``make_strategy``.
+* ``cohort``, ``collector``, ``topology`` - round planning: cohort selection, a leaf's
+  intake (dedup, task checks, guards, sum), the aggregation tree's shape.
 
 See ``docs/aggregation.md``.
 """
