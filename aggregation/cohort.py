@@ -50,3 +50,17 @@ def group_by_leaf(
     for device in devices:
         out[route(device, leaves)].append(device)
     return out
+
+
+def pace_seconds(
+    registered: int, *, polls_per_second: float, floor: float = 0.5, ceiling: float = 30.0
+) -> float:
+    """How long devices should wait between polls so the fleet stays within a poll budget.
+
+    Pace steering (Bonawitz et al.): with N devices polling every T seconds the
+    gateways see N/T requests per second, so T = N / budget keeps that load flat
+    as the fleet grows, while a small fleet still hears about a new round fast.
+    """
+    if polls_per_second <= 0:
+        raise ValueError(f"polls_per_second must be > 0, got {polls_per_second}")
+    return min(ceiling, max(floor, registered / polls_per_second))

@@ -199,7 +199,7 @@ def phase_timings(marks: Mapping[str, float]) -> dict[str, float]:
     names = ["export", "dispatch", "devices", "close-and-collect", "aggregate", "evaluate"]
     return {
         name: round(marks[b] - marks[a], 4)
-        for name, a, b in zip(names, order, order[1:], strict=True)
+        for name, a, b in zip(names, order[:-1], order[1:], strict=True)
     }
 
 
@@ -232,11 +232,11 @@ async def federated_training(
     min_reports: int = _D.min_reports,
     round_deadline_s: float = _D.round_deadline_s,
     registry_wait_s: float = _D.registry_wait_s,
-    local_epochs: int = _D.local_epochs,
+    local_epochs: int | None = _D.local_epochs,
     max_steps: int | None = _D.max_steps,
-    batch_size: int = _D.batch_size,
-    lr: float = _D.lr,
-    momentum: float = _D.momentum,
+    batch_size: int | None = _D.batch_size,
+    lr: float | None = _D.lr,
+    momentum: float | None = _D.momentum,
     strategy: StrategyConfig = _D.strategy,
     partition: PartitionScheme | None = _D.partition,
     num_devices: int = _D.num_devices,

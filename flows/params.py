@@ -16,6 +16,7 @@ from aggregation.strategies.config import StrategyConfig
 from aggregation.topology import TreeShape
 from edge.data.config import DatasetConfig
 from edge.data.partition import PartitionScheme
+from edge.jobs.spec import JobSpec, TrainHyperparams
 
 
 class TrainingParams(BaseModel):
@@ -49,11 +50,19 @@ class TrainingParams(BaseModel):
     registry_wait_s: float = Field(
         default=60.0, ge=0, description="Seconds to wait for enough devices to enrol."
     )
-    local_epochs: int = Field(default=1, ge=1, le=100)
-    max_steps: int | None = Field(default=None, ge=1, description="Cap on local steps per round.")
-    batch_size: int = Field(default=32, ge=1, le=4096)
-    lr: float = Field(default=0.05, gt=0, le=10)
-    momentum: float = Field(default=0.9, ge=0, lt=1)
+    local_epochs: int | None = Field(
+        default=None, ge=1, le=1000, description="Local passes over device data (None: job's)."
+    )
+    max_steps: int | None = Field(
+        default=None, ge=1, description="Cap on local steps per round (None: the job's)."
+    )
+    batch_size: int | None = Field(
+        default=None, ge=1, le=4096, description="Local batch size (None: the job's)."
+    )
+    lr: float | None = Field(default=None, gt=0, le=10, description="Device SGD lr (None: job's).")
+    momentum: float | None = Field(
+        default=None, ge=0, lt=1, description="Device SGD momentum (None: the job's)."
+    )
     strategy: StrategyConfig = Field(default_factory=lambda: StrategyConfig(name="fedavg"))
     partition: PartitionScheme | None = Field(
         default=None, description="How simulated devices split the data (None: the job's)."
@@ -81,3 +90,13 @@ class TrainingParams(BaseModel):
     @property
     def selected_per_round(self) -> int:
         return math.ceil(self.cohort_size * self.over_selection)
+
+
+def local_hyperparams(params: TrainingParams, job: JobSpec) -> TrainHyperparams:
+    """The job's default local training, overridden by what the run sets."""
+    overrides = {
+        name: getattr(params, name)
+        for name in ("local_epochs", "max_steps", "batch_size", "lr", "momentum")
+        if getattr(params, name) is not None
+    }
+    return TrainHyperparams.model_validate({**job.hyperparams.model_dump(), **overrides})

@@ -150,7 +150,11 @@ async def collect_leaf(ctx: RunContext, leaf_task: LeafTask, tracker: ReportTrac
     ref = await asyncio.to_thread(store.put_bytes, key, partial.to_bytes(), kind="partial")
     record = make_record(
         kind="partial-aggregation",
-        inputs=[leaf_task.global_model, *batch_refs],
+        inputs=[
+            leaf_task.global_model,
+            *([leaf_task.program] if leaf_task.program else []),
+            *batch_refs,
+        ],
         outputs=[ref],
         parameters={
             "node": leaf,

@@ -17,7 +17,7 @@ from prefect.cache_policies import NONE
 from prefect.logging import get_run_logger
 from pydantic import BaseModel, ConfigDict
 
-from aggregation.cohort import group_by_leaf, reports_needed, select_cohort
+from aggregation.cohort import group_by_leaf, pace_seconds, reports_needed, select_cohort
 from aggregation.tensors import decode_tensors, spec_of
 from edge.jobs import get_job
 from edge.manifests import (
@@ -31,10 +31,14 @@ from edge.manifests import (
     registry_prefix,
 )
 from edge.routing import leaf_for_device
+from flows.params import local_hyperparams
 from infra.keys import active_job_key, task_manifest_key
 from infra.run_state import CommitRecord
 from infra.store import ObjectRef, ObjectStore, put_json
 from tasks.context import RunContext, store_for
+
+# Polls per second the whole fleet may send the gateways while waiting for work.
+FLEET_POLLS_PER_SECOND = 200.0
 
 
 class RoundPlan(BaseModel):
@@ -47,6 +51,7 @@ class RoundPlan(BaseModel):
     tasks: dict[str, LeafTask]
     task_refs: dict[str, ObjectRef]
     selected: int
+    registered: int
     target: int
     deadline: datetime
     opened_at: datetime
@@ -105,11 +110,7 @@ def plan_round(
         dataset=(p.dataset or job.default_dataset).model_dump(mode="json"),
     )
     hyper = {
-        "local_epochs": p.local_epochs,
-        "max_steps": p.max_steps,
-        "batch_size": p.batch_size,
-        "lr": p.lr,
-        "momentum": p.momentum,
+        **local_hyperparams(p, job).model_dump(),
         "seed": p.seed * 100_003 + rnd,
     }
     tasks = {
@@ -137,6 +138,7 @@ def plan_round(
         tasks=tasks,
         task_refs={},
         selected=len(selected),
+        registered=len(devices),
         target=reports_needed(cohort_size=p.cohort_size, selected=len(selected)),
         deadline=deadline,
         opened_at=now,
@@ -156,6 +158,11 @@ def _active(ctx: RunContext, plan: RoundPlan, status: RoundStatus) -> ActiveRoun
         },
         opened_at=plan.opened_at,
         closed_at=None if status == "open" else now,
+        # Between rounds everyone polls; while a round runs only the unselected do.
+        poll_seconds=pace_seconds(plan.registered, polls_per_second=FLEET_POLLS_PER_SECOND),
+        idle_poll_seconds=pace_seconds(
+            plan.registered, polls_per_second=FLEET_POLLS_PER_SECOND / 2
+        ),
     )
 
 

@@ -1,11 +1,17 @@
-"""Shared fixtures: a real moto S3 server on 127.0.0.1, spoken to over HTTP."""
+"""Shared fixtures: a real moto S3 server and a real Prefect server, both on 127.0.0.1."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from moto.server import ThreadedMotoServer
 
@@ -43,3 +49,62 @@ def s3_settings(moto_endpoint: str) -> S3Settings:
 @pytest.fixture
 def s3_store(s3_settings: S3Settings) -> S3ObjectStore:
     return S3ObjectStore(s3_settings)
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Prefect server (SQLite, tuned like `canopy up`), shared by the session.
+
+    Started once (about 10 s) with its own PREFECT_HOME, so no state leaks from a
+    developer's machine or between sessions; stopped with SIGTERM.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from infra.stack import PREFECT_SERVER_TUNING
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, **PREFECT_SERVER_TUNING, "PREFECT_HOME": str(home)}
+    env.pop("PREFECT_API_URL", None)
+    log = (home / "server.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"prefect server did not start; see {home / 'server.log'}")
+        time.sleep(0.25)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            os.environ["PREFECT_API_URL"] = url  # for subprocesses the tests start
+            yield url
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()

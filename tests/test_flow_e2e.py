@@ -1,0 +1,287 @@
+"""The whole system through its real parts.
+
+A real Prefect server (SQLite), a moto S3 server over HTTP, two gateway workers
+under uvicorn, and the device simulator in its own process speaking only the
+public HTTP protocol. The ``federated-training`` flow runs in this process
+against that server, exactly as the deployment's runner would run it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+from edge.gateway.harness import GatewayThread
+from flows.federated import federated_training
+from infra import keys
+from infra.lineage import LineageNode, walk_lineage
+from infra.run_state import RoundReport, read_commit, read_reports
+from infra.settings import GatewaySettings, S3Settings
+from infra.store import S3ObjectStore
+from tasks.ui import artifact_key
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Stack:
+    s3: S3Settings
+    store: S3ObjectStore
+    gateways: list[str]
+    tmp: Path
+
+    def simulate(
+        self, job: str, devices: int, *, seed: int = 0, **flags: Any
+    ) -> subprocess.Popen[bytes]:
+        """Start the device simulator in its own process (it stops when the job is done)."""
+        args = [
+            sys.executable,
+            "-m",
+            "edge.simulator",
+            "--job",
+            job,
+            "--devices",
+            str(devices),
+            "--seed",
+            str(seed),
+            "--gateway",
+            ",".join(self.gateways),
+            "--quiet",
+            "--max-seconds",
+            "240",
+            "--summary-json",
+            str(self.tmp / f"sim-{job}-{seed}.json"),
+        ]
+        for name, value in flags.items():
+            args += [f"--{name.replace('_', '-')}", str(value)]
+        return subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def summary(self, job: str, seed: int = 0) -> dict[str, Any]:
+        return json.loads((self.tmp / f"sim-{job}-{seed}.json").read_text())
+
+
+@pytest.fixture
+def stack(
+    s3_settings: S3Settings, prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Stack]:
+    for name, value in {
+        "CANOPY_S3_ENDPOINT_URL": s3_settings.endpoint_url,
+        "CANOPY_S3_BUCKET": s3_settings.bucket,
+        "CANOPY_S3_ACCESS_KEY_ID": "testing",
+        "CANOPY_S3_SECRET_ACCESS_KEY": "testing",
+        "CANOPY_GATEWAY_MANIFEST_CACHE_SECONDS": "0.2",
+    }.items():
+        monkeypatch.setenv(name, str(value))
+    store = S3ObjectStore(s3_settings)
+    settings = GatewaySettings()
+    with (
+        GatewayThread(settings, store, gateway_id="gw-a") as a,
+        GatewayThread(settings, store, gateway_id="gw-b") as b,
+    ):
+        yield Stack(s3=s3_settings, store=store, gateways=[a.url, b.url], tmp=tmp_path)
+
+
+def run_flow(**params: Any) -> list[RoundReport]:
+    return asyncio.run(federated_training(**params))
+
+
+def finish(sim: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    try:
+        sim.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        sim.kill()
+        raise
+    assert sim.returncode == 0, sim.stderr.read().decode() if sim.stderr else ""
+
+
+def lineage_kinds(node: LineageNode) -> set[str]:
+    kinds = {node.record.kind} if node.record else set()
+    for parent in node.parents:
+        kinds |= lineage_kinds(parent)
+    return kinds
+
+
+def lineage_problems(node: LineageNode) -> list[str]:
+    found = [f"{node.uri}: {node.problem}"] if node.problem else []
+    for parent in node.parents:
+        found += lineage_problems(parent)
+    return found
+
+
+def reaches_initial_model(node: LineageNode) -> bool:
+    if node.record is not None and node.record.kind == "initial-model":
+        return True
+    return any(reaches_initial_model(p) for p in node.parents)
+
+
+async def artifact_keys(prefix: str) -> set[str]:
+    async with get_client() as client:
+        arts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_=prefix)), limit=200
+        )
+    return {a.key for a in arts if a.key}
+
+
+def test_hello_mobile_end_to_end(stack: Stack) -> None:
+    # Prepare
+    run_id = f"hello-{uuid.uuid4().hex[:6]}"
+    sim = stack.simulate("hello-mobile", 12, dropout=0.0, offline_fraction=0.0)
+
+    # Execute
+    reports = run_flow(
+        job="hello-mobile",
+        run_id=run_id,
+        runtime="pytorch",
+        rounds=2,
+        tree={"depth": 2, "width": 2},
+        cohort_size=6,
+        min_reports=3,
+        round_deadline_s=60,
+        registry_wait_s=30,
+        num_devices=12,
+    )
+    finish(sim)
+
+    # Assert: every round committed with the cohort it asked for
+    assert [r.outcome for r in reports] == ["committed", "committed"]
+    assert all(r.devices_reported >= 6 for r in reports)
+    assert reports[1].train_loss is not None and reports[0].train_loss is not None
+    assert reports[1].train_loss < reports[0].train_loss  # the vector moves to the targets
+    commit = read_commit(stack.store, "hello-mobile", run_id)
+    assert commit is not None and commit.next_round == 2
+
+    # Each round's objects exist in S3
+    for rnd in range(2):
+        for node in ("leaf-0", "leaf-3", "agg-1-0", "agg-1-1", "root"):
+            assert stack.store.head(keys.partial_key("hello-mobile", run_id, rnd, node))
+        assert stack.store.head(keys.task_manifest_key("hello-mobile", run_id, rnd, "leaf-0"))
+        assert stack.store.list_keys(keys.round_prefix("hello-mobile", run_id, rnd) + "updates/")
+        assert stack.store.head(keys.global_model_key("hello-mobile", run_id, rnd + 1))
+
+    # One unbroken lineage chain from the final model back to the initial one
+    tree = walk_lineage(stack.store, commit.global_model.uri)
+    assert lineage_problems(tree) == []
+    assert reaches_initial_model(tree)
+    assert {
+        "global-aggregation",
+        "partial-aggregation",
+        "device-update-batch",
+        "initial-model",
+    } <= lineage_kinds(tree)
+
+    # The Prefect UI has the round tables, links and the job summary
+    found = asyncio.run(artifact_keys(artifact_key("hello-mobile", run_id) + "%"))
+    assert artifact_key("hello-mobile", run_id, "round-0000") in found
+    assert artifact_key("hello-mobile", run_id, "round-0001", "global model") in found
+    assert artifact_key("hello-mobile", run_id, "summary") in found
+
+    summary = stack.summary("hello-mobile")
+    assert summary["accepted"] >= 12 and summary["stop_reason"] == "done"
+
+
+def test_xor_mobile_reaches_full_accuracy_with_executorch_devices(stack: Stack) -> None:
+    run_id = f"xor-{uuid.uuid4().hex[:6]}"
+    sim = stack.simulate("xor-mobile", 6, dropout=0.0, offline_fraction=0.0, slow_fraction=0.0)
+    reports = run_flow(
+        job="xor-mobile",
+        run_id=run_id,
+        runtime="executorch",
+        rounds=4,
+        tree={"depth": 1, "width": 2},
+        cohort_size=4,
+        min_reports=2,
+        round_deadline_s=60,
+        registry_wait_s=30,
+        num_devices=6,
+    )
+    finish(sim)
+    assert all(r.outcome == "committed" for r in reports)
+    assert all(r.program is not None for r in reports)  # devices trained an ExecuTorch program
+    assert reports[-1].test_accuracy == 1.0
+    tree = walk_lineage(stack.store, reports[-1].global_model.uri)
+    assert "executorch-export" in lineage_kinds(tree) and lineage_problems(tree) == []
+
+
+def test_round_without_enough_devices_is_abandoned_not_hung(stack: Stack) -> None:
+    run_id = f"few-{uuid.uuid4().hex[:6]}"
+    sim = stack.simulate("hello-mobile", 2, seed=7, dropout=0.0, offline_fraction=0.0)
+    started = time.monotonic()
+    reports = run_flow(
+        job="hello-mobile",
+        run_id=run_id,
+        runtime="pytorch",
+        rounds=1,
+        tree={"depth": 1, "width": 2},
+        cohort_size=5,
+        min_reports=5,
+        round_deadline_s=6,
+        registry_wait_s=5,
+        num_devices=2,
+    )
+    finish(sim)
+    assert time.monotonic() - started < 60
+    (report,) = reports
+    assert report.outcome == "abandoned" and "min_reports=5" in report.reason
+    commit = read_commit(stack.store, "hello-mobile", run_id)
+    assert commit is not None and commit.next_round == 1
+    assert commit.global_model.key == keys.global_model_key("hello-mobile", run_id, 0)
+
+
+def test_killed_and_resumed_job_commits_each_round_once(stack: Stack) -> None:
+    run_id = f"resume-{uuid.uuid4().hex[:6]}"
+    params = {
+        "job": "hello-mobile",
+        "run_id": run_id,
+        "runtime": "pytorch",
+        "rounds": 3,
+        "tree": {"depth": 1, "width": 2},
+        "cohort_size": 4,
+        "min_reports": 2,
+        "round_deadline_s": 60,
+        "registry_wait_s": 30,
+        "num_devices": 8,
+    }
+    sim = stack.simulate("hello-mobile", 8, seed=3, dropout=0.0, offline_fraction=0.0)
+    # Run the flow in a subprocess and kill it once round 0 is committed.
+    code = (
+        "import asyncio, json, sys; from flows.federated import federated_training; "
+        "asyncio.run(federated_training(**json.loads(sys.argv[1])))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, json.dumps(params)],
+        cwd=REPO,
+        env=os.environ.copy(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while (c := read_commit(stack.store, "hello-mobile", run_id)) is None or c.next_round < 1:
+        assert time.monotonic() < deadline and proc.poll() is None, "round 0 never committed"
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+
+    reports = run_flow(**params)
+    finish(sim)
+
+    commit = read_commit(stack.store, "hello-mobile", run_id)
+    assert commit is not None and commit.next_round == 3
+    stored = read_reports(stack.store, commit)
+    assert [r.round for r in stored] == [0, 1, 2]
+    assert [r.round for r in reports] == [0, 1, 2]
+    tree = walk_lineage(stack.store, commit.global_model.uri)
+    assert lineage_problems(tree) == [] and reaches_initial_model(tree)
