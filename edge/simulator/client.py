@@ -1,0 +1,220 @@
+"""A device's side of the protocol over httpx, as a phone app would implement it.
+
+Only the public HTTP surface is used: enrol, poll, download, upload. A device
+has a home gateway (its index modulo the number of gateways) and fails over to
+the next one when its gateway stops answering; routing makes that safe, since
+every gateway gives a device the same leaf and task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import httpx
+from pydantic import TypeAdapter, ValidationError
+
+from edge.protocol import (
+    HEADER_METRICS,
+    HEADER_MODEL_VERSION,
+    HEADER_NUM_SAMPLES,
+    DoneAnswer,
+    NoJobAnswer,
+    PollAnswer,
+    RetryAnswer,
+    TaskAnswer,
+    TaskOffer,
+    UploadReceipt,
+    enrol_path,
+    task_path,
+)
+
+_POLL_ANSWER: TypeAdapter[TaskAnswer | RetryAnswer | NoJobAnswer | DoneAnswer] = TypeAdapter(
+    PollAnswer
+)
+
+
+class TransportFailure(Exception):
+    """No gateway answered (connection refused, reset, timeout)."""
+
+
+class ErrorAnswer(Exception):
+    """A gateway answered with an error body."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None):
+        super().__init__(f"HTTP {status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class UploadOutcome:
+    """What became of an upload: accepted (maybe duplicate) or refused with a code."""
+
+    status: int
+    code: str  # "accepted", "duplicate", or the error code
+    retry_after: float | None = None
+
+
+class GatewayPool:
+    """One keep-alive ``httpx.AsyncClient`` per gateway URL, shared by every device."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        verify: str | bool = True,
+        max_connections: int = 256,
+        timeout: float = 60.0,
+    ) -> None:
+        if not urls:
+            raise ValueError("at least one gateway URL is needed")
+        limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
+        self.urls = list(urls)
+        self._clients = [
+            httpx.AsyncClient(
+                base_url=url,
+                verify=verify,
+                limits=limits,
+                timeout=httpx.Timeout(timeout, connect=10.0, pool=None),
+            )
+            for url in self.urls
+        ]
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    def client(self, index: int) -> httpx.AsyncClient:
+        return self._clients[index % len(self._clients)]
+
+    async def aclose(self) -> None:
+        for client in self._clients:
+            await client.aclose()
+
+
+def _error(response: httpx.Response) -> ErrorAnswer:
+    try:
+        body = response.json()
+        code, message = str(body.get("code", "unknown")), str(body.get("message", ""))
+        retry = body.get("retry_after_seconds")
+    except (ValueError, AttributeError):
+        code, message, retry = "unknown", response.text[:200], None
+    return ErrorAnswer(response.status_code, code, message, float(retry) if retry else None)
+
+
+class DeviceClient:
+    """The protocol calls of one device, with token handling and gateway failover."""
+
+    def __init__(
+        self,
+        pool: GatewayPool,
+        *,
+        device_id: str,
+        home: int,
+        job: str,
+        runtimes: Sequence[str],
+        enrolment_secret: str,
+    ) -> None:
+        self.pool = pool
+        self.device_id = device_id
+        self.gateway = home
+        self.job = job
+        self.runtimes = list(runtimes)
+        self._secret = enrolment_secret
+        self._token: str | None = None
+        self.failovers = 0
+
+    @property
+    def enrolled(self) -> bool:
+        return self._token is not None
+
+    async def _request(self, method: str, url: str, **kwargs: object) -> httpx.Response:
+        """Send to the current gateway; on a transport error try each other gateway once."""
+        last: Exception | None = None
+        for _ in range(len(self.pool)):
+            try:
+                return await self.pool.client(self.gateway).request(method, url, **kwargs)  # type: ignore[arg-type]
+            except httpx.TransportError as exc:
+                last = exc
+                self.gateway += 1
+                self.failovers += 1
+        raise TransportFailure(f"no gateway answered {method} {url}: {last}")
+
+    async def enrol(self) -> None:
+        response = await self._request(
+            "POST",
+            enrol_path(),
+            json={
+                "device_id": self.device_id,
+                "enrolment_secret": self._secret,
+                "jobs": [self.job],
+                "runtimes": self.runtimes,
+                "platform": "canopy-simulator",
+            },
+        )
+        if response.status_code != 200:
+            raise _error(response)
+        self._token = response.json()["token"]
+
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._token}"}
+
+    async def _authorised(self, method: str, url: str, **kwargs: object) -> httpx.Response:
+        """A call that re-enrols once when the token has expired or the registry forgot us."""
+        if self._token is None:
+            await self.enrol()
+        headers = dict(kwargs.pop("headers", {}) or {})  # type: ignore[call-overload]
+        response = await self._request(method, url, headers={**headers, **self._auth()}, **kwargs)
+        if response.status_code == 401 or (
+            response.status_code == 404 and _error(response).code == "unknown_device"
+        ):
+            await self.enrol()
+            response = await self._request(
+                method, url, headers={**headers, **self._auth()}, **kwargs
+            )
+        return response
+
+    async def poll(self) -> TaskAnswer | RetryAnswer | NoJobAnswer | DoneAnswer:
+        response = await self._authorised("GET", task_path(self.job, self.device_id))
+        if response.status_code != 200:
+            raise _error(response)
+        try:
+            return _POLL_ANSWER.validate_json(response.content)
+        except ValidationError as exc:
+            raise ErrorAnswer(200, "unreadable_answer", str(exc)[:200]) from exc
+
+    async def download(self, url: str, sha256: str) -> bytes:
+        """The artifact at ``url``, refused unless its bytes hash to ``sha256``."""
+        response = await self._authorised("GET", url)
+        if response.status_code != 200:
+            raise _error(response)
+        data = response.content
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise ErrorAnswer(200, "corrupt_download", f"{url} does not match its sha256")
+        return data
+
+    async def upload(
+        self, offer: TaskOffer, update: bytes, *, num_samples: int, metrics: dict[str, float]
+    ) -> UploadOutcome:
+        response = await self._authorised(
+            "POST",
+            offer.upload_url,
+            content=update,
+            headers={
+                "Content-Type": "application/octet-stream",
+                HEADER_MODEL_VERSION: offer.model_version,
+                HEADER_NUM_SAMPLES: str(num_samples),
+                HEADER_METRICS: json.dumps(metrics),
+            },
+        )
+        if response.status_code == 200:
+            receipt = UploadReceipt.model_validate_json(response.content)
+            return UploadOutcome(200, "duplicate" if receipt.duplicate else "accepted")
+        error = _error(response)
+        return UploadOutcome(error.status, error.code, error.retry_after)

@@ -1,0 +1,93 @@
+"""Local training of simulated devices, imported and run only in worker processes.
+
+The simulator's event loop only does networking; training happens in a
+process pool (two workers by default, one per core), so thousands of devices
+can wait on HTTP while both cores train. Requests and replies
+(``edge.simulator.work``) are plain picklable dataclasses carrying bytes: the
+weights go in as the safetensors the device downloaded, the update comes back
+as the safetensors it will upload.
+
+Each worker builds a job's dataset once and reuses it for every device it
+trains (``device_partition`` caches the partition per dataset), so a device's
+data is a pure function of the task's data hint and the device index.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+from aggregation.tensors import decode_tensors, encode_tensors
+from edge.data.config import DatasetConfig
+from edge.data.dataset import Dataset
+from edge.data.errors import DatasetUnavailableError
+from edge.data.partition import PartitionScheme, device_partition
+from edge.jobs import JobSpec, TrainHyperparams, get_job
+from edge.simulator.work import FatalTrainingError, TrainReply, TrainRequest
+from edge.training import RoundModel, get_trainer
+from infra.errors import ConfigError
+
+_HYPERPARAMS = frozenset(TrainHyperparams.model_fields)
+_FATAL = (ConfigError, DatasetUnavailableError)
+
+
+def resolve_job(name: str) -> str:
+    """The job's canonical name; an unknown job is fatal for the whole simulation."""
+    torch.set_num_threads(1)
+    try:
+        return get_job(name).name
+    except _FATAL as exc:
+        raise FatalTrainingError(str(exc)) from None
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset(job_name: str, config_json: str) -> Dataset:
+    job = get_job(job_name)
+    return job.dataset(DatasetConfig.model_validate_json(config_json), store=None)
+
+
+def _partition_of(job: JobSpec, request: TrainRequest) -> tuple[PartitionScheme, int, int, str]:
+    """(scheme, partitions, seed, dataset config JSON) from the task's hint or job defaults."""
+    hint = request.data_hint or {}
+    default = job.partition
+    scheme = PartitionScheme(
+        kind=hint.get("scheme", default.kind),
+        alpha=hint.get("alpha") or default.alpha,
+        labels_per_device=hint.get("shards") or default.labels_per_device,
+        min_size=hint.get("min_size") or default.min_size,
+    )
+    partitions = int(hint.get("num_devices") or request.fleet_size)
+    seed = int(hint.get("seed", request.fleet_seed))
+    dataset = hint.get("dataset")
+    config = DatasetConfig.model_validate(dataset) if dataset is not None else job.default_dataset
+    return scheme, partitions, seed, config.model_dump_json()
+
+
+def train_device(request: TrainRequest) -> TrainReply:
+    """Train one device's partition from the downloaded model; runs in a worker process."""
+    started = time.perf_counter()
+    try:
+        job = get_job(request.job)
+        scheme, partitions, seed, config_json = _partition_of(job, request)
+        partition = request.device_index % partitions
+        dataset = _dataset(job.name, config_json)
+        x, y = device_partition(dataset, scheme, partition, partitions, seed)
+    except _FATAL as exc:  # the same for every device: no point in going on
+        raise FatalTrainingError(f"{request.job}: {exc}") from None
+    state, _ = decode_tensors(request.weights, source="downloaded global model")
+    hyper = TrainHyperparams.model_validate(
+        {k: v for k, v in request.hyperparams.items() if k in _HYPERPARAMS and v is not None}
+    )
+    train_seed = int(request.hyperparams.get("seed", 0)) * 1_000_003 + request.device_index
+    result = get_trainer(request.runtime).train(
+        job, RoundModel(state=state, program=request.program), x, y, hyper, seed=train_seed
+    )
+    return TrainReply(
+        update=encode_tensors(result.update),
+        num_samples=result.num_samples,
+        metrics=dict(result.metrics),
+        seconds=time.perf_counter() - started,
+        partition=partition,
+    )

@@ -1,0 +1,231 @@
+"""The simulator end to end: hello-mobile devices against gateway processes and moto.
+
+A small stand-in for the round flow (a thread writing manifests and reading
+update batches, nothing else) drives rounds, so the test checks exactly what
+the simulator promises: devices speak only HTTP, the right devices report in
+each round, dropouts and offline rounds follow the seed, and a second run with
+the same seed reproduces the first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import pytest
+
+from aggregation.tensors import TensorDict
+from edge.gateway.harness import GatewayProcess, read_active, set_round_status, write_round
+from edge.manifests import DataHint
+from edge.simulator import SimulationConfig, SimulationSummary, make_profiles, run_simulation
+from edge.simulator.runner import training_pool
+from edge.simulator.work import warm_worker
+from edge.update_batch import DeviceUpdate, decode_update_batch
+from infra.keys import updates_prefix
+from infra.settings import GatewaySettings, S3Settings
+from infra.store import S3ObjectStore
+
+JOB = "hello-mobile"
+DEVICES, ROUNDS, PER_ROUND = 24, 2, 10
+LEAVES = ["leaf-0", "leaf-1"]
+PROFILE_ARGS = {"dropout": 0.25, "slow_fraction": 0.3, "offline_fraction": 0.3}
+HINT = DataHint(scheme="iid", num_devices=DEVICES, seed=11, min_size=2)
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[ProcessPoolExecutor]:
+    """One warm training pool for the module: importing the training stack costs seconds."""
+    with training_pool(2) as shared:
+        for warming in [shared.submit(warm_worker, JOB) for _ in range(2)]:
+            warming.result(timeout=240)
+        yield shared
+
+
+def selected_for(rnd: int) -> list[str]:
+    ids = [p.device_id for p in make_profiles(5, DEVICES, **PROFILE_ARGS)]
+    return sorted(random.Random(rnd).sample(ids, PER_ROUND))
+
+
+def expected_reports(rnd: int) -> set[str]:
+    """Selected devices that are online in the round and do not drop out of it."""
+    chosen = set(selected_for(rnd))
+    return {
+        p.device_id
+        for p in make_profiles(5, DEVICES, **PROFILE_ARGS)
+        if p.device_id in chosen and p.online(rnd) and not p.drops_out(rnd)
+    }
+
+
+class StandInFlow(threading.Thread):
+    """Opens rounds, waits for the expected reports, applies their mean, ends the job."""
+
+    def __init__(self, store: S3ObjectStore, run_id: str) -> None:
+        super().__init__(daemon=True)
+        self.store = store
+        self.run_id = run_id
+        self.reports: dict[int, list[DeviceUpdate]] = {}
+        self.error: BaseException | None = None
+
+    def stored(self, rnd: int) -> list[DeviceUpdate]:
+        out = []
+        for leaf in LEAVES:
+            for key in self.store.list_keys(updates_prefix(JOB, self.run_id, rnd, leaf)):
+                out += decode_update_batch(self.store.get(key).data, key)
+        return out
+
+    def run(self) -> None:
+        try:
+            state: TensorDict = {"vector": np.zeros(256, np.float32)}
+            for rnd in range(ROUNDS):
+                write_round(
+                    self.store,
+                    job=JOB,
+                    run_id=self.run_id,
+                    rnd=rnd,
+                    leaves=LEAVES,
+                    selected=selected_for(rnd),
+                    state=state,
+                    runtime="executorch",
+                    hyperparams={"lr": 0.5, "batch_size": 16, "seed": rnd},
+                    data_hint=HINT,
+                    poll_seconds=0.2,
+                    idle_poll_seconds=0.4,
+                    deadline_seconds=90,
+                )
+                deadline = time.monotonic() + 60
+                while {u.device_id for u in self.stored(rnd)} < expected_reports(rnd):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"round {rnd}: reports did not arrive")
+                    time.sleep(0.2)
+                set_round_status(self.store, read_active(self.store, JOB), "closed")
+                time.sleep(0.3)  # uploads racing the close would be refused as late
+                # Sorted: the float sum must not depend on the order uploads arrived in.
+                self.reports[rnd] = sorted(self.stored(rnd), key=lambda u: u.device_id)
+                total = sum(u.num_samples for u in self.reports[rnd])
+                mean = sum(u.tensors["vector"] * u.num_samples for u in self.reports[rnd]) / total
+                state = {"vector": (state["vector"] + mean).astype(np.float32)}
+            set_round_status(self.store, read_active(self.store, JOB), "done")
+        except BaseException as exc:  # surfaced by the test
+            self.error = exc
+
+
+def simulate(
+    s3_settings: S3Settings, pool: ProcessPoolExecutor
+) -> tuple[SimulationSummary, StandInFlow]:
+    store = S3ObjectStore(s3_settings)
+    settings = GatewaySettings(manifest_cache_seconds=0.1, group_commit_max_wait_ms=20)
+    with (
+        GatewayProcess(s3_settings, settings, gateway_id="gw-one") as one,
+        GatewayProcess(s3_settings, settings, gateway_id="gw-two") as two,
+    ):
+        flow = StandInFlow(store, run_id="run-" + uuid.uuid4().hex[:6])
+        flow.start()
+        config = SimulationConfig(
+            job=JOB,
+            devices=DEVICES,
+            gateways=[one.url, two.url],
+            seed=5,
+            workers=2,
+            progress=False,
+            max_seconds=100,
+            offline_poll_seconds=0.3,
+            **PROFILE_ARGS,
+        )
+        summary = asyncio.run(run_simulation(config, pool=pool))
+        flow.join(timeout=10)
+    if flow.error is not None:
+        raise flow.error
+    return summary, flow
+
+
+def test_fleet_plays_rounds_reproducibly(moto_endpoint: str, pool: ProcessPoolExecutor) -> None:
+    # Prepare: two buckets, so the two runs share nothing but the seed.
+    def fresh() -> S3Settings:
+        return S3Settings(
+            endpoint_url=moto_endpoint,
+            bucket=f"sim-{uuid.uuid4().hex[:10]}",
+            access_key_id="testing",
+            secret_access_key="testing",  # type: ignore[arg-type]
+            create_bucket=True,
+        )
+
+    # Execute
+    first, flow_a = simulate(fresh(), pool)
+    second, flow_b = simulate(fresh(), pool)
+
+    # Assert: each round got exactly the expected reports, once each.
+    profiles = make_profiles(5, DEVICES, **PROFILE_ARGS)
+    for rnd in range(ROUNDS):
+        reported = [u.device_id for u in flow_a.reports[rnd]]
+        assert sorted(reported) == sorted(expected_reports(rnd))
+    expected_dropouts = sorted(
+        (p.device_id, rnd)
+        for rnd in range(ROUNDS)
+        for p in profiles
+        if p.device_id in selected_for(rnd) and p.online(rnd) and p.drops_out(rnd)
+    )
+    offline = sum(
+        1
+        for rnd in range(ROUNDS)
+        for p in profiles
+        if p.device_id in selected_for(rnd) and not p.online(rnd)
+    )
+    assert first.stop_reason == "done" and first.fatal_error is None
+    assert first.dropout_events == expected_dropouts and expected_dropouts
+    assert first.offline_skips == offline
+    assert first.accepted == sum(len(expected_reports(r)) for r in range(ROUNDS))
+    assert first.late == 0 and first.rejected == {} and first.enrolled == DEVICES
+    assert first.rounds_seen == list(range(ROUNDS))
+    # Each device trains its own fixed partition: the same size in every round.
+    sizes = {}
+    for rnd in range(ROUNDS):
+        for u in flow_a.reports[rnd]:
+            assert sizes.setdefault(u.device_id, u.num_samples) == u.num_samples
+            assert u.metrics.keys() >= {"loss"}
+    assert sizes == first.samples_by_device
+
+    # Assert: the second run with the same seed is the same simulation.
+    for field in (
+        "dropout_events",
+        "samples_by_device",
+        "accepted",
+        "offline_skips",
+        "rounds_seen",
+    ):
+        assert getattr(second, field) == getattr(first, field), field
+    for rnd in range(ROUNDS):
+        a = {u.device_id: u.tensors["vector"] for u in flow_a.reports[rnd]}
+        b = {u.device_id: u.tensors["vector"] for u in flow_b.reports[rnd]}
+        assert a.keys() == b.keys()
+        for device in a:
+            np.testing.assert_array_equal(a[device], b[device])
+
+
+async def test_unknown_job_stops_the_simulation(
+    s3_store: S3ObjectStore, s3_settings: S3Settings, pool: ProcessPoolExecutor
+) -> None:
+    write_round(
+        s3_store,
+        job="no-such-job",
+        run_id="r",
+        rnd=0,
+        leaves=LEAVES,
+        selected=[],
+        state={"vector": np.zeros(4, np.float32)},
+    )
+    with GatewayProcess(s3_settings, GatewaySettings()) as gw:
+        summary = await run_simulation(
+            SimulationConfig(
+                job="no-such-job", devices=3, gateways=[gw.url], progress=False, max_seconds=60
+            ),
+            pool=pool,
+        )
+
+    assert summary.stop_reason == "fatal"
+    assert summary.fatal_error is not None and "no-such-job" in summary.fatal_error
