@@ -49,8 +49,10 @@ class VectorModel:
     def loss_and_gradient(self, state: TensorDict, x: np.ndarray, y: np.ndarray) -> ClosedFormStep:
         del y  # the labels only shape the partition
         vector = state["vector"]
-        diff = vector[None, :] - x  # (B, N)
-        sq = np.sum(diff * diff, axis=1, dtype=np.float64)  # (B,)
+        # A diverging run overflows to inf here; the trainer refuses non-finite losses.
+        with np.errstate(over="ignore", invalid="ignore"):
+            diff = vector[None, :] - x  # (B, N)
+            sq = np.sum(diff * diff, axis=1, dtype=np.float64)  # (B,)
         return ClosedFormStep(
             loss=float(0.5 * sq.mean()),
             correct=int(np.count_nonzero(sq <= self.radius**2)),

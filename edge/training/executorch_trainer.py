@@ -81,7 +81,7 @@ class ExecuTorchTrainer:
         if model.program is None:
             raise ProgramError(f"job {job.name}: the executorch runtime needs the round's program")
         started = time.perf_counter()
-        program = TrainingProgram(model.program)
+        program = TrainingProgram(model.program, expected_sha256=model.program_sha256)
         if program.batch_size != hyperparams.batch_size:
             raise ProgramError(
                 f"the program was exported for batch size {program.batch_size} but the "

@@ -5,15 +5,20 @@ Two upstream sharp edges are handled here:
 * the training module does not keep the ``.pte`` buffer it was loaded from alive
   (pytorch/executorch issue 10725), so :class:`TrainingProgram` holds the bytes
   for exactly as long as it holds the module;
-* bytes from the network may be truncated or corrupted. They are checked before
-  the runtime sees them: the flatbuffer identifier ``ET12`` at offset 4, and the
-  extended header's sizes against the actual length; the runtime then loads with
-  ``InternalConsistency`` flatbuffer verification, and its ``RuntimeError``s
-  become :class:`ProgramError` naming what was wrong.
+* bytes from the network may be truncated or corrupted, and the ExecuTorch 1.5.1
+  runtime is not robust to that: some corrupted programs pass its
+  ``InternalConsistency`` verification and then crash the process (a segfault in
+  ``method_meta`` on a corrupted input tag, found by
+  ``tests/training/test_train_program_bytes.py``). So the first check is the
+  sha256 the task manifest gives for the program (``expected_sha256``); then the
+  flatbuffer identifier ``ET12`` at offset 4 and the extended header's sizes
+  against the actual length; only then does the runtime load it, and its
+  ``RuntimeError``s become :class:`ProgramError` naming what was wrong.
 """
 
 from __future__ import annotations
 
+import hashlib
 import struct
 
 import numpy as np
@@ -74,7 +79,14 @@ class TrainingProgram:
     (``conv1.weight``), not the program's (``model.conv1.weight``).
     """
 
-    def __init__(self, pte: bytes) -> None:
+    def __init__(self, pte: bytes, *, expected_sha256: str | None = None) -> None:
+        if expected_sha256 is not None:
+            actual = hashlib.sha256(pte).hexdigest()
+            if actual != expected_sha256:
+                raise ProgramError(
+                    f"training program sha256 {actual[:12]}... is not the expected "
+                    f"{expected_sha256[:12]}...: corrupted or replaced in transit, not loaded"
+                )
         validate_program_bytes(pte)
         self._pte = bytes(pte)  # owned for the module's whole life (issue 10725)
         try:

@@ -28,11 +28,15 @@ class RoundModel:
 
     ``state`` is the round's global model (updates are computed against it);
     ``program`` is its ExecuTorch training program, needed by the ExecuTorch
-    runtime for network jobs and ignored otherwise.
+    runtime for network jobs and ignored otherwise; ``program_sha256`` is the
+    program's hash from the task manifest. Devices should always pass it: the
+    ExecuTorch runtime can crash on corrupted programs, and the hash is the check
+    that catches every corruption before the runtime sees the bytes.
     """
 
     state: TensorDict
     program: bytes | None = None
+    program_sha256: str | None = None
 
 
 @dataclass(frozen=True)
