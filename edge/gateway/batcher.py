@@ -2,7 +2,11 @@
 
 Each accepted update joins the open batch of its (job, run, round, leaf). The
 batch is written when it holds ``max_updates`` updates or ``max_wait`` seconds
-after its first update arrived, whichever comes first. Every device waiting on
+after its first update arrived, whichever comes first; but while the leaf's
+previous batch is still being written, a batch that is not full waits for that
+write to return. Batches therefore grow by themselves when storage is slow
+(classic group commit): the number of PUTs follows what S3 can absorb, not the
+number of devices. Every device waiting on
 the batch is acknowledged only when the PUT has returned, so an acknowledged
 update is in S3 even if the gateway is killed the next instant. If the PUT
 fails every waiter gets a 503 and retries; nothing half-written is acknowledged.
@@ -18,6 +22,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections import Counter
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -44,6 +49,7 @@ class _OpenBatch:
     opened: float
     items: list[tuple[DeviceUpdate, asyncio.Future[str]]] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
+    due: bool = False  # max_wait passed while the previous batch was still being written
 
 
 class GroupCommitter:
@@ -67,6 +73,7 @@ class GroupCommitter:
         self._max_wait = max_wait_seconds
         self._open: dict[BatchContext, _OpenBatch] = {}
         self._writes: set[asyncio.Task[None]] = set()
+        self._writing: Counter[BatchContext] = Counter()  # PUTs in flight per leaf
         self._seq = itertools.count()
         self.pending = 0
 
@@ -78,7 +85,7 @@ class GroupCommitter:
         batch = self._open.get(context)
         if batch is None:
             batch = _OpenBatch(context, global_model, time.perf_counter())
-            batch.timer = loop.call_later(self._max_wait, self._flush, context)
+            batch.timer = loop.call_later(self._max_wait, self._timer_fired, context)
             self._open[context] = batch
         future: asyncio.Future[str] = loop.create_future()
         batch.items.append((update, future))
@@ -89,12 +96,22 @@ class GroupCommitter:
         # shield: a device hanging up must not cancel the shared write's future.
         return await asyncio.shield(future)
 
+    def _timer_fired(self, context: BatchContext) -> None:
+        batch = self._open.get(context)
+        if batch is None:
+            return
+        if self._writing[context]:
+            batch.due = True  # written as soon as the leaf's write in flight returns
+        else:
+            self._flush(context)
+
     def _flush(self, context: BatchContext) -> None:
         batch = self._open.pop(context, None)
         if batch is None:
             return
         if batch.timer is not None:
             batch.timer.cancel()
+        self._writing[context] += 1
         task = asyncio.ensure_future(self._write(batch))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
@@ -115,11 +132,21 @@ class GroupCommitter:
             self._metrics.batch_failures.inc()
             self._settle(batch, error=exc)
             return
+        finally:
+            self._write_returned(ctx)
         self._metrics.batch_writes.inc()
         self._metrics.batch_size.observe(len(updates))
         self._metrics.batch_write_seconds.observe(time.perf_counter() - started)
         self._settle(batch, key=key)
         await self._write_lineage(batch, ref, started_at)
+
+    def _write_returned(self, context: BatchContext) -> None:
+        self._writing[context] -= 1
+        if self._writing[context] <= 0:
+            del self._writing[context]
+        waiting = self._open.get(context)
+        if waiting is not None and waiting.due:
+            self._flush(context)
 
     def _put(self, key: str, data: bytes, count: int) -> ObjectRef:
         return self._store.put_bytes(
