@@ -14,14 +14,13 @@ Canopy never needs to change. Two kinds exist:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn import functional as F
 
@@ -66,12 +65,6 @@ class TrainHyperparams(BaseModel):
         allow_inf_nan=False,
         description="SGD momentum; the buffer carries across every batch of the local training.",
     )
-
-    @model_validator(mode="after")
-    def _finite(self) -> TrainHyperparams:
-        if not math.isfinite(self.lr) or not math.isfinite(self.momentum):
-            raise ValueError("lr and momentum must be finite")
-        return self
 
 
 @dataclass(frozen=True)

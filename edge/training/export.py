@@ -48,7 +48,6 @@ from edge.training.et_runtime import (
 from edge.training.state import model_from_state
 from edge.training.wrapper import LossAndPredictions, network_name
 
-FORWARD = "forward"
 FQN_METHOD = "__et_training_fqn_forward"
 
 

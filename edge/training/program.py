@@ -75,8 +75,10 @@ def validate_program_bytes(data: bytes) -> None:
 class TrainingProgram:
     """One ``.pte`` training program, loaded for training, with the bytes it came from.
 
-    Parameter and gradient names are the network's ``state_dict`` names
-    (``conv1.weight``), not the program's (``model.conv1.weight``).
+    :meth:`parameters` uses the network's ``state_dict`` names (``conv1.weight``);
+    :meth:`program_parameters` and :meth:`program_gradients` keep the program's
+    own names (``model.conv1.weight``) because ExecuTorch's optimizer matches
+    gradients to parameters by them.
     """
 
     def __init__(self, pte: bytes, *, expected_sha256: str | None = None) -> None:
@@ -148,7 +150,13 @@ class TrainingProgram:
         return self._training.named_gradients()
 
     def parameters(self) -> dict[str, np.ndarray]:
-        """Copies of the current weights under the network's ``state_dict`` names."""
+        """Copies of the current weights under the network's ``state_dict`` names.
+
+        Like ExecuTorch's ``named_parameters``, available after the first
+        ``forward_backward``.
+        """
+        if not self._program_names:
+            raise ProgramError("parameters are only available after the first forward_backward")
         live = self._training.named_parameters()
         return {
             name: live[program_name].detach().numpy().copy()
