@@ -68,7 +68,7 @@ class Stack:
         ]
         for name, value in flags.items():
             args += [f"--{name.replace('_', '-')}", str(value)]
-        return subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def summary(self, job: str, seed: int = 0) -> dict[str, Any]:
         return json.loads((self.tmp / f"sim-{job}-{seed}.json").read_text())
@@ -100,12 +100,13 @@ def run_flow(**params: Any) -> list[RoundReport]:
 
 
 def finish(sim: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """Wait for the simulator to stop by itself (the job said done) and succeed."""
     try:
-        sim.wait(timeout=timeout)
+        err, _ = sim.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         sim.kill()
         raise
-    assert sim.returncode == 0, sim.stderr.read().decode() if sim.stderr else ""
+    assert sim.returncode == 0, err.decode(errors="replace")[-3000:]
 
 
 def lineage_kinds(node: LineageNode) -> set[str]:
