@@ -70,6 +70,7 @@ class ErrorCode(StrEnum):
     BAD_METRICS = "bad_metrics"  # [422]
     BAD_MODEL_VERSION = "bad_model_version"  # [422] header missing
     STORE_UNAVAILABLE = "store_unavailable"  # [503] retry after Retry-After seconds
+    OVERLOADED = "overloaded"  # [503] too many uploads in memory; retry after Retry-After
     INTERNAL = "internal"  # [500] a gateway bug; retry later
 
 

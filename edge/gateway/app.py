@@ -10,12 +10,13 @@ guess. ``docs/protocol.md`` describes the same surface for humans.
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import FastAPI, Path, Query, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
@@ -89,17 +90,96 @@ _UPLOAD_HEADERS = [
     },
 ]
 
-JobPath = Annotated[str, Path(pattern=DEVICE_ID_PATTERN, description="Job name.")]
-DevicePath = Annotated[str, Path(pattern=DEVICE_ID_PATTERN, description="The device's id.")]
-TaskPath = Annotated[str, Path(min_length=1, max_length=256, description="Task id of the offer.")]
+_ID = re.compile(DEVICE_ID_PATTERN)
+_PATH_DOCS = {
+    "job": ("Job name.", {"type": "string", "pattern": DEVICE_ID_PATTERN}),
+    "device_id": (
+        "The device's id (the token's device).",
+        {"type": "string", "pattern": DEVICE_ID_PATTERN},
+    ),
+    "task_id": ("Task id of the offer.", {"type": "string", "minLength": 1, "maxLength": 256}),
+}
+_FORMAT = {
+    "name": "format",
+    "in": "query",
+    "required": False,
+    "description": "pte or safetensors; default: what the offer's runtime trains with.",
+    "schema": {"type": "string", "enum": ["pte", "safetensors"]},
+}
+
+
+def _path_params(*names: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": n,
+            "in": "path",
+            "required": True,
+            "description": _PATH_DOCS[n][0],
+            "schema": _PATH_DOCS[n][1],
+        }
+        for n in names
+    ]
+
+
+def _ids(request: Request, *names: str) -> tuple[str, ...]:
+    """Path parameters, checked by hand (FastAPI's per-parameter validation is the slow part)."""
+    values = tuple(str(request.path_params[name]) for name in names)
+    for name, value in zip(names, values, strict=True):
+        ok = 0 < len(value) <= 256 if name == "task_id" else _ID.match(value) is not None
+        if not ok:
+            raise ProtocolError(
+                422, ErrorCode.BAD_REQUEST, f"path parameter {name} {value[:64]!r} is invalid"
+            )
+    return values
+
+
+def _format(request: Request) -> ModelFormat | None:
+    value = request.query_params.get("format")
+    if value is None:
+        return None
+    if value not in ("pte", "safetensors"):
+        raise ProtocolError(
+            422, ErrorCode.BAD_REQUEST, "query parameter format must be pte or safetensors"
+        )
+    return value  # type: ignore[return-value]
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorBody} for status in statuses}
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """Read the request body, refusing with 413 as soon as it passes ``limit`` bytes."""
+class BodyBudget:
+    """Bytes of request bodies held in memory at once, over all requests of a gateway.
+
+    The per-request limit (413) alone does not bound memory: a hundred devices
+    sending 64 MiB each at once would. Beyond the budget, uploads get a 503 with
+    Retry-After and come back later.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int) -> None:
+        if self.used + size > self.limit:
+            raise ProtocolError(
+                503,
+                ErrorCode.OVERLOADED,
+                "the gateway is holding too many uploads in memory; retry shortly",
+                retry_after=2.0,
+            )
+        self.used += size
+
+    def give(self, size: int) -> None:
+        self.used -= size
+
+
+async def read_body(request: Request, limit: int, budget: BodyBudget) -> bytes:
+    """Read the body, refusing with 413 as soon as it passes ``limit`` bytes.
+
+    The bytes read are taken from ``budget``; the caller gives back ``len(body)``
+    when done with it (on failure here, this function gives them back itself).
+    """
     declared = request.headers.get("content-length")
     if (
         declared is not None
@@ -110,11 +190,16 @@ async def read_body(request: Request, limit: int) -> bytes:
         raise _too_large(limit)
     chunks: list[bytes] = []
     total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            if total + len(chunk) > limit:
+                raise _too_large(limit)
+            budget.take(len(chunk))
+            total += len(chunk)
+            chunks.append(chunk)
+    except BaseException:
+        budget.give(total)
+        raise
     return b"".join(chunks)
 
 
@@ -164,6 +249,7 @@ def create_app(
     )
     _install_error_handlers(app, metrics)
     gateway_header = {HEADER_GATEWAY: service.gateway_id}
+    budget = BodyBudget(max(service.tuning.body_budget_bytes, settings.max_body_bytes))
 
     @app.post(
         f"{API_PREFIX}/enrol",
@@ -173,7 +259,8 @@ def create_app(
         summary="Enrol a device and get its token",
     )
     async def enrol(request: Request) -> EnrolResponse:
-        body = await read_body(request, MAX_JSON_BODY_BYTES)
+        body = await read_body(request, MAX_JSON_BODY_BYTES, budget)
+        budget.give(len(body))  # parsed at once; small
         try:
             enrol_request = EnrolRequest.model_validate_json(body)
         except ValueError as exc:
@@ -186,14 +273,11 @@ def create_app(
         f"{API_PREFIX}/jobs/{{job}}/devices/{{device_id}}/task",
         response_model=PollAnswer,
         responses=_errors(401, 403, 404, 422, 503),
-        openapi_extra={"security": _BEARER},
+        openapi_extra={"security": _BEARER, "parameters": _path_params("job", "device_id")},
         summary="Ask for work: a task, retry later, no job, or done",
     )
-    async def poll(
-        request: Request,
-        job: JobPath,
-        device_id: DevicePath,
-    ) -> Any:
+    async def poll(request: Request) -> Any:
+        job, device_id = _ids(request, "job", "device_id")
         claims = service.authenticate(request.headers.get("authorization"), device_id)
         answer = await service.poll(job, claims)
         metrics.poll_answers.labels(answer=getattr(answer, "reason", answer.status)).inc()
@@ -210,21 +294,16 @@ def create_app(
             **_errors(401, 403, 404, 409, 416, 422, 503),
         },
         response_class=Response,
-        openapi_extra={"security": _BEARER, "parameters": [_RANGE_HEADER]},
+        openapi_extra={
+            "security": _BEARER,
+            "parameters": [*_path_params("job", "device_id", "task_id"), _FORMAT, _RANGE_HEADER],
+        },
         summary="Download the round's model (.pte or safetensors), HTTP Range supported",
     )
-    async def model(
-        request: Request,
-        job: JobPath,
-        device_id: DevicePath,
-        task_id: TaskPath,
-        format: Annotated[
-            ModelFormat | None,
-            Query(description="pte or safetensors; default: what the offer's runtime trains."),
-        ] = None,
-    ) -> Response:
+    async def model(request: Request) -> Response:
+        job, device_id, task_id = _ids(request, "job", "device_id", "task_id")
         claims = service.authenticate(request.headers.get("authorization"), device_id)
-        data, ref, fmt, task = await service.model(job, claims, task_id, format)
+        data, ref, fmt, task = await service.model(job, claims, task_id, _format(request))
         headers = {
             **gateway_header,
             HEADER_SHA256: ref.sha256,
@@ -249,18 +328,18 @@ def create_app(
         f"{API_PREFIX}/jobs/{{job}}/devices/{{device_id}}/tasks/{{task_id}}/result",
         response_model=UploadReceipt,
         responses=_errors(401, 403, 409, 413, 415, 422, 503),
-        openapi_extra={**_binary_body(), "security": _BEARER, "parameters": _UPLOAD_HEADERS},
+        openapi_extra={
+            **_binary_body(),
+            "security": _BEARER,
+            "parameters": [*_path_params("job", "device_id", "task_id"), *_UPLOAD_HEADERS],
+        },
         summary="Upload the update (new - old) as safetensors",
     )
-    async def upload(
-        request: Request,
-        job: JobPath,
-        device_id: DevicePath,
-        task_id: TaskPath,
-    ) -> Any:
+    async def upload(request: Request) -> Any:
         headers = request.headers
         model_version = headers.get(HEADER_MODEL_VERSION)
         try:
+            job, device_id, task_id = _ids(request, "job", "device_id", "task_id")
             claims = service.authenticate(request.headers.get("authorization"), device_id)
             checked = await service.check_upload(job, claims, task_id, model_version)
             if isinstance(checked, UploadReceipt):
@@ -275,10 +354,13 @@ def create_app(
                     f"the update must be a safetensors body sent as one of {UPDATE_CONTENT_TYPES}, "
                     f"got {content_type or 'no Content-Type'!r}",
                 )
-            body = await read_body(request, settings.max_body_bytes)
-            receipt = await service.accept(
-                checked, claims, body, num_samples=samples, metrics=values
-            )
+            body = await read_body(request, settings.max_body_bytes, budget)
+            try:
+                receipt = await service.accept(
+                    checked, claims, body, num_samples=samples, metrics=values
+                )
+            finally:
+                budget.give(len(body))
         except ProtocolError as exc:
             metrics.results_rejected.labels(reason=exc.code.value).inc()
             raise

@@ -91,7 +91,9 @@ class GatewayTuning:
     no_job_retry_seconds: float = 5.0
     recent_results: int = 100_000  # (task, device) pairs remembered for duplicate answers
     artifact_cache_bytes: int = 512 * 1024 * 1024
-    io_threads: int = 16  # S3 calls and tensor checks run here, off the event loop
+    io_threads: int = 16  # S3 calls and large tensor checks run here, off the event loop
+    inline_check_bytes: int = 256 * 1024  # smaller updates are checked on the loop (no hop)
+    body_budget_bytes: int = 256 * 1024 * 1024  # upload bodies held at once (then 503)
 
 
 @dataclass(frozen=True)

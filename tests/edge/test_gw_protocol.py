@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from aggregation.tensors import TensorDict, decode_tensors, encode_tensors
+from edge.gateway import GatewayTuning
 from edge.gateway.harness import GatewayThread, read_active, set_round_status, write_round
 from edge.manifests import DeviceRecord, LeafTask, device_key
 from edge.routing import leaf_for_device
@@ -667,3 +668,68 @@ def test_hostile_requests_never_take_the_gateway_down(
     assert all(400 <= s < 500 for s in statuses), statuses
     assert device.upload(offer, update_like(1.0)).status_code == 200
     assert client.get("/healthz").status_code == 200
+
+
+async def test_memory_budget_turns_excess_uploads_away_with_503(s3_store: S3ObjectStore) -> None:
+    # Prepare: 48 KiB updates, a 64 KiB budget for bodies held at once.
+    big: TensorDict = {"w": np.zeros(12_000, np.float32)}
+    first, second = devices_on("leaf-0", 2)
+    await asyncio.to_thread(
+        write_round,
+        s3_store,
+        job=JOB,
+        run_id=RUN,
+        rnd=0,
+        leaves=LEAVES,
+        selected=[first, second],
+        state=big,
+    )
+    tuning = GatewayTuning(body_budget_bytes=64 * 1024)
+    body = encode_tensors({"w": np.full(12_000, 0.5, np.float32)})
+
+    with GatewayThread(gateway_settings(), s3_store, tuning=tuning) as gw:
+        async with httpx.AsyncClient(base_url=gw.url, timeout=20) as client:
+
+            async def prepare(device: str) -> tuple[dict[str, str], dict[str, str]]:
+                r = await client.post(
+                    "/v1/enrol",
+                    json={
+                        "device_id": device,
+                        "enrolment_secret": SECRET,
+                        "jobs": [JOB],
+                        "runtimes": ["pytorch"],
+                    },
+                )
+                auth = {"Authorization": f"Bearer {r.json()['token']}"}
+                offer = (
+                    await client.get(f"/v1/jobs/{JOB}/devices/{device}/task", headers=auth)
+                ).json()["task"]
+                headers = {
+                    **auth,
+                    "Content-Type": "application/octet-stream",
+                    "X-Canopy-Model-Version": offer["model_version"],
+                    "X-Canopy-Num-Samples": "4",
+                }
+                return offer, headers
+
+            (offer_a, head_a), (offer_b, head_b) = await prepare(first), await prepare(second)
+            half_sent = asyncio.Event()
+
+            async def slow_body():  # type: ignore[no-untyped-def]
+                yield body[: len(body) // 2]
+                half_sent.set()
+                await asyncio.sleep(1.0)
+                yield body[len(body) // 2 :]
+
+            slow = asyncio.ensure_future(
+                client.post(offer_a["upload_url"], content=slow_body(), headers=head_a)
+            )
+            await half_sent.wait()
+            await asyncio.sleep(0.3)  # the first half is in the gateway's memory now
+            refused = await client.post(offer_b["upload_url"], content=body, headers=head_b)
+            accepted_slow = await slow
+            retried = await client.post(offer_b["upload_url"], content=body, headers=head_b)
+
+    assert error(refused) == (503, "overloaded")
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert accepted_slow.status_code == 200 and retried.status_code == 200
