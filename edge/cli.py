@@ -67,6 +67,14 @@ def simulate(
         bool,
         typer.Option("--until-done/--no-until-done", help="Run until the job's round says done."),
     ] = True,
+    forever: Annotated[
+        bool,
+        typer.Option(
+            "--forever",
+            help="Never stop on its own: after 'done', keep polling for the job's next run "
+            "(local stacks). Same as --no-until-done.",
+        ),
+    ] = False,
     rounds: Annotated[
         int | None,
         typer.Option("--rounds", min=1, help="Stop after this many rounds have been seen."),
@@ -100,7 +108,7 @@ def simulate(
         gateways=[u.strip().rstrip("/") for u in gateway_urls.split(",") if u.strip()],
         seed=seed,
         runtime=runtime,  # type: ignore[arg-type]
-        until_done=until_done,
+        until_done=until_done and not forever,
         rounds=rounds,
         max_seconds=max_seconds,
         dropout=dropout,
