@@ -232,6 +232,7 @@ def test_round_without_enough_devices_is_abandoned_not_hung(stack: Stack) -> Non
         round_deadline_s=6,
         registry_wait_s=5,
         num_devices=2,
+        partition={"kind": "iid"},
     )
     finish(sim)
     assert time.monotonic() - started < 60
@@ -255,6 +256,7 @@ def test_killed_and_resumed_job_commits_each_round_once(stack: Stack) -> None:
         "round_deadline_s": 60,
         "registry_wait_s": 30,
         "num_devices": 8,
+        "partition": {"kind": "iid"},
     }
     sim = stack.simulate("hello-mobile", 8, seed=3, dropout=0.0, offline_fraction=0.0)
     # Run the flow in a subprocess and kill it once round 0 is committed.
