@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import signal
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -335,8 +337,11 @@ async def run_simulation(
     if not config.gateways:
         raise ValueError("give at least one gateway URL")
     if pool is None:
-        with training_pool(config.workers) as own:
+        own = training_pool(config.workers)
+        try:
             return await run_simulation(config, pool=own)
+        finally:
+            own.shutdown(wait=True, cancel_futures=True)
     profiles = make_profiles(
         config.seed,
         config.devices,
@@ -367,6 +372,7 @@ async def run_simulation(
     # Workers import the training stack (seconds, for ExecuTorch) while devices enrol
     # and poll, not when the first device trains; an unknown job stops the run early.
     fleet.warming = asyncio.ensure_future(_warm(fleet))
+    handling_signals = _stop_on_signals(fleet)
     devices = [
         asyncio.ensure_future(_run_device(fleet, c, p))
         for c, p in zip(clients, profiles, strict=True)
@@ -376,9 +382,15 @@ async def run_simulation(
         await _until_stopped(fleet, devices)
     finally:
         fleet.stop.set()
+        # Sleeping devices wake up by themselves; the rest are mid-request or queued
+        # for training, and a stopped simulation does not wait for them.
+        for device in devices:
+            device.cancel()
         await asyncio.gather(*devices, watcher, return_exceptions=True)
         if fleet.warming is not None:
             await asyncio.gather(fleet.warming, return_exceptions=True)
+        if handling_signals:
+            _restore_signals()
         await gateways.aclose()
     summary = fleet.summary
     summary.rejected = dict(fleet.rejections)
@@ -387,6 +399,29 @@ async def run_simulation(
     summary.dropout_events.sort()
     summary.elapsed_seconds = round(time.monotonic() - started, 3)
     return summary
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _stop_on_signals(fleet: _Fleet) -> bool:
+    """SIGINT/SIGTERM end the run cleanly (summary printed, workers stopped)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False  # only the main thread may install handlers (library use from a thread)
+    loop = asyncio.get_running_loop()
+    try:
+        for sig in _SIGNALS:
+            loop.add_signal_handler(sig, fleet.finish, "cancelled")
+    except (NotImplementedError, RuntimeError):
+        return False
+    return True
+
+
+def _restore_signals() -> None:
+    loop = asyncio.get_running_loop()
+    for sig in _SIGNALS:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(sig)
 
 
 async def _warm(fleet: _Fleet) -> None:
