@@ -1,0 +1,127 @@
+"""Group commit on its own: batches grow while storage is slow; failures acknowledge nobody."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+
+import numpy as np
+
+from edge.gateway.batcher import GroupCommitter
+from edge.gateway.metrics import GatewayMetrics
+from edge.protocol import ErrorCode, ProtocolError
+from edge.update_batch import BatchContext, DeviceUpdate, decode_update_batch
+from infra.errors import StoreError
+from infra.lineage import read_lineage
+from infra.store import MemoryObjectStore, ObjectRef
+
+CTX = BatchContext(job="j", run_id="r", round=0, leaf="leaf-0", gateway_id="gw-t")
+GLOBAL = ObjectRef(
+    bucket="canopy", key="j/r/round-00000/global.safetensors", sha256="a" * 64, size=4
+)
+
+
+class SlowStore(MemoryObjectStore):
+    """A store whose update-batch PUTs take ``delay`` seconds (or fail)."""
+
+    def __init__(self, delay: float, fail: bool = False) -> None:
+        super().__init__()
+        self.delay = delay
+        self.fail = fail
+
+    def put_bytes(
+        self, key: str, data: bytes, *, kind: str, metadata: Mapping[str, str] | None = None
+    ) -> ObjectRef:
+        if "/updates/" in key and not key.startswith("_lineage/"):
+            time.sleep(self.delay)
+            if self.fail:
+                raise StoreError("s3 is down")
+        return super().put_bytes(key, data, kind=kind, metadata=metadata)
+
+
+def update(i: int) -> DeviceUpdate:
+    return DeviceUpdate(
+        device_id=f"d{i}",
+        task_id="t",
+        model_version="a" * 64,
+        num_samples=i + 1,
+        tensors={"w": np.full(3, float(i), np.float32)},
+        received_at=datetime.now(UTC),
+        gateway_id="gw-t",
+    )
+
+
+def committer(
+    store: MemoryObjectStore, executor: ThreadPoolExecutor, **kw: float
+) -> GroupCommitter:
+    return GroupCommitter(
+        store,
+        executor,
+        GatewayMetrics(),
+        gateway_id="gw-t",
+        max_updates=int(kw.get("max_updates", 64)),
+        max_wait_seconds=kw.get("max_wait", 0.01),
+    )
+
+
+async def test_batches_grow_while_the_previous_write_is_in_flight() -> None:
+    store = SlowStore(delay=0.3)
+    with ThreadPoolExecutor(4) as executor:
+        batcher = committer(store, executor)
+        first = asyncio.ensure_future(batcher.commit(CTX, GLOBAL, update(0)))
+        await asyncio.sleep(0.05)  # the first batch (one update) is being written now
+        rest = [asyncio.ensure_future(batcher.commit(CTX, GLOBAL, update(i))) for i in range(1, 21)]
+        keys = await asyncio.gather(first, *rest)
+        await batcher.drain()
+
+    batches = store.list_keys("j/r/round-00000/updates/leaf-0/")
+    sizes = sorted(len(decode_update_batch(store.get(k).data, k)) for k in batches)
+    assert sizes == [1, 20]  # not twenty-one PUTs: the 20 waited for the first write
+    assert len(set(keys[1:])) == 1 and keys[0] != keys[1]
+    record = read_lineage(store, batches[0])
+    assert record is not None and record.kind == "device-update-batch"
+    assert record.inputs[0].sha256 == GLOBAL.sha256
+
+
+async def test_full_batches_do_not_wait() -> None:
+    store = SlowStore(delay=0.0)
+    with ThreadPoolExecutor(4) as executor:
+        batcher = committer(store, executor, max_updates=4, max_wait=10.0)
+        started = time.perf_counter()
+        await asyncio.gather(*(batcher.commit(CTX, GLOBAL, update(i)) for i in range(8)))
+        elapsed = time.perf_counter() - started
+
+    assert elapsed < 5.0  # two full batches, written without waiting for the 10 s timer
+    assert len(store.list_keys("j/r/round-00000/updates/")) == 2
+
+
+async def test_a_failed_write_acknowledges_nobody() -> None:
+    store = SlowStore(delay=0.0, fail=True)
+    with ThreadPoolExecutor(2) as executor:
+        batcher = committer(store, executor)
+        results = await asyncio.gather(
+            *(batcher.commit(CTX, GLOBAL, update(i)) for i in range(3)), return_exceptions=True
+        )
+
+    assert all(isinstance(r, ProtocolError) for r in results)
+    assert {r.code for r in results if isinstance(r, ProtocolError)} == {
+        ErrorCode.STORE_UNAVAILABLE
+    }
+    assert store.list_keys("j/") == [] and batcher.pending == 0
+
+
+async def test_drain_writes_open_batches_at_shutdown() -> None:
+    store = SlowStore(delay=0.0)
+    with ThreadPoolExecutor(2) as executor:
+        batcher = committer(store, executor, max_wait=60.0)
+        waiting = asyncio.ensure_future(batcher.commit(CTX, GLOBAL, update(0)))
+        await asyncio.sleep(0.01)
+        await batcher.drain()
+        key = await asyncio.wait_for(waiting, timeout=5)
+
+    assert key.startswith("j/r/round-00000/updates/leaf-0/gw-t-")
+    [stored] = decode_update_batch(store.get(key).data, key)
+    assert stored.device_id == "d0"
