@@ -40,10 +40,13 @@ HINT = DataHint(scheme="iid", num_devices=DEVICES, seed=11, min_size=2)
 
 @pytest.fixture(scope="module")
 def pool() -> Iterator[ProcessPoolExecutor]:
-    """One warm training pool for the module: importing the training stack costs seconds."""
-    with training_pool(2) as shared:
-        for warming in [shared.submit(warm_worker, JOB) for _ in range(2)]:
-            warming.result(timeout=240)
+    """One warm training worker for the module: importing the training stack costs seconds.
+
+    One worker, not two: hello-mobile trains in microseconds, and a second import
+    of ExecuTorch would only compete with the gateways for the CPU.
+    """
+    with training_pool(1) as shared:
+        shared.submit(warm_worker, JOB).result(timeout=240)
         yield shared
 
 
@@ -131,7 +134,7 @@ def simulate(
             devices=DEVICES,
             gateways=[one.url, two.url],
             seed=5,
-            workers=2,
+            workers=1,
             progress=False,
             max_seconds=100,
             offline_poll_seconds=0.3,
