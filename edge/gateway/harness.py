@@ -30,7 +30,7 @@ from pydantic_settings import BaseSettings
 
 from aggregation.tensors import TensorDict, encode_tensors
 from edge.gateway.app import create_app
-from edge.gateway.service import GatewayTuning
+from edge.gateway.tuning import GatewayTuning
 from edge.manifests import (
     KIND_ACTIVE_ROUND,
     KIND_LEAF_TASK,

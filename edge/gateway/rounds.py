@@ -1,0 +1,174 @@
+"""The gateway's read side of S3: round manifests, the device registry, model bytes.
+
+Everything here is a cache in front of the store, never a source of truth:
+``ActiveRound`` and ``LeafTask`` live ``manifest_cache_seconds``, "device X is
+enrolled for job J" lives ``registry_cache_seconds``, and model artifacts are
+keyed by sha256 so they never go stale. Concurrent misses share one load, so a
+burst of polls costs one GET per manifest. Any storage failure becomes a 503
+for the device, which retries; a manifest the gateway cannot parse is logged
+and treated the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+import pydantic
+
+from aggregation.tensors import TensorSpec
+from edge.gateway.cache import BytesCache, TtlCache
+from edge.gateway.tuning import GatewayTuning
+from edge.manifests import ActiveRound, LeafTask, device_key
+from edge.protocol import ErrorCode, ProtocolError
+from edge.routing import leaf_for_device
+from infra.errors import ObjectNotFoundError
+from infra.keys import active_job_key
+from infra.store import ObjectRef, ObjectStore, get_json
+
+log = logging.getLogger("canopy.gateway")
+
+M = TypeVar("M", bound=pydantic.BaseModel)
+
+
+@dataclass(frozen=True)
+class LeafView:
+    """One leaf's task as read from S3, with lookups precomputed once per read."""
+
+    active: ActiveRound
+    task: LeafTask
+    selected: frozenset[str]
+    specs: dict[str, TensorSpec]
+
+    def accepting(self, now: datetime) -> bool:
+        """Whether uploads for this task are still taken (round open, deadline ahead)."""
+        return (
+            self.active.status == "open"
+            and self.task.status == "open"
+            and now <= self.task.deadline
+        )
+
+
+def unavailable(message: str, retry_after: float = 2.0) -> ProtocolError:
+    return ProtocolError(503, ErrorCode.STORE_UNAVAILABLE, message, retry_after=retry_after)
+
+
+class StoreCalls:
+    """Blocking store calls run in a thread pool; failures become 503s for devices."""
+
+    def __init__(self, store: ObjectStore, executor: Executor) -> None:
+        self.store = store
+        self.executor = executor
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        except (ObjectNotFoundError, ProtocolError):
+            raise
+        except Exception as exc:  # boto, network, integrity: the device should retry later
+            log.error("store call %s failed: %s", getattr(fn, "__name__", fn), exc)
+            raise unavailable(
+                "the gateway cannot reach its storage right now; retry later"
+            ) from exc
+
+
+class RoundDirectory:
+    """Cached answers to "which round, which task, is this device enrolled, give me the model"."""
+
+    def __init__(self, calls: StoreCalls, *, manifest_ttl: float, tuning: GatewayTuning) -> None:
+        self.calls = calls
+        self._active: TtlCache[str, ActiveRound | None] = TtlCache(
+            lambda _: manifest_ttl, max_entries=1024
+        )
+        self._leaves: TtlCache[str, LeafView] = TtlCache(lambda _: manifest_ttl, max_entries=4096)
+        self._known: TtlCache[tuple[str, str], bool] = TtlCache(
+            lambda known: (
+                tuning.registry_cache_seconds if known else tuning.unknown_device_cache_seconds
+            ),
+            max_entries=200_000,
+        )
+        self._artifacts = BytesCache(tuning.artifact_cache_bytes)
+
+    async def active_round(self, job: str) -> ActiveRound | None:
+        """The job's ActiveRound, or None when no run of it was ever opened."""
+        try:
+            key = active_job_key(job)
+        except ValueError as exc:
+            raise ProtocolError(422, ErrorCode.BAD_REQUEST, str(exc)) from exc
+
+        async def load() -> ActiveRound | None:
+            try:
+                payload = await self.calls.run(get_json, self.calls.store, key)
+            except ObjectNotFoundError:
+                return None
+            return _parse(ActiveRound, payload, key)
+
+        return await self._active.get(job, load)
+
+    async def leaf_view(self, active: ActiveRound, leaf: str) -> LeafView:
+        key = active.leaf_manifest_keys[leaf]
+
+        async def load() -> LeafView:
+            try:
+                payload = await self.calls.run(get_json, self.calls.store, key)
+            except ObjectNotFoundError as exc:
+                log.error("active round of %s points at missing manifest %s", active.job, key)
+                raise unavailable(
+                    "round manifest not readable yet; retry", active.poll_seconds
+                ) from exc
+            task = _parse(LeafTask, payload, key)
+            return LeafView(active, task, frozenset(task.selected_device_ids), task.specs())
+
+        view = await self._leaves.get(key, load)
+        # The ActiveRound may be newer than the cached leaf (e.g. just closed): use the newest.
+        if view.active == active:
+            return view
+        return LeafView(active, view.task, view.selected, view.specs)
+
+    async def current_view(self, job: str, device_id: str) -> LeafView | None:
+        """The device's leaf task in the job's current round (None: no run, or done)."""
+        active = await self.active_round(job)
+        if active is None or active.status == "done":
+            return None
+        return await self.leaf_view(active, leaf_for_device(device_id, active.leaves))
+
+    def remember_enrolled(self, job: str, device_id: str) -> None:
+        self._known.put((job, device_id), True)
+
+    async def require_enrolled(self, job: str, device_id: str) -> None:
+        """404 ``unknown_device`` unless ``devices/{job}/{device_id}.json`` exists."""
+        key = device_key(job, device_id)
+
+        async def load() -> bool:
+            return await self.calls.run(self.calls.store.head, key) is not None
+
+        if not await self._known.get((job, device_id), load):
+            raise ProtocolError(
+                404,
+                ErrorCode.UNKNOWN_DEVICE,
+                f"device {device_id!r} is not enrolled for job {job!r}; enrol first",
+            )
+
+    async def artifact(self, ref: ObjectRef) -> bytes:
+        """Model bytes, verified against ``ref.sha256`` by the store on the first read."""
+
+        async def load() -> bytes:
+            obj = await self.calls.run(
+                lambda: self.calls.store.get(ref.key, expected_sha256=ref.sha256)
+            )
+            return bytes(obj.data)
+
+        return await self._artifacts.get(ref.sha256, load)
+
+
+def _parse(model: type[M], payload: Any, key: str) -> M:
+    try:
+        return model.model_validate(payload)
+    except pydantic.ValidationError as exc:
+        log.error("manifest %s is invalid: %s", key, exc)
+        raise unavailable("round manifest is unreadable; retry later", 5.0) from exc

@@ -1,0 +1,19 @@
+"""Per-process knobs of a gateway that are not fleet settings (``GatewaySettings``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GatewayTuning:
+    """Defaults suit most deployments; tests and benchmarks shrink or stretch them."""
+
+    registry_cache_seconds: float = 300.0  # how long "device X is enrolled for job J" is trusted
+    unknown_device_cache_seconds: float = 2.0  # how long "not enrolled" is trusted
+    no_job_retry_seconds: float = 5.0
+    recent_results: int = 100_000  # (task, device) pairs remembered for duplicate answers
+    artifact_cache_bytes: int = 512 * 1024 * 1024
+    io_threads: int = 16  # S3 calls and large tensor checks run here, off the event loop
+    inline_check_bytes: int = 256 * 1024  # smaller updates are checked on the loop (no hop)
+    body_budget_bytes: int = 256 * 1024 * 1024  # upload bodies held at once (then 503)

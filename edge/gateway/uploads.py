@@ -1,0 +1,204 @@
+"""The upload desk: what happens between a device's POST and its acknowledgement.
+
+Checks run cheapest first, and everything that does not need the body runs
+before reading it: a duplicate is answered from memory, a late result or a
+device that was not selected is refused without reading 64 MiB. Then the
+safetensors body is parsed and checked by ``aggregation.guards`` (names,
+shapes, dtypes, NaN/Inf), and the update joins its leaf's group commit. The
+device gets its receipt only when the batch is in S3.
+
+The only memory here is a bounded set of recently accepted (task, device)
+pairs, so a retried upload that reaches the same gateway is answered
+``duplicate`` instead of being stored twice. A retry that reaches another
+gateway may be stored twice; the leaf aggregation de-duplicates by device id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Mapping
+from concurrent.futures import Executor
+from datetime import UTC, datetime
+
+from aggregation.guards import UpdateRejected, check_update
+from aggregation.tensors import TensorDict, TensorSpec, decode_tensors
+from edge.gateway.batcher import GroupCommitter
+from edge.gateway.metrics import GatewayMetrics
+from edge.gateway.rounds import LeafView, RoundDirectory
+from edge.gateway.tokens import TokenClaims
+from edge.gateway.tuning import GatewayTuning
+from edge.protocol import ErrorCode, ProtocolError, UploadReceipt
+from edge.update_batch import BatchContext, DeviceUpdate
+from infra.errors import ValidationError
+
+_GUARD_CODES: Mapping[str, ErrorCode] = {
+    "missing-tensor": ErrorCode.TENSOR_NAMES,
+    "unknown-tensor": ErrorCode.TENSOR_NAMES,
+    "shape": ErrorCode.TENSOR_SHAPE,
+    "dtype": ErrorCode.TENSOR_DTYPE,
+    "non-finite": ErrorCode.NON_FINITE,
+    "bad-weight": ErrorCode.BAD_NUM_SAMPLES,
+    "bad-metric": ErrorCode.BAD_METRICS,
+}
+
+Key = tuple[str, str]  # (task id, device id)
+
+
+class UploadDesk:
+    """Check, store and acknowledge device updates."""
+
+    def __init__(
+        self,
+        rounds: RoundDirectory,
+        committer: GroupCommitter,
+        metrics: GatewayMetrics,
+        executor: Executor,
+        *,
+        gateway_id: str,
+        tuning: GatewayTuning,
+    ) -> None:
+        self._rounds = rounds
+        self._committer = committer
+        self._metrics = metrics
+        self._executor = executor
+        self._gateway_id = gateway_id
+        self._tuning = tuning
+        self._recent: OrderedDict[Key, tuple[int, datetime]] = OrderedDict()
+        self._inflight: dict[Key, asyncio.Future[UploadReceipt]] = {}
+
+    def already_submitted(self, task_id: str, device_id: str) -> bool:
+        key = (task_id, device_id)
+        return key in self._recent or key in self._inflight
+
+    async def check(
+        self, job: str, claims: TokenClaims, task_id: str, model_version: str | None
+    ) -> LeafView | UploadReceipt:
+        """Everything decidable before reading the body: duplicate, late, not selected."""
+        key = (task_id, claims.device_id)
+        if (seen := self._recent.get(key)) is not None:
+            self._metrics.results_duplicate.inc()
+            return _receipt(key, seen[0], seen[1], duplicate=True)
+        if (pending := self._inflight.get(key)) is not None:
+            return await self._duplicate_of(pending)
+        view = await self._rounds.current_view(job, claims.device_id)
+        if view is None or view.task.task_id != task_id:
+            raise self._late(job, "task_not_current", f"task {task_id!r} is not the current task")
+        if not view.accepting(datetime.now(UTC)):
+            raise self._late(
+                job, "round_closed", f"round {view.task.round} no longer accepts results"
+            )
+        if claims.device_id not in view.selected:
+            raise ProtocolError(403, ErrorCode.NOT_SELECTED, "device is not selected for this task")
+        if not model_version:
+            raise ProtocolError(
+                422, ErrorCode.BAD_MODEL_VERSION, "header X-Canopy-Model-Version is required"
+            )
+        if model_version != view.task.model_version:
+            raise self._late(
+                job,
+                "model_version_not_current",
+                f"model version {model_version[:16]!r} is not the round's current model",
+            )
+        return view
+
+    async def accept(
+        self,
+        view: LeafView,
+        claims: TokenClaims,
+        body: bytes,
+        *,
+        num_samples: int,
+        metrics: dict[str, float],
+    ) -> UploadReceipt:
+        """Validate the tensors, commit them with the leaf's batch, then acknowledge."""
+        task, device = view.task, claims.device_id
+        key = (task.task_id, device)
+        if (pending := self._inflight.get(key)) is not None:  # raced itself during the body
+            return await self._duplicate_of(pending)
+        future: asyncio.Future[UploadReceipt] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            args = (body, view.specs, device, num_samples, metrics)
+            if len(body) <= self._tuning.inline_check_bytes:
+                tensors = decode_and_check(*args)  # microseconds: a thread hop costs more
+            else:
+                loop = asyncio.get_running_loop()
+                tensors = await loop.run_in_executor(self._executor, decode_and_check, *args)
+            received = datetime.now(UTC)
+            update = DeviceUpdate(
+                device_id=device,
+                task_id=task.task_id,
+                model_version=task.model_version,
+                num_samples=num_samples,
+                tensors=tensors,
+                metrics=metrics,
+                received_at=received,
+                gateway_id=self._gateway_id,
+            )
+            context = BatchContext(task.job, task.run_id, task.round, task.leaf, self._gateway_id)
+            await self._committer.commit(context, task.global_model, update)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except Exception as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved here; racing duplicates re-raise it themselves
+            raise
+        finally:
+            self._inflight.pop(key, None)
+        self._remember(key, task.round, received)
+        self._metrics.results_accepted.labels(job=task.job).inc()
+        receipt = _receipt(key, task.round, received, duplicate=False)
+        future.set_result(receipt)
+        return receipt
+
+    async def _duplicate_of(self, pending: asyncio.Future[UploadReceipt]) -> UploadReceipt:
+        receipt = await asyncio.shield(pending)
+        self._metrics.results_duplicate.inc()
+        return receipt.model_copy(update={"duplicate": True})
+
+    def _late(self, job: str, reason: str, message: str) -> ProtocolError:
+        self._metrics.late_results.labels(job=job).inc()
+        return ProtocolError(
+            409,
+            ErrorCode.LATE,
+            f"{message}; the result is not aggregated. Poll for the current task.",
+            details={"reason": reason},
+        )
+
+    def _remember(self, key: Key, rnd: int, received: datetime) -> None:
+        self._recent[key] = (rnd, received)
+        while len(self._recent) > self._tuning.recent_results:
+            self._recent.popitem(last=False)
+
+
+def _receipt(key: Key, rnd: int, received: datetime, *, duplicate: bool) -> UploadReceipt:
+    return UploadReceipt(
+        duplicate=duplicate, task_id=key[0], device_id=key[1], round=rnd, received_at=received
+    )
+
+
+def decode_and_check(
+    body: bytes,
+    specs: Mapping[str, TensorSpec],
+    device_id: str,
+    num_samples: int,
+    metrics: Mapping[str, float],
+) -> TensorDict:
+    """Parse the safetensors body and run the aggregation guards; 422 with the reason."""
+    try:
+        tensors, _ = decode_tensors(body, source=f"update from {device_id}")
+    except ValidationError as exc:
+        raise ProtocolError(422, ErrorCode.MALFORMED_UPDATE, str(exc)) from exc
+    try:
+        check_update(tensors, spec=specs, device_id=device_id, weight=num_samples, metrics=metrics)
+    except UpdateRejected as exc:
+        raise ProtocolError(
+            422,
+            _GUARD_CODES.get(exc.reason, ErrorCode.BAD_REQUEST),
+            str(exc),
+            tensor=exc.tensor,
+            details={"reason": exc.reason},
+        ) from exc
+    return tensors
