@@ -1,0 +1,221 @@
+"""Where a round's wall time goes: device compute versus orchestration overhead.
+
+Runs the real stack on 127.0.0.1 (a Prefect server on SQLite tuned like
+``canopy up``, a moto S3 server, two gateways under uvicorn, the device
+simulator in its own process) and the ``federated-training`` flow in this
+process, then reads each round's phase timings from its report:
+
+* ``devices``: from the moment the round is open until enough devices have
+  reported (training, plus the devices' poll and upload latency);
+* everything else is overhead: ExecuTorch export (with its parity gate),
+  dispatch (cohort + manifests), closing the round and collecting the last
+  updates, the level subflows summing partials, evaluation, commit.
+
+1. ``hello-mobile`` devices (no compute) for trees of depth 1, 2 and 3: the
+   round time is almost all overhead, split by phase.
+2. The default ``cifar10-mobile`` deployment shape (prefect.yaml) with
+   ExecuTorch devices: the overhead share of round time, printed last.
+
+Round 0 of each run is a warm-up (simulator start, imports) and is excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from infra.stack import PREFECT_SERVER_TUNING  # noqa: E402
+
+PHASES = ["export", "dispatch", "devices", "close-and-collect", "aggregate", "evaluate"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_prefect(home: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        **PREFECT_SERVER_TUNING,
+        "PREFECT_HOME": str(home),
+        "PREFECT_UI_ENABLED": "false",
+    }
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError("prefect server did not start")
+
+
+def run(job: str, devices: int, gateways: list[str], params: dict[str, Any]) -> list[Any]:
+    from flows.federated import federated_training
+
+    sim = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edge.simulator",
+            "--job",
+            job,
+            "--devices",
+            str(devices),
+            "--gateway",
+            ",".join(gateways),
+            "--quiet",
+            "--dropout",
+            "0",
+            "--offline-fraction",
+            "0",
+            "--slow-fraction",
+            "0",
+            "--max-seconds",
+            "900",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        reports = asyncio.run(
+            federated_training(job=job, run_id=f"bench-{uuid.uuid4().hex[:6]}", **params)
+        )
+    finally:
+        try:
+            sim.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            sim.kill()
+    return [r for r in reports if r.round > 0 and r.outcome == "committed"]
+
+
+def summarise(label: str, reports: list[Any]) -> dict[str, float]:
+    total = statistics.median(r.duration_s for r in reports)
+    phases = {p: statistics.median(r.timings.get(p, 0.0) for r in reports) for p in PHASES}
+    overhead = total - phases["devices"]
+    cells = "  ".join(f"{p} {phases[p]:6.2f}" for p in PHASES)
+    print(
+        f"{label:<34} round {total:6.2f}s  overhead {overhead:6.2f}s "
+        f"({100 * overhead / total:5.1f}%)  | {cells}"
+    )
+    return {"total": total, "overhead": overhead, **phases}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=4, help="Rounds per run (first is warm-up).")
+    parser.add_argument("--cifar-rounds", type=int, default=3)
+    parser.add_argument("--skip-cifar", action="store_true")
+    args = parser.parse_args()
+
+    from moto.server import ThreadedMotoServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from edge.gateway.harness import GatewayThread
+    from flows.deployments import load_deployment_specs
+    from infra.settings import GatewaySettings, S3Settings
+    from infra.store import S3ObjectStore
+
+    s3_port = free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
+    moto.start()
+    os.environ.update(
+        {
+            "CANOPY_S3_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
+            "CANOPY_S3_BUCKET": "bench",
+            "CANOPY_S3_ACCESS_KEY_ID": "bench",
+            "CANOPY_S3_SECRET_ACCESS_KEY": "bench",
+            "CANOPY_S3_CREATE_BUCKET": "true",
+            "CANOPY_GATEWAY_MANIFEST_CACHE_SECONDS": "0.2",
+        }
+    )
+    home = Path(tempfile.mkdtemp(prefix="canopy-bench-"))
+    server, api = start_prefect(home)
+    store = S3ObjectStore(S3Settings())
+    try:
+        with (
+            temporary_settings(updates={PREFECT_API_URL: api}),
+            GatewayThread(GatewaySettings(), store) as a,
+            GatewayThread(GatewaySettings(), store) as b,
+        ):
+            gateways = [a.url, b.url]
+            print(f"hello-mobile, 16 devices, cohort 8, {args.rounds - 1} measured rounds each")
+            for depth in (1, 2, 3):
+                reports = run(
+                    "hello-mobile",
+                    16,
+                    gateways,
+                    {
+                        "runtime": "pytorch",
+                        "rounds": args.rounds,
+                        "tree": {"depth": depth, "width": 2},
+                        "cohort_size": 8,
+                        "min_reports": 4,
+                        "num_devices": 16,
+                        "partition": {"kind": "iid"},
+                        "registry_wait_s": 60,
+                    },
+                )
+                summarise(f"hello-mobile depth {depth} ({2**depth} leaves)", reports)
+            if args.skip_cifar:
+                return
+            spec = next(s for s in load_deployment_specs() if s.name == "cifar10-mobile")
+            params = {**spec.parameters, "rounds": args.cifar_rounds, "registry_wait_s": 60}
+            params.pop("job")
+            devices = int(params.get("num_devices", 40))
+            print(
+                f"\ncifar10-mobile deployment shape ({params['tree']}, cohort "
+                f"{params['cohort_size']}, ExecuTorch devices, {devices} simulated)"
+            )
+            result = summarise(
+                "cifar10-mobile default", run("cifar10-mobile", devices, gateways, params)
+            )
+            print(f"overhead_share_cifar10_default={result['overhead'] / result['total']:.3f}")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        moto.stop()
+
+
+if __name__ == "__main__":
+    main()
