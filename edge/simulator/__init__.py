@@ -1,12 +1,9 @@
 """Device simulator: thousands of phones playing the public gateway protocol."""
 
+from edge.simulator.fleet import SimulationConfig
 from edge.simulator.profiles import DeviceProfile, make_profiles, simulated_device_id
-from edge.simulator.runner import (
-    SimulationConfig,
-    SimulationSummary,
-    print_summary,
-    run_simulation,
-)
+from edge.simulator.runner import run_simulation, training_pool
+from edge.simulator.summary import SimulationSummary, print_summary
 
 __all__ = [
     "DeviceProfile",
@@ -16,4 +13,5 @@ __all__ = [
     "print_summary",
     "run_simulation",
     "simulated_device_id",
+    "training_pool",
 ]

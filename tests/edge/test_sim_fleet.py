@@ -23,8 +23,13 @@ import pytest
 from aggregation.tensors import TensorDict
 from edge.gateway.harness import GatewayProcess, read_active, set_round_status, write_round
 from edge.manifests import DataHint
-from edge.simulator import SimulationConfig, SimulationSummary, make_profiles, run_simulation
-from edge.simulator.runner import training_pool
+from edge.simulator import (
+    SimulationConfig,
+    SimulationSummary,
+    make_profiles,
+    run_simulation,
+    training_pool,
+)
 from edge.simulator.work import warm_worker
 from edge.update_batch import DeviceUpdate, decode_update_batch
 from infra.keys import updates_prefix

@@ -1,0 +1,76 @@
+"""What a simulation is asked to do, and the state its device tasks share."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
+
+from edge.simulator.summary import SimulationSummary, StopReason
+
+RuntimeChoice = Literal["auto", "executorch", "pytorch"]
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """What to simulate; every random choice follows from ``seed``."""
+
+    job: str
+    devices: int
+    gateways: list[str]
+    seed: int = 0
+    runtime: RuntimeChoice = "auto"  # auto: capable of both, trains with the task's runtime
+    until_done: bool = True  # False: keep polling after "done", for the job's next run
+    rounds: int | None = None  # stop once this many rounds have been seen
+    max_seconds: float | None = None
+    dropout: float = 0.05
+    slow_fraction: float = 0.2
+    offline_fraction: float = 0.1
+    workers: int = 2
+    enrolment_secret: str = "canopy-local-enrolment"
+    ca_file: str | None = None
+    progress: bool = True
+    max_connections: int = 256  # per gateway
+    offline_poll_seconds: float = 2.0  # how long an offline device stays away
+    request_timeout: float = 60.0
+    upload_attempts: int = 3  # for 503 answers (the gateway could not store)
+
+
+class Fleet:
+    """State shared by the device tasks of one run."""
+
+    def __init__(self, config: SimulationConfig, pool: ProcessPoolExecutor) -> None:
+        self.config = config
+        self.pool = pool
+        self.summary = SimulationSummary(job=config.job, devices=config.devices, seed=config.seed)
+        self.stop = asyncio.Event()
+        self.active = 0
+        self.training = 0
+        self.first_round: int | None = None
+        self.rounds: set[int] = set()
+        self.rejections: Counter[str] = Counter()
+        self.warming: asyncio.Future[None] | None = None
+
+    def finish(self, reason: StopReason, error: str | None = None) -> None:
+        if not self.stop.is_set():
+            self.summary.stop_reason = reason
+            self.summary.fatal_error = error
+            self.stop.set()
+
+    def observe_round(self, rnd: int | None) -> None:
+        if rnd is None:
+            return
+        self.rounds.add(rnd)
+        if self.first_round is None:
+            self.first_round = rnd
+        limit = self.config.rounds
+        if limit is not None and rnd >= self.first_round + limit:
+            self.finish("rounds")
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep, or wake early when the simulation stops."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), timeout=max(seconds, 0.0))
