@@ -30,7 +30,7 @@ LINEAGE_PREFIX = "_lineage/"
 
 def check_segment(value: str, what: str) -> str:
     """Refuse key segments that could escape their prefix or break URLs."""
-    if not _SEGMENT.match(value) or ".." in value:
+    if not _SEGMENT.fullmatch(value) or ".." in value:
         raise ValueError(
             f"{what} {value!r} is not a valid key segment: use letters, digits, '.', '_' or '-' "
             "(at most 128 characters, starting with a letter or digit)"

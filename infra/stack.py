@@ -229,7 +229,7 @@ def up(
         for i, (port, url) in enumerate(zip(ports.gateways, gateway_urls, strict=True)):
             launch(
                 f"gateway-{i}",
-                [str(bindir / "canopy"), "gateway", "--host", host, "--port", str(port)],
+                [py, "-m", "edge.gateway", "--host", host, "--port", str(port)],
                 _http_ok(f"{url}/healthz"),
                 url,
             )

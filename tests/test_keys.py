@@ -20,7 +20,7 @@ def test_layout_is_stable() -> None:
     assert keys.lineage_key("j/r/commit.json") == "_lineage/j/r/commit.json.json"
 
 
-@pytest.mark.parametrize("bad", ["", "../x", "a/b", "-x", "a b", "x" * 200, "a..b"])
+@pytest.mark.parametrize("bad", ["", "../x", "a/b", "-x", "a b", "x" * 200, "a..b", "abc\n"])
 def test_bad_segments_are_refused(bad: str) -> None:
     with pytest.raises(ValueError, match="not a valid key segment"):
         keys.run_prefix("job", bad)
