@@ -5,6 +5,7 @@ Every object of a training run lives under ``{job}/{run}/``::
     {job}/{run}/commit.json                              last committed round (the only pointer)
     {job}/{run}/round-{r:05d}/global.safetensors         global model devices train in round r
     {job}/{run}/round-{r:05d}/global.pte                 its ExecuTorch training program
+    {job}/{run}/program-template-b{B}.pte(.layout.json)  exported once; rounds patch weights
     {job}/{run}/round-{r:05d}/server-state.safetensors   strategy state (momentum, Adam moments)
     {job}/{run}/round-{r:05d}/tasks/{leaf}.json          task manifest of one leaf node
     {job}/{run}/round-{r:05d}/updates/{leaf}/{batch}.safetensors
@@ -58,6 +59,11 @@ def global_model_key(job: str, run: str, rnd: int) -> str:
 
 def program_key(job: str, run: str, rnd: int) -> str:
     return f"{round_prefix(job, run, rnd)}global.pte"
+
+
+def program_template_key(job: str, run: str, batch_size: int) -> str:
+    """The run's parity-verified ExecuTorch program, exported once; rounds patch its weights."""
+    return f"{run_prefix(job, run)}program-template-b{batch_size}.pte"
 
 
 def server_state_key(job: str, run: str, rnd: int) -> str:

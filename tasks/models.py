@@ -8,6 +8,7 @@ the flow's event loop keeps serving the other tasks of its level.
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime
 
 from prefect import task
@@ -15,15 +16,18 @@ from prefect.cache_policies import NONE
 from prefect.logging import get_run_logger
 from pydantic import BaseModel, ConfigDict
 
-from aggregation.tensors import decode_tensors, encode_tensors
+from aggregation.tensors import TensorDict, decode_tensors, encode_tensors
 from edge.data.config import DatasetConfig
 from edge.data.dataset import Dataset
 from edge.jobs import JobSpec, get_job
-from edge.training import evaluate, initial_state, publish_program
-from infra.keys import global_model_key, program_key, run_prefix
+from edge.training import ExportError, evaluate, initial_state, publish_program
+from edge.training.template import ProgramTemplate, make_template, patch_weights, verify_patched
+from flows.params import local_hyperparams
+from infra.errors import ConfigError
+from infra.keys import global_model_key, program_key, program_template_key, run_prefix
 from infra.lineage import make_record, read_lineage
 from infra.run_state import CommitRecord, read_commit, write_commit
-from infra.store import ObjectRef, ObjectStore, put_json
+from infra.store import ObjectRef, ObjectStore, get_json, put_json
 from tasks.context import RunContext, current_flow_run_id, store_for
 from tasks.ui import emit_lineage_events, record_lineage
 
@@ -85,29 +89,101 @@ async def ensure_initial_model(ctx: RunContext) -> CommitRecord:
     return await asyncio.to_thread(_ensure_initial, ctx)
 
 
+# Program templates loaded in this process, by S3 key and sha256.
+_TEMPLATES: dict[tuple[str, str], ProgramTemplate] = {}
+
+
+def _template(
+    ctx: RunContext, store: ObjectStore, job: JobSpec, state: TensorDict, global_model: ObjectRef
+) -> tuple[ProgramTemplate, ObjectRef] | None:
+    """The run's parity-verified program template: exported once, then reused.
+
+    ``None`` when the job's weights cannot be located in its program (for
+    example several all-zero tensors); the caller then exports every round.
+    """
+    batch = local_hyperparams(ctx.params, job).batch_size
+    key = program_template_key(ctx.job, ctx.run_id, batch)
+    layout_key = f"{key}.layout.json"
+    ref = store.head(key)
+    if ref is None or store.head(layout_key) is None:
+        published = publish_program(
+            store,
+            job,
+            state,
+            key=key,
+            inputs=[global_model],
+            batch_size=batch,
+            seed=ctx.params.seed,
+            flow_run_id=current_flow_run_id(),
+            parameters={"run_id": ctx.run_id, "role": "template"},
+        )
+        if published is None:
+            raise ConfigError(f"job {ctx.job} has no network to export; use runtime=pytorch")
+        try:
+            pte = store.get(key, expected_sha256=published.ref.sha256).data
+            template = make_template(pte, state)
+        except ExportError as exc:
+            get_run_logger().warning("export-program: %s", exc)
+            return None
+        put_json(store, layout_key, json.loads(template.layout_json()), kind="program-layout")
+        if (record := read_lineage(store, key)) is not None:
+            emit_lineage_events(record)
+        _TEMPLATES[(key, published.ref.sha256)] = template
+        return template, published.ref
+    if (key, ref.sha256) not in _TEMPLATES:
+        pte = store.get(key, expected_sha256=ref.sha256).data
+        layout = json.dumps(get_json(store, layout_key))
+        _TEMPLATES[(key, ref.sha256)] = ProgramTemplate.from_layout(pte, layout)
+    return _TEMPLATES[(key, ref.sha256)], ref
+
+
 def _export(ctx: RunContext, rnd: int, global_model: ObjectRef) -> ObjectRef:
+    started = datetime.now(UTC)
     store = store_for(ctx.s3)
     obj = store.get(global_model.key, expected_sha256=global_model.sha256)
     state, _ = decode_tensors(obj.data, source=global_model.uri)
     job = get_job(ctx.job)
     key = program_key(ctx.job, ctx.run_id, rnd)
-    published = publish_program(
+    found = _template(ctx, store, job, state, global_model)
+    if found is None:  # weights not patchable: a full, parity-gated export every round
+        published = publish_program(
+            store,
+            job,
+            state,
+            key=key,
+            inputs=[global_model],
+            batch_size=local_hyperparams(ctx.params, job).batch_size,
+            seed=ctx.params.seed,
+            flow_run_id=current_flow_run_id(),
+            parameters={"round": rnd, "run_id": ctx.run_id},
+        )
+        if published is None:
+            raise ConfigError(f"job {ctx.job} has no network to export; use runtime=pytorch")
+        if (record := read_lineage(store, key)) is not None:
+            emit_lineage_events(record)
+        return published.ref
+    template, template_ref = found
+    pte = patch_weights(template, state)
+    verify_patched(job, pte, state)  # the program holds exactly this round's weights
+    meta = {**_model_meta(ctx, rnd), "model-version": global_model.sha256}
+    ref = store.put_bytes(key, pte, kind="executorch-program", metadata=meta)
+    record_lineage(
         store,
-        job,
-        state,
-        key=key,
-        inputs=[global_model],
-        batch_size=ctx.params.batch_size,
-        seed=ctx.params.seed,
-        flow_run_id=current_flow_run_id(),
-        parameters={"round": rnd, "run_id": ctx.run_id},
+        make_record(
+            kind="executorch-export",
+            inputs=[global_model, template_ref],
+            outputs=[ref],
+            parameters={
+                "round": rnd,
+                "method": "template-weights-patched",
+                "template_sha256": template_ref.sha256,
+                "verified": "weights-equal",
+            },
+            started_at=started,
+            flow_run_id=current_flow_run_id(),
+        ),
     )
-    if published is None:
-        raise ValueError(f"job {ctx.job} has no network to export; run it with runtime=pytorch")
-    record = read_lineage(store, key)
-    if record is not None:
-        emit_lineage_events(record)
-    return published.ref
+    return ref
 
 
 @task(name="export-program", cache_policy=NONE, retries=1)
