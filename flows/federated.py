@@ -37,6 +37,7 @@ from tasks.aggregate import RootResult, finalize_root, sum_node
 from tasks.collect import LeafOutcome, ReportTracker, collect_leaf, wait_until_enough
 from tasks.context import RunContext, current_flow_run_id, store_for
 from tasks.dispatch import RoundPlan, close_round, mark_done, open_round, wait_for_devices
+from tasks.gateways import late_between, read_late_counts
 from tasks.models import ensure_initial_model, evaluate_model, export_program
 from tasks.rounds import commit_round
 from tasks.ui import publish_job_summary, publish_round_artifacts, set_progress, start_progress
@@ -121,6 +122,7 @@ async def training_round(ctx: RunContext, tree: Tree, commit: CommitRecord) -> S
     tag = f"r{rnd:04d}"
 
     marks = {"start": started}
+    late_before = await read_late_counts(ctx.gateway, ctx.job)
     program = None
     if ctx.params.runtime == "executorch":
         program = await export_program(ctx, rnd, commit.global_model)
@@ -161,6 +163,7 @@ async def training_round(ctx: RunContext, tree: Tree, commit: CommitRecord) -> S
         devices_reported=root.devices,
         rejected=_sum_counts(o.rejected for o in leaves),
         duplicates=sum(o.duplicates for o in leaves),
+        late=late_between(late_before, await read_late_counts(ctx.gateway, ctx.job)),
         train_loss=root.train_metrics.get("loss"),
         train_accuracy=root.train_metrics.get("accuracy"),
         test_loss=evaluation.metrics.get("loss") if evaluation else None,
