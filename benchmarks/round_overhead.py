@@ -30,17 +30,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from infra.stack import PREFECT_SERVER_TUNING  # noqa: E402
+from infra.stack import start_prefect_server, wait_healthy  # noqa: E402
 
 PHASES = ["export", "dispatch", "devices", "close-and-collect", "aggregate", "evaluate"]
 
@@ -53,40 +50,10 @@ def free_port() -> int:
 
 def start_prefect(home: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    env = {
-        **os.environ,
-        **PREFECT_SERVER_TUNING,
-        "PREFECT_HOME": str(home),
-        "PREFECT_UI_ENABLED": "false",
-    }
-    env.pop("PREFECT_API_URL", None)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "prefect",
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
     url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise RuntimeError("prefect server did not start")
+    proc = start_prefect_server(home, port, home / "server.log", ui=False)
+    wait_healthy(f"{url}/health", proc)
+    return proc, url
 
 
 def run(job: str, devices: int, gateways: list[str], params: dict[str, Any]) -> list[Any]:

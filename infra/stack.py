@@ -159,6 +159,54 @@ def _deployments_ready(api_url: str, names: list[str]) -> Callable[[], bool]:
     return check
 
 
+def start_prefect_server(
+    home: Path, port: int, log: Path, *, ui: bool = True
+) -> subprocess.Popen[bytes]:
+    """A Prefect server on 127.0.0.1 with its own PREFECT_HOME and the SQLite tuning.
+
+    Shared by ``canopy up``-style tooling, the test suite and the benchmarks, so
+    all of them measure and test the same server configuration.
+    """
+    env = {**os.environ, **PREFECT_SERVER_TUNING, "PREFECT_HOME": str(home)}
+    env.pop("PREFECT_API_URL", None)
+    if not ui:
+        env["PREFECT_UI_ENABLED"] = "false"
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 120.0) -> None:
+    """Poll ``url`` until it answers 200; fail early if ``proc`` exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StackError(f"process {proc.pid} exited before {url} was healthy")
+        try:
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise StackError(f"{url} not healthy after {timeout_s:.0f}s")
+
+
 def deployment_names() -> list[str]:
     """Deployment names declared in prefect.yaml (the one source of truth)."""
     return [spec.name for spec in load_deployment_specs()]
