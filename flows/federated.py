@@ -30,6 +30,7 @@ from aggregation.topology import Node, Tree, TreeShape, build_tree
 from edge.data.config import DatasetConfig
 from edge.data.partition import PartitionScheme
 from flows.params import TrainingParams
+from infra.keys import lineage_key
 from infra.run_state import CommitRecord, RoundReport, read_reports
 from infra.settings import GatewaySettings, S3Settings
 from infra.store import ObjectRef
@@ -170,7 +171,7 @@ async def training_round(ctx: RunContext, tree: Tree, commit: CommitRecord) -> S
         test_accuracy=evaluation.metrics.get("accuracy") if evaluation else None,
         eval_dataset=evaluation.dataset if evaluation else None,
         bytes_in=sum(o.bytes_in for o in leaves),
-        bytes_out=_bytes_out(plan, program, commit.global_model, root.devices),
+        bytes_out=_bytes_out(program, commit.global_model, root.devices),
         duration_s=time.perf_counter() - started,
         timings=phase_timings(marks),
         global_model=root.global_model or commit.global_model,
@@ -180,7 +181,7 @@ async def training_round(ctx: RunContext, tree: Tree, commit: CommitRecord) -> S
     )
     new_commit = await commit_round(ctx, commit, report, root)
     lineage_ref = await asyncio.to_thread(
-        store_for(ctx.s3).head, f"_lineage/{report.global_model.key}.json"
+        store_for(ctx.s3).head, lineage_key(report.global_model.key)
     )
     await publish_round_artifacts(ctx.s3, ctx.job, ctx.run_id, report, lineage_ref)
     logger.info(
@@ -214,10 +215,9 @@ def _sum_counts(counts: Iterable[Mapping[str, int]]) -> dict[str, int]:
     return total
 
 
-def _bytes_out(plan: RoundPlan, program: ObjectRef | None, model: ObjectRef, devices: int) -> int:
-    """Bytes devices downloaded, estimated from what the reporting devices needed."""
-    size = program.size if program is not None else model.size
-    return size * devices
+def _bytes_out(program: ObjectRef | None, model: ObjectRef, devices: int) -> int:
+    """Bytes the reporting devices downloaded: the weights, and the program if any."""
+    return (model.size + (program.size if program is not None else 0)) * devices
 
 
 # ---------------------------------------------------------------- the job
