@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="Rounds per run (first is warm-up).")
     parser.add_argument("--cifar-rounds", type=int, default=3)
     parser.add_argument("--skip-cifar", action="store_true")
+    parser.add_argument("--skip-hello", action="store_true")
     args = parser.parse_args()
 
     from moto.server import ThreadedMotoServer
@@ -147,7 +148,7 @@ def main() -> None:
         ):
             gateways = [a.url, b.url]
             print(f"hello-mobile, 16 devices, cohort 8, {args.rounds - 1} measured rounds each")
-            for depth in (1, 2, 3):
+            for depth in () if args.skip_hello else (1, 2, 3):
                 reports = run(
                     "hello-mobile",
                     16,
