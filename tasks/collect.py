@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -188,12 +189,18 @@ async def collect_leaf(ctx: RunContext, leaf_task: LeafTask, tracker: ReportTrac
     )
 
 
-async def wait_until_enough(tracker: ReportTracker, on_progress: object = None) -> None:
-    """Return when the round has its target reports or its deadline has passed."""
+async def wait_until_enough(
+    tracker: ReportTracker, on_progress: Callable[[int], Awaitable[None]]
+) -> None:
+    """Return when the round has its target reports or its deadline has passed.
+
+    ``on_progress`` hears the report count whenever it changes (at most once a
+    second), which is what drives the round's progress artifact.
+    """
     last = -1
     deadline = time.monotonic() + max(0.0, tracker.seconds_left())
     while not tracker.enough.is_set() and time.monotonic() < deadline:
-        if callable(on_progress) and tracker.reported != last:
+        if tracker.reported != last:
             last = tracker.reported
             await on_progress(tracker.reported)
         try:
@@ -202,5 +209,4 @@ async def wait_until_enough(tracker: ReportTracker, on_progress: object = None) 
             )
         except TimeoutError:
             continue
-    if callable(on_progress):
-        await on_progress(tracker.reported)
+    await on_progress(tracker.reported)
