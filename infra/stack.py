@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -150,11 +151,20 @@ def _http_ok(url: str) -> Callable[[], bool]:
     return check
 
 
-def _deployments_ready(api_url: str, names: list[str]) -> Callable[[], bool]:
+def _deployments_ready(api_url: str, names: list[str], since: datetime) -> Callable[[], bool]:
+    """True once the runner has (re)registered every deployment after ``since``.
+
+    Prefect's database outlives a stack, so a deployment merely existing may
+    still carry last session's parameters; only a fresh ``updated`` proves the
+    runner has applied prefect.yaml as it is now.
+    """
+
     def check() -> bool:
         resp = httpx.post(f"{api_url}/deployments/filter", json={"limit": 200}, timeout=5.0)
-        found = {d["name"] for d in resp.json()} if resp.status_code == 200 else set()
-        return set(names) <= found
+        if resp.status_code != 200:
+            return False
+        fresh = {d["name"] for d in resp.json() if datetime.fromisoformat(d["updated"]) >= since}
+        return set(names) <= fresh
 
     return check
 
@@ -284,7 +294,7 @@ def up(
         launch(
             "runner",
             [py, "-m", "flows.serve"],
-            _deployments_ready(api, deployment_names()),
+            _deployments_ready(api, deployment_names(), datetime.now(UTC)),
             None,
             timeout_s=120.0,
         )

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from infra import stack
@@ -122,18 +124,57 @@ def demo(
         f"run_id={run_id}",
         "--watch",
     ]
-    console.print(f"\n[bold]$ {' '.join(cmd)}[/bold]  (UI: {record.env['CANOPY_PREFECT_UI_URL']})")
+    watch_log = root / "logs" / f"watch-{run_id}.log"
+    console.print(f"\n[bold]$ {' '.join(cmd)}[/bold]")
+    console.print(f"  Prefect UI: {record.env['CANOPY_PREFECT_UI_URL']}   events: {watch_log}")
+    os.environ.update(record.env)
+    store = S3ObjectStore(S3Settings())
+    rounds = int(spec.parameters.get("rounds", 1))
     try:
-        code = subprocess.call(cmd, env=env)
-        os.environ.update(record.env)
-        store = S3ObjectStore(S3Settings())
+        with watch_log.open("wb") as out:
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+            follow_rounds(store, job_name, run_id, rounds, proc)
+        code = proc.wait()
         commit = read_commit(store, job_name, run_id)
         if commit is not None:
             console.print(render_reports(job_name, run_id, store, commit))
+        if code != 0:
+            console.print(f"[red]the flow run did not complete; see {watch_log}[/red]")
     finally:
         if not keep:
             stack.down(root, log=lambda _m: None)
     raise typer.Exit(code)
+
+
+def follow_rounds(
+    store: S3ObjectStore, job: str, run_id: str, rounds: int, proc: subprocess.Popen[bytes]
+) -> None:
+    """A progress bar of committed rounds and one line per round, read from S3 reports."""
+    shown = 0
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        bar = progress.add_task(f"{job} rounds", total=rounds)
+        while True:
+            running = proc.poll() is None
+            commit = read_commit(store, job, run_id)
+            reports = read_reports(store, commit) if commit is not None else []
+            for r in reports[shown:]:
+                acc = "-" if r.test_accuracy is None else f"{100 * r.test_accuracy:.1f}%"
+                progress.console.print(
+                    f"round {r.round}: {r.outcome}, {r.devices_reported}/{r.devices_selected} "
+                    f"devices, test accuracy {acc} on {r.eval_dataset or '-'}, "
+                    f"{r.duration_s:.1f}s"
+                )
+            shown = len(reports)
+            progress.update(bar, completed=shown)
+            if not running:
+                return
+            time.sleep(2.0)
 
 
 def register(app: typer.Typer) -> None:
