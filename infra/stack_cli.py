@@ -72,17 +72,10 @@ def render_reports(job: str, run_id: str, store: S3ObjectStore, commit: CommitRe
     reports = read_reports(store, commit)
     dataset = next((r.eval_dataset for r in reports if r.eval_dataset), "n/a")
     table = Table(title=f"{job} / {run_id} — evaluated on {dataset}")
-    for col in (
-        "round",
-        "outcome",
-        "reported",
-        "rejected",
-        "train loss",
-        "test loss",
-        "test acc",
-        "seconds",
-    ):
-        table.add_column(col, justify="right")
+    table.add_column("round", justify="right")
+    table.add_column("outcome", min_width=9, no_wrap=True)
+    for col in ("devices", "rejected", "train loss", "test loss", "test acc", "s"):
+        table.add_column(col, justify="right", no_wrap=True)
     for r in reports:
         table.add_row(
             str(r.round),
