@@ -231,14 +231,16 @@ class DeviceRecord(BaseModel):
         return check_segment(value, "device id or job")
 
 
-def close_grace_seconds(manifest_cache_seconds: float, group_commit_max_wait_ms: int) -> float:
+def close_grace_seconds(
+    manifest_cache_seconds: float, group_commit_max_wait_ms: int, *, put_margin: float = 2.0
+) -> float:
     """How long the flow should wait after closing a round before listing its updates.
 
     A gateway may still accept an upload until its cached ``ActiveRound``
     expires (``manifest_cache_seconds``); the accepted update then waits up to
     ``group_commit_max_wait_ms`` for its batch, plus one S3 PUT. Uploads after a
     task's ``deadline`` are refused regardless of caching, so a flow that closes
-    exactly at the deadline only needs the group-commit part. The 2 s margin
-    covers a slow PUT.
+    exactly at the deadline only needs the group-commit part. ``put_margin``
+    covers a slow PUT (2 s by default; loopback and in-region S3 need far less).
     """
-    return manifest_cache_seconds + group_commit_max_wait_ms / 1000.0 + 2.0
+    return manifest_cache_seconds + group_commit_max_wait_ms / 1000.0 + put_margin

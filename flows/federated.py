@@ -29,6 +29,7 @@ from aggregation.strategies.config import StrategyConfig
 from aggregation.topology import Node, Tree, TreeShape, build_tree
 from edge.data.config import DatasetConfig
 from edge.data.partition import PartitionScheme
+from edge.manifests import close_grace_seconds
 from flows.params import TrainingParams
 from infra.keys import lineage_key
 from infra.run_state import CommitRecord, RoundReport, read_reports
@@ -50,15 +51,9 @@ _D = TrainingParams.model_construct(job="")
 
 # ---------------------------------------------------------------- level subflows
 
-
-def close_grace(gateway: GatewaySettings) -> float:
-    """Seconds after closing a round in which an accepted upload may still be written.
-
-    A gateway accepts uploads until its cached ``ActiveRound`` expires, then the
-    update waits for its group commit and one PUT (half a second is ample on
-    loopback and in-region S3).
-    """
-    return gateway.manifest_cache_seconds + gateway.group_commit_max_wait_ms / 1000 + 0.5
+# After closing a round, time allowed for an accepted upload's S3 PUT to land
+# (on top of the gateways' manifest cache and group-commit wait).
+CLOSE_PUT_MARGIN_S = 0.5
 
 
 @flow(name="leaf-level", validate_parameters=False, log_prints=True)
@@ -75,7 +70,13 @@ async def leaf_level(ctx: RunContext, plan: RoundPlan, tracker: ReportTracker) -
         await close_round(ctx, plan)
         if tracker.reported < plan.selected:
             # Uploads a gateway accepted just before it saw the close may still be landing.
-            await asyncio.sleep(close_grace(ctx.gateway))
+            await asyncio.sleep(
+                close_grace_seconds(
+                    ctx.gateway.manifest_cache_seconds,
+                    ctx.gateway.group_commit_max_wait_ms,
+                    put_margin=CLOSE_PUT_MARGIN_S,
+                )
+            )
         tracker.closed.set()
 
     results = await asyncio.gather(

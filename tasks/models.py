@@ -20,7 +20,13 @@ from aggregation.tensors import TensorDict, decode_tensors, encode_tensors
 from edge.data.config import DatasetConfig
 from edge.data.dataset import Dataset
 from edge.jobs import JobSpec, get_job
-from edge.training import ExportError, evaluate, initial_state, publish_program
+from edge.training import (
+    ExportError,
+    PublishedProgram,
+    evaluate,
+    initial_state,
+    publish_program,
+)
 from edge.training.template import ProgramTemplate, make_template, patch_weights, verify_patched
 from flows.params import local_hyperparams
 from infra.errors import ConfigError
@@ -93,6 +99,35 @@ async def ensure_initial_model(ctx: RunContext) -> CommitRecord:
 _TEMPLATES: dict[tuple[str, str], ProgramTemplate] = {}
 
 
+def _publish_full(
+    ctx: RunContext,
+    store: ObjectStore,
+    job: JobSpec,
+    state: TensorDict,
+    global_model: ObjectRef,
+    *,
+    key: str,
+    parameters: dict[str, object],
+) -> PublishedProgram:
+    """A full export behind the parity gate, stored at ``key``, lineage mirrored to Prefect."""
+    published = publish_program(
+        store,
+        job,
+        state,
+        key=key,
+        inputs=[global_model],
+        batch_size=local_hyperparams(ctx.params, job).batch_size,
+        seed=ctx.params.seed,
+        flow_run_id=current_flow_run_id(),
+        parameters={"run_id": ctx.run_id, **parameters},
+    )
+    if published is None:
+        raise ConfigError(f"job {ctx.job} has no network to export; use runtime=pytorch")
+    if (record := read_lineage(store, key)) is not None:
+        emit_lineage_events(record)
+    return published
+
+
 def _template(
     ctx: RunContext, store: ObjectStore, job: JobSpec, state: TensorDict, global_model: ObjectRef
 ) -> tuple[ProgramTemplate, ObjectRef] | None:
@@ -106,19 +141,9 @@ def _template(
     layout_key = f"{key}.layout.json"
     ref = store.head(key)
     if ref is None or store.head(layout_key) is None:
-        published = publish_program(
-            store,
-            job,
-            state,
-            key=key,
-            inputs=[global_model],
-            batch_size=batch,
-            seed=ctx.params.seed,
-            flow_run_id=current_flow_run_id(),
-            parameters={"run_id": ctx.run_id, "role": "template"},
+        published = _publish_full(
+            ctx, store, job, state, global_model, key=key, parameters={"role": "template"}
         )
-        if published is None:
-            raise ConfigError(f"job {ctx.job} has no network to export; use runtime=pytorch")
         try:
             pte = store.get(key, expected_sha256=published.ref.sha256).data
             template = make_template(pte, state)
@@ -126,8 +151,6 @@ def _template(
             get_run_logger().warning("export-program: %s", exc)
             return None
         put_json(store, layout_key, json.loads(template.layout_json()), kind="program-layout")
-        if (record := read_lineage(store, key)) is not None:
-            emit_lineage_events(record)
         _TEMPLATES[(key, published.ref.sha256)] = template
         return template, published.ref
     if (key, ref.sha256) not in _TEMPLATES:
@@ -146,22 +169,9 @@ def _export(ctx: RunContext, rnd: int, global_model: ObjectRef) -> ObjectRef:
     key = program_key(ctx.job, ctx.run_id, rnd)
     found = _template(ctx, store, job, state, global_model)
     if found is None:  # weights not patchable: a full, parity-gated export every round
-        published = publish_program(
-            store,
-            job,
-            state,
-            key=key,
-            inputs=[global_model],
-            batch_size=local_hyperparams(ctx.params, job).batch_size,
-            seed=ctx.params.seed,
-            flow_run_id=current_flow_run_id(),
-            parameters={"round": rnd, "run_id": ctx.run_id},
-        )
-        if published is None:
-            raise ConfigError(f"job {ctx.job} has no network to export; use runtime=pytorch")
-        if (record := read_lineage(store, key)) is not None:
-            emit_lineage_events(record)
-        return published.ref
+        return _publish_full(
+            ctx, store, job, state, global_model, key=key, parameters={"round": rnd}
+        ).ref
     template, template_ref = found
     pte = patch_weights(template, state)
     verify_patched(job, pte, state)  # the program holds exactly this round's weights
