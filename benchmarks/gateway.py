@@ -37,11 +37,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from aggregation.tensors import encode_tensors
-from edge.gateway.harness import GatewayProcess, free_port, write_round
-from edge.jobs.hello import HELLO_MOBILE
-from infra.settings import GatewaySettings, S3Settings
-from infra.store import S3ObjectStore
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # tests.support is test code, not part of the installed package
+
+from aggregation.tensors import encode_tensors  # noqa: E402
+from edge.jobs.hello import HELLO_MOBILE  # noqa: E402
+from infra.settings import GatewaySettings, S3Settings  # noqa: E402
+from infra.store import S3ObjectStore  # noqa: E402
+from tests.support.harness import GatewayProcess, free_port, write_round  # noqa: E402
 
 JOB, RUN = "hello-mobile", "bench"
 SECRET = "canopy-local-enrolment"

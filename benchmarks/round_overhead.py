@@ -119,10 +119,10 @@ def main() -> None:
     from moto.server import ThreadedMotoServer
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from edge.gateway.harness import GatewayThread
     from flows.deployments import load_deployment_specs
     from infra.settings import GatewaySettings, S3Settings
     from infra.store import S3ObjectStore
+    from tests.support.harness import GatewayThread
 
     s3_port = free_port()
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -14,12 +13,7 @@ from moto.server import ThreadedMotoServer
 
 from infra.settings import S3Settings
 from infra.store import S3ObjectStore
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.support.harness import free_port
 
 
 @pytest.fixture(scope="session")

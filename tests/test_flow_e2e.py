@@ -24,7 +24,6 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-from edge.gateway.harness import GatewayThread
 from flows.federated import federated_training
 from infra import keys
 from infra.lineage import LineageNode, walk_lineage
@@ -32,6 +31,7 @@ from infra.run_state import RoundReport, read_commit, read_reports
 from infra.settings import GatewaySettings, S3Settings
 from infra.store import S3ObjectStore
 from tasks.ui import artifact_key
+from tests.support.harness import GatewayThread
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent

@@ -17,12 +17,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from aggregation.tensors import TensorDict, encode_tensors
-from edge.gateway.harness import GatewayProcess, GatewayThread, write_round
 from edge.routing import leaf_for_device
 from edge.update_batch import decode_update_batch
 from infra.keys import updates_prefix
 from infra.settings import GatewaySettings, S3Settings
 from infra.store import S3ObjectStore
+from tests.support.harness import GatewayProcess, GatewayThread, write_round
 
 JOB, RUN = "cluster-test", "run-1"
 LEAVES = ["leaf-0", "leaf-1", "leaf-2"]

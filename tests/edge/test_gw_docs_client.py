@@ -14,12 +14,12 @@ import httpx
 import numpy as np
 from safetensors.numpy import load, save
 
-from edge.gateway.harness import GatewayThread, write_round
 from edge.protocol import ErrorCode
 from edge.update_batch import decode_update_batch
 from infra.keys import updates_prefix
 from infra.settings import GatewaySettings
 from infra.store import S3ObjectStore
+from tests.support.harness import GatewayThread, write_round
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 

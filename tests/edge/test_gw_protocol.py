@@ -17,7 +17,6 @@ import pytest
 
 from aggregation.tensors import TensorDict, decode_tensors, encode_tensors
 from edge.gateway import GatewayTuning
-from edge.gateway.harness import GatewayThread, read_active, set_round_status, write_round
 from edge.manifests import DeviceRecord, LeafTask, device_key
 from edge.routing import leaf_for_device
 from edge.update_batch import decode_update_batch
@@ -25,6 +24,7 @@ from infra.keys import updates_prefix
 from infra.lineage import read_lineage
 from infra.settings import GatewaySettings
 from infra.store import S3ObjectStore, get_json, put_json
+from tests.support.harness import GatewayThread, read_active, set_round_status, write_round
 
 JOB, RUN = "hello-test", "run-1"
 LEAVES = ["leaf-0", "leaf-1"]

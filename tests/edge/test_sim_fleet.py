@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 
 from aggregation.tensors import TensorDict
-from edge.gateway.harness import GatewayProcess, read_active, set_round_status, write_round
 from edge.manifests import DataHint
 from edge.simulator import (
     SimulationConfig,
@@ -35,6 +34,7 @@ from edge.update_batch import DeviceUpdate, decode_update_batch
 from infra.keys import updates_prefix
 from infra.settings import GatewaySettings, S3Settings
 from infra.store import S3ObjectStore
+from tests.support.harness import GatewayProcess, read_active, set_round_status, write_round
 
 JOB = "hello-mobile"
 DEVICES, ROUNDS, PER_ROUND = 24, 2, 10

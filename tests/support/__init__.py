@@ -1,0 +1,1 @@
+"""Test and benchmark support: gateways in threads or processes, rounds opened by hand."""
