@@ -82,6 +82,26 @@ def update_batch_key(job: str, run: str, rnd: int, leaf: str, batch: str) -> str
     return f"{updates_prefix(job, run, rnd, leaf)}{check_segment(batch, 'batch')}.safetensors"
 
 
+_BATCH_COUNT = re.compile(r"-n(\d{1,9})\.safetensors$")
+
+
+def batch_name(gateway_id: str, millis: int, seq: int, count: int) -> str:
+    """A batch id that carries its update count, so a LIST alone tells how many reports landed.
+
+    The round's close watcher counts reports across every leaf from key names
+    (no GET per batch); readers still take the count from the batch itself.
+    """
+    if count < 1:
+        raise ValueError(f"a batch holds at least one update, got {count}")
+    return f"{gateway_id}-{millis}-{seq:06d}-n{count}"
+
+
+def batch_update_count(key: str) -> int:
+    """Updates in the batch at ``key`` according to its name (1 for a name without a count)."""
+    found = _BATCH_COUNT.search(key)
+    return int(found.group(1)) if found else 1
+
+
 def partial_key(job: str, run: str, rnd: int, node: str) -> str:
     return f"{round_prefix(job, run, rnd)}partials/{check_segment(node, 'node')}.safetensors"
 

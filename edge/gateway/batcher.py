@@ -35,7 +35,7 @@ from edge.update_batch import (
     DeviceUpdate,
     encode_update_batch,
 )
-from infra.keys import update_batch_key
+from infra.keys import batch_name, update_batch_key
 from infra.lineage import make_record, write_lineage
 from infra.store import ObjectRef, ObjectStore
 
@@ -120,7 +120,9 @@ class GroupCommitter:
         loop = asyncio.get_running_loop()
         ctx = batch.context
         updates = [update for update, _ in batch.items]
-        batch_id = f"{self._gateway_id}-{time.time_ns() // 1_000_000}-{next(self._seq):06d}"
+        batch_id = batch_name(
+            self._gateway_id, time.time_ns() // 1_000_000, next(self._seq), len(updates)
+        )
         key = update_batch_key(ctx.job, ctx.run_id, ctx.round, ctx.leaf, batch_id)
         started = time.perf_counter()
         started_at = datetime.now(UTC)
