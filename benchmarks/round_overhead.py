@@ -37,7 +37,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from infra.stack import start_prefect_server, wait_healthy  # noqa: E402
+from flows.stack import start_prefect_server, wait_healthy  # noqa: E402
 
 PHASES = ["export", "dispatch", "devices", "close-and-collect", "aggregate", "evaluate"]
 

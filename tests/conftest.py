@@ -51,7 +51,7 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from infra.stack import start_prefect_server, wait_healthy
+    from flows.stack import start_prefect_server, wait_healthy
 
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()

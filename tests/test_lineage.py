@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 from typer.testing import CliRunner
 
-from infra.cli import app
+from flows.cli import app
 from infra.lineage import make_record, read_lineage, walk_lineage, write_lineage
 from infra.settings import S3Settings
 from infra.store import MemoryObjectStore, ObjectStore, S3ObjectStore

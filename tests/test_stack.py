@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from infra import stack
+from flows import stack
 from infra.run_state import read_commit, read_reports
 from infra.settings import S3Settings
 from infra.store import S3ObjectStore

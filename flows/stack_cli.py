@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from infra import stack
+from flows import stack
 from infra.run_state import CommitRecord, read_commit, read_reports
 from infra.settings import S3Settings
 from infra.store import S3ObjectStore
