@@ -29,22 +29,15 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings
 
 from aggregation.tensors import TensorDict, encode_tensors
+from edge import round_control
 from edge.gateway.app import create_app
 from edge.gateway.tuning import GatewayTuning
-from edge.manifests import (
-    KIND_ACTIVE_ROUND,
-    KIND_LEAF_TASK,
-    ActiveRound,
-    DataHint,
-    LeafTask,
-    RoundStatus,
-    Runtime,
-    make_task_id,
-)
+from edge.manifests import ActiveRound, DataHint, LeafTask, RoundStatus, Runtime
+from edge.round_control import active_round, leaf_tasks, open_round
 from edge.routing import assign_leaves
-from infra.keys import active_job_key, global_model_key, program_key, task_manifest_key
+from infra.keys import global_model_key, program_key
 from infra.settings import GatewaySettings, S3Settings
-from infra.store import ObjectStore, get_json, put_json
+from infra.store import ObjectStore
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -226,12 +219,13 @@ def write_round(
     data_hint: DataHint | None = None,
     poll_seconds: float = 0.5,
     idle_poll_seconds: float = 1.0,
+    max_num_samples: int | None = None,
 ) -> dict[str, LeafTask]:
-    """Write what a round flow writes when it opens a round; return the leaf tasks.
+    """Open a round as the flow does, without Prefect; return the leaf tasks.
 
-    For tests, benchmarks and experiments without Prefect: global model (and
-    program), one ``LeafTask`` per leaf with the selected devices routed by
-    ``leaf_for_device``, then the ``ActiveRound`` pointer, last, as the flow does.
+    For tests, benchmarks and experiments: store the global model (and
+    program), then ``edge.round_control.open_round`` with the selected devices
+    routed by ``leaf_for_device``, exactly the calls the flow's open task makes.
     """
     global_ref = store.put_bytes(
         global_model_key(job, run_id, rnd), encode_tensors(state), kind="global-model"
@@ -241,50 +235,41 @@ def write_round(
         if program is not None
         else None
     )
-    deadline = datetime.now(UTC) + timedelta(seconds=deadline_seconds)
-    spec = {name: (list(arr.shape), arr.dtype.name) for name, arr in state.items()}
-    tasks: dict[str, LeafTask] = {}
-    for leaf, devices in assign_leaves(selected, leaves).items():
-        tasks[leaf] = LeafTask(
-            task_id=make_task_id(job, run_id, rnd, leaf),
-            job=job,
-            run_id=run_id,
-            round=rnd,
-            leaf=leaf,
-            selected_device_ids=devices,
-            model_version=global_ref.sha256,
-            global_model=global_ref,
-            program=program_ref,
-            tensor_spec=spec,
-            hyperparams=dict(hyperparams or {}),
-            runtime=runtime,
-            deadline=deadline,
-            data_hint=data_hint,
-        )
-        put_json(store, task_manifest_key(job, run_id, rnd, leaf), tasks[leaf], kind=KIND_LEAF_TASK)
-    set_round_status(
-        store,
-        ActiveRound(
-            job=job,
-            run_id=run_id,
-            round=rnd,
-            status="open",
-            leaves=list(leaves),
-            leaf_manifest_keys={leaf: task_manifest_key(job, run_id, rnd, leaf) for leaf in leaves},
-            opened_at=datetime.now(UTC),
-            poll_seconds=poll_seconds,
-            idle_poll_seconds=idle_poll_seconds,
-        ),
+    now = datetime.now(UTC)
+    tasks = leaf_tasks(
+        job=job,
+        run_id=run_id,
+        rnd=rnd,
+        selected_by_leaf=assign_leaves(selected, leaves),
+        global_model=global_ref,
+        program=program_ref,
+        tensor_spec={name: (list(arr.shape), arr.dtype.name) for name, arr in state.items()},
+        hyperparams=dict(hyperparams or {}),
+        runtime=runtime,
+        deadline=now + timedelta(seconds=deadline_seconds),
+        data_hint=data_hint,
+        max_num_samples=max_num_samples,
     )
+    pointer = active_round(
+        job=job,
+        run_id=run_id,
+        rnd=rnd,
+        leaves=leaves,
+        status="open",
+        opened_at=now,
+        poll_seconds=poll_seconds,
+        idle_poll_seconds=idle_poll_seconds,
+    )
+    open_round(store, tasks, pointer)
     return tasks
 
 
 def set_round_status(store: ObjectStore, active: ActiveRound, status: RoundStatus = "open") -> None:
     """Write ``active`` with ``status`` as the job's ActiveRound (closing or finishing it)."""
-    closed_at = None if status == "open" else datetime.now(UTC)
-    record = active.model_copy(update={"status": status, "closed_at": closed_at})
-    put_json(store, active_job_key(active.job), record, kind=KIND_ACTIVE_ROUND)
+    round_control.set_round_status(store, active, status)
 
 
 def read_active(store: ObjectStore, job: str) -> ActiveRound:
-    return ActiveRound.model_validate(get_json(store, active_job_key(job)))
+    active = round_control.read_active(store, job)
+    assert active is not None, f"no active round for {job}"
+    return active
