@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows.params import TrainingParams
+from tasks.params import TrainingParams
 
 PREFECT_YAML = Path(__file__).resolve().parent.parent / "prefect.yaml"
 

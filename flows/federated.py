@@ -30,7 +30,7 @@ from aggregation.topology import Node, Tree, TreeShape, build_tree
 from edge.data.config import DatasetConfig
 from edge.data.partition import PartitionScheme
 from edge.manifests import close_grace_seconds
-from flows.params import TrainingParams
+from tasks.params import TrainingParams
 from infra.keys import lineage_key
 from infra.run_state import CommitRecord, RoundReport, read_reports
 from infra.settings import GatewaySettings, S3Settings
@@ -251,7 +251,7 @@ async def federated_training(
 ) -> list[RoundReport]:
     """Train ``job`` federatedly for ``rounds`` committed rounds; resume by ``run_id``.
 
-    Parameters are validated by ``flows.params.TrainingParams`` before any work
+    Parameters are validated by ``tasks.params.TrainingParams`` before any work
     starts. Running again with the same ``run_id`` continues from the last
     committed round in S3; no round is applied twice.
     """

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from prefect.runtime import flow_run
 
-from flows.params import TrainingParams
+from tasks.params import TrainingParams
 from infra.settings import GatewaySettings, S3Settings
 from infra.store import S3ObjectStore
 

@@ -31,7 +31,7 @@ from edge.manifests import (
     registry_prefix,
 )
 from edge.routing import leaf_for_device
-from flows.params import local_hyperparams
+from tasks.params import local_hyperparams
 from infra.keys import active_job_key, task_manifest_key
 from infra.run_state import CommitRecord
 from infra.store import ObjectRef, ObjectStore, put_json

@@ -28,7 +28,7 @@ from edge.training import (
     publish_program,
 )
 from edge.training.template import ProgramTemplate, make_template, patch_weights, verify_patched
-from flows.params import local_hyperparams
+from tasks.params import local_hyperparams
 from infra.errors import ConfigError
 from infra.keys import global_model_key, program_key, program_template_key, run_prefix
 from infra.lineage import make_record, read_lineage
