@@ -37,7 +37,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from flows.stack import start_prefect_server, wait_healthy  # noqa: E402
+from infra.health import wait_http_ok as wait_healthy  # noqa: E402
+from infra.prefect_server import start_prefect_server  # noqa: E402
 
 PHASES = ["export", "dispatch", "devices", "close-and-collect", "aggregate", "evaluate"]
 

@@ -9,14 +9,10 @@ background ignores SIGINT), then SIGKILL for any that linger.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,17 +21,13 @@ import httpx
 
 from flows.deployments import load_deployment_specs
 from infra.errors import CanopyError
-
-# Prefect's SQLite server records task events one transaction each; batching them
-# and flushing every second removes the 'database is locked' 503s (and the
-# client's fixed 2 s back-off) that otherwise dominate a round's overhead.
-PREFECT_SERVER_TUNING = {
-    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "1000",
-    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
-    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": "1000",
-    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-}
+from infra.health import NotHealthyError, Process, wait_http_ok, wait_until
+from infra.prefect_server import (
+    PREFECT_SERVER_TUNING,
+    prefect_server_command,
+    start_prefect_server,
+)
+from infra.process import alive, spawn, stop_group
 
 DEFAULT_JOBS = ("hello-mobile", "xor-mobile", "cifar10-mobile")
 
@@ -101,56 +93,6 @@ def record_path(root: Path) -> Path:
     return root / "stack.json"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _start(
-    name: str, command: list[str], root: Path, env: Mapping[str, str], url: str | None = None
-) -> ServiceRecord:
-    log = root / "logs" / f"{name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            command,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, **env},
-            start_new_session=True,  # own process group: `down` stops its children too
-        )
-    return ServiceRecord(name=name, pid=proc.pid, command=command, log=str(log), url=url)
-
-
-def _wait(
-    service: ServiceRecord, ready: Callable[[], bool], timeout_s: float, poll_s: float = 0.25
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not _alive(service.pid):
-            raise StackError(f"{service.name} exited during start-up; see {service.log}")
-        try:
-            if ready():
-                return
-        except (httpx.HTTPError, OSError):
-            pass
-        time.sleep(poll_s)
-    raise StackError(f"{service.name} not healthy after {timeout_s:.0f}s; see {service.log}")
-
-
-def _http_ok(url: str) -> Callable[[], bool]:
-    def check() -> bool:
-        return httpx.get(url, timeout=2.0).status_code < 500
-
-    return check
-
-
 def _deployments_ready(api_url: str, names: list[str], since: datetime) -> Callable[[], bool]:
     """True once the runner has (re)registered every deployment after ``since``.
 
@@ -167,54 +109,6 @@ def _deployments_ready(api_url: str, names: list[str], since: datetime) -> Calla
         return set(names) <= fresh
 
     return check
-
-
-def start_prefect_server(
-    home: Path, port: int, log: Path, *, ui: bool = True
-) -> subprocess.Popen[bytes]:
-    """A Prefect server on 127.0.0.1 with its own PREFECT_HOME and the SQLite tuning.
-
-    Shared by ``canopy up``-style tooling, the test suite and the benchmarks, so
-    all of them measure and test the same server configuration.
-    """
-    env = {**os.environ, **PREFECT_SERVER_TUNING, "PREFECT_HOME": str(home)}
-    env.pop("PREFECT_API_URL", None)
-    if not ui:
-        env["PREFECT_UI_ENABLED"] = "false"
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "prefect",
-                "server",
-                "start",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-
-
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 120.0) -> None:
-    """Poll ``url`` until it answers 200; fail early if ``proc`` exits."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise StackError(f"process {proc.pid} exited before {url} was healthy")
-        try:
-            if httpx.get(url, timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise StackError(f"{url} not healthy after {timeout_s:.0f}s")
 
 
 def deployment_names() -> list[str]:
@@ -237,90 +131,84 @@ def up(
     path = record_path(root)
     if path.exists():
         old = StackRecord.load(path)
-        if any(_alive(s.pid) for s in old.services):
+        if any(alive(s.pid) for s in old.services):
             raise StackError(f"a stack is already running from {root}; run `canopy down` first")
     env = stack_env(root, ports)
+    child_env = {**os.environ, **env}
     record = StackRecord(root=str(root), env=env)
     py = sys.executable
-    bindir = Path(py).parent
     host = "127.0.0.1"
 
-    def launch(
-        name: str,
-        cmd: list[str],
-        ready: Callable[[], bool] | None,
-        url: str | None,
-        timeout_s: float = 60.0,
-    ) -> None:
-        service = _start(name, cmd, root, env, url)
-        record.services.append(service)
-        record.save(path)  # saved after each start, so `down` can clean a half-started stack
-        if ready is not None:
-            _wait(service, ready, timeout_s)
-        log(f"  {name:<22} pid {service.pid:<7} {url or ''}")
+    def log_file(name: str) -> Path:
+        return root / "logs" / f"{name}.log"
+
+    def started(name: str, pid: int, cmd: list[str], url: str | None) -> str:
+        """Record a service before waiting on it, so `down` can clean a half-started stack."""
+        record.services.append(ServiceRecord(name, pid, cmd, str(log_file(name)), url))
+        record.save(path)
+        log(f"  {name:<22} pid {pid:<7} {url or ''}")
+        return f"{name} (log: {log_file(name)})"
+
+    def launch(name: str, cmd: list[str], url: str | None) -> tuple[Process, str]:
+        proc = spawn(cmd, log_file(name), child_env)
+        return proc, started(name, proc.pid, cmd, url)
 
     try:
         s3_url = env["CANOPY_S3_ENDPOINT_URL"]
-        launch(
-            "moto-s3",
-            [py, "-m", "moto.server", "-H", host, "-p", str(ports.s3)],
-            _http_ok(f"{s3_url}/moto-api/"),
-            s3_url,
+        proc, what = launch(
+            "moto-s3", [py, "-m", "moto.server", "-H", host, "-p", str(ports.s3)], s3_url
         )
+        wait_http_ok(f"{s3_url}/moto-api/", proc, timeout=60.0, what=what)
+
         api = env["PREFECT_API_URL"]
-        launch(
-            "prefect-server",
-            [
-                str(bindir / "prefect"),
-                "server",
-                "start",
-                "--host",
-                host,
-                "--port",
-                str(ports.prefect),
-            ],
-            _http_ok(f"{api}/health"),
-            env["CANOPY_PREFECT_UI_URL"],
-            timeout_s=120.0,
+        server = start_prefect_server(
+            root / "prefect", ports.prefect, log_file("prefect-server"), base_env=child_env
         )
+        what = started(
+            "prefect-server",
+            server.pid,
+            prefect_server_command(host, ports.prefect),
+            env["CANOPY_PREFECT_UI_URL"],
+        )
+        wait_http_ok(f"{api}/health", server, timeout=120.0, what=what)
+
         gateway_urls = json.loads(env["CANOPY_GATEWAY_URLS"])
         for i, (port, url) in enumerate(zip(ports.gateways, gateway_urls, strict=True)):
-            launch(
-                f"gateway-{i}",
-                [py, "-m", "edge.gateway", "--host", host, "--port", str(port)],
-                _http_ok(f"{url}/healthz"),
-                url,
-            )
-        launch(
-            "runner",
-            [py, "-m", "flows.serve"],
-            _deployments_ready(api, deployment_names(), datetime.now(UTC)),
-            None,
-            timeout_s=120.0,
-        )
+            cmd = [py, "-m", "edge.gateway", "--host", host, "--port", str(port)]
+            proc, what = launch(f"gateway-{i}", cmd, url)
+            wait_http_ok(f"{url}/healthz", proc, timeout=60.0, what=what)
+
+        since = datetime.now(UTC)
+        proc, what = launch("runner", [py, "-m", "flows.serve"], None)
+        wait_until(_deployments_ready(api, deployment_names(), since), 120.0, what, proc)
+
         for job in jobs:
-            launch(
-                f"simulator-{job}",
-                [
-                    str(bindir / "canopy"),
-                    "simulate",
-                    "--job",
-                    job,
-                    "--devices",
-                    str(devices),
-                    "--seed",
-                    str(seed),
-                    "--gateway",
-                    ",".join(gateway_urls),
-                    "--forever",
-                ],
-                None,
-                None,
-            )
+            launch(f"simulator-{job}", simulator_command(job, gateway_urls, devices, seed), None)
+    except NotHealthyError as exc:
+        down(root, log=lambda _msg: None)
+        raise StackError(str(exc)) from exc
     except BaseException:
         down(root, log=lambda _msg: None)
         raise
     return record
+
+
+def simulator_command(job: str, gateway_urls: list[str], devices: int, seed: int) -> list[str]:
+    """``canopy simulate`` for one job, polling forever (a local stack outlives runs)."""
+    return [
+        sys.executable,
+        "-m",
+        "edge.simulator",
+        "--job",
+        job,
+        "--devices",
+        str(devices),
+        "--seed",
+        str(seed),
+        "--gateway",
+        ",".join(gateway_urls),
+        "--forever",
+    ]
 
 
 def down(root: Path, *, timeout_s: float = 15.0, log: Callable[[str], None] = print) -> int:
@@ -332,26 +220,8 @@ def down(root: Path, *, timeout_s: float = 15.0, log: Callable[[str], None] = pr
     record = StackRecord.load(path)
     stopped = 0
     for service in reversed(record.services):
-        if not _alive(service.pid):
-            continue
-        try:
-            os.killpg(service.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            continue
-        deadline = time.monotonic() + timeout_s
-        while _alive(service.pid) and time.monotonic() < deadline:
-            _reap(service.pid)
-            time.sleep(0.1)
-        if _alive(service.pid):
-            os.killpg(service.pid, signal.SIGKILL)
-            _reap(service.pid)
-        stopped += 1
-        log(f"  stopped {service.name} (pid {service.pid})")
+        if stop_group(service.pid, timeout_s):
+            stopped += 1
+            log(f"  stopped {service.name} (pid {service.pid})")
     path.unlink()
     return stopped
-
-
-def _reap(pid: int) -> None:
-    """Collect a child we started ourselves, so it does not linger as a zombie."""
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)

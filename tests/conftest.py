@@ -51,7 +51,8 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.stack import start_prefect_server, wait_healthy
+    from infra.health import wait_http_ok as wait_healthy
+    from infra.prefect_server import start_prefect_server
 
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()

@@ -1,0 +1,66 @@
+"""The one way Canopy starts a Prefect server: ``canopy up``, the tests and the benchmarks.
+
+All of them start the same command with the same SQLite tuning, so what the
+benchmarks measure and the tests exercise is the server a user runs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from infra.process import spawn
+
+# Prefect's SQLite server records task events one transaction each; batching them
+# and flushing every second removes the 'database is locked' 503s (and the
+# client's fixed 2 s back-off) that otherwise dominate a round's overhead.
+PREFECT_SERVER_TUNING = {
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "1000",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": "1000",
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}
+
+
+def prefect_server_command(host: str, port: int) -> list[str]:
+    """``python -m prefect server start``: this interpreter's Prefect, wherever its bin is."""
+    return [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
+
+
+def prefect_server_env(
+    home: Path, *, ui: bool = True, base: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The server's environment: ``base`` (default ``os.environ``), its home, the tuning.
+
+    ``PREFECT_API_URL`` is dropped: it is a client setting, and one inherited from
+    a developer's shell would point the server's own services elsewhere.
+    """
+    env = {**(os.environ if base is None else base), **PREFECT_SERVER_TUNING}
+    env["PREFECT_HOME"] = str(home)
+    env.pop("PREFECT_API_URL", None)
+    if not ui:
+        env["PREFECT_UI_ENABLED"] = "false"
+    return env
+
+
+def start_prefect_server(
+    home: Path,
+    port: int,
+    log: Path,
+    *,
+    ui: bool = True,
+    host: str = "127.0.0.1",
+    base_env: Mapping[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """A Prefect server on ``host:port`` with its own ``PREFECT_HOME``, logging to ``log``.
+
+    It leads its own process group; stop it with ``infra.process.stop_group``.
+    Wait for it with ``infra.health.wait_http_ok(f"http://{host}:{port}/api/health")``.
+    """
+    return spawn(
+        prefect_server_command(host, port), log, prefect_server_env(home, ui=ui, base=base_env)
+    )
