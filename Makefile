@@ -3,16 +3,20 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.canopy-installed
+# Exact versions of every package (pip constraints); `make lock` refreshes it.
+CONSTRAINTS := constraints.txt
+LOCK_VENV ?= /tmp/canopy-lock-venv
 
-.PHONY: install run test lint bench clean-stack
+.PHONY: install run test lint typecheck lock bench clean-stack
 
 # torch is installed first and pinned: 2.13.0 is a CPU wheel; a looser spec pulls CUDA builds.
-$(STAMP): pyproject.toml
+# `local` is the laptop stack's S3 server (moto), needed by `make run` and the tests.
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) torch==2.13.0
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e ".[dev,local]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -20,8 +24,26 @@ install: $(STAMP)
 lint: install
 	$(BIN)/ruff check .
 
+typecheck: install
+	$(BIN)/mypy aggregation infra
+
 test: install
-	$(BIN)/ruff check . && $(BIN)/pytest -q
+	$(BIN)/ruff check . && $(BIN)/mypy aggregation infra && $(BIN)/pytest -q
+
+# Re-resolve pyproject's ranges in a throwaway venv (no constraints) and pin the result.
+# Run it after changing a dependency, then `make test` and commit constraints.txt.
+lock:
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/pip install --quiet torch==2.13.0
+	$(LOCK_VENV)/bin/pip install --quiet -e ".[dev,local]"
+	{ sed -n '/^#/p' $(CONSTRAINTS); \
+	  $(LOCK_VENV)/bin/pip freeze --exclude-editable | grep -v '^#' \
+	    | sed -E 's/^(torch==[^+]*)\+.*/\1/'; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	rm -rf $(LOCK_VENV)
 
 # The main job: local stack (Prefect on SQLite, moto S3, two gateways, a runner,
 # simulated devices), then the cifar10-mobile deployment, watched to the end.

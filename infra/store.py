@@ -13,7 +13,7 @@ import hashlib
 import json
 import threading
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import boto3
 from botocore.config import Config
@@ -22,6 +22,9 @@ from pydantic import BaseModel, ConfigDict
 
 from infra.errors import IntegrityError, ObjectNotFoundError, StoreError
 from infra.settings import S3Settings
+
+if TYPE_CHECKING:  # types only: the stubs are a dev dependency
+    from mypy_boto3_s3 import S3Client
 
 FORMAT_VERSION = "1"
 _RESERVED = ("canopy-sha256", "canopy-kind", "canopy-format")
@@ -112,7 +115,7 @@ class S3ObjectStore:
         self.settings = settings
         self.bucket = settings.bucket
         secret = settings.secret_access_key
-        self._client: Any = boto3.session.Session().client(
+        self._client: S3Client = boto3.session.Session().client(
             "s3",
             endpoint_url=settings.endpoint_url,
             region_name=settings.region,
