@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -36,8 +37,26 @@ MAX_METRICS = 32
 MAX_METRIC_NAME = 64
 MAX_NUM_SAMPLES = 1_000_000_000
 MAX_JSON_BODY_BYTES = 16 * 1024
+MAX_ENROL_JOBS = 16
+MAX_SECRET_CHARS = 512
+MAX_FREE_TEXT_CHARS = 64
+MAX_TASK_ID_CHARS = 256
 
-DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+MAX_ID_CHARS = 128
+# Ids become S3 key segments (``infra.keys.check_segment``): 1 to 128 letters, digits,
+# '.', '_' or '-', starting with a letter or digit, and never two dots in a row (so no
+# id can climb out of its prefix). The pattern has no look-around, so the same string
+# works in Python, in pydantic's Rust regex and in JSON Schema (ECMA 262); the length is
+# a separate limit (``MAX_ID_CHARS``, ``maxLength`` in OpenAPI).
+ID_PATTERN = r"^[A-Za-z0-9](?:\.?[A-Za-z0-9_-])*\.?$"
+DEVICE_ID_PATTERN = ID_PATTERN  # the same rule for device ids and job names
+_ID = re.compile(ID_PATTERN)
+
+
+def valid_id(value: str) -> bool:
+    """Whether ``value`` is a valid device id or job name (exactly what the store accepts)."""
+    return len(value) <= MAX_ID_CHARS and _ID.fullmatch(value) is not None
+
 
 ModelFormat = Literal["pte", "safetensors"]
 
@@ -123,16 +142,18 @@ class EnrolRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    device_id: str = Field(pattern=DEVICE_ID_PATTERN, description="Stable id chosen by the device.")
-    enrolment_secret: str = Field(min_length=1, max_length=512)
-    jobs: list[Annotated[str, Field(pattern=DEVICE_ID_PATTERN)]] = Field(
-        min_length=1, max_length=16, description="Jobs the device will train for."
+    device_id: str = Field(
+        pattern=ID_PATTERN, max_length=MAX_ID_CHARS, description="Stable id chosen by the device."
+    )
+    enrolment_secret: str = Field(min_length=1, max_length=MAX_SECRET_CHARS)
+    jobs: list[Annotated[str, Field(pattern=ID_PATTERN, max_length=MAX_ID_CHARS)]] = Field(
+        min_length=1, max_length=MAX_ENROL_JOBS, description="Jobs the device will train for."
     )
     runtimes: list[Runtime] = Field(
         min_length=1, max_length=2, description="Runtimes the device can train with."
     )
-    platform: str | None = Field(default=None, max_length=64)
-    app_version: str | None = Field(default=None, max_length=64)
+    platform: str | None = Field(default=None, max_length=MAX_FREE_TEXT_CHARS)
+    app_version: str | None = Field(default=None, max_length=MAX_FREE_TEXT_CHARS)
 
 
 class EnrolResponse(BaseModel):

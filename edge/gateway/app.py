@@ -10,7 +10,6 @@ guess. ``docs/protocol.md`` describes the same surface for humans.
 from __future__ import annotations
 
 import logging
-import re
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -39,7 +38,6 @@ from edge.gateway.service import GatewayService
 from edge.gateway.tuning import GatewayTuning
 from edge.protocol import (
     API_PREFIX,
-    DEVICE_ID_PATTERN,
     HEADER_GATEWAY,
     HEADER_METRICS,
     HEADER_MODEL_FORMAT,
@@ -47,6 +45,7 @@ from edge.protocol import (
     HEADER_NUM_SAMPLES,
     HEADER_SHA256,
     MAX_JSON_BODY_BYTES,
+    MAX_TASK_ID_CHARS,
     UPDATE_CONTENT_TYPES,
     EnrolRequest,
     EnrolResponse,
@@ -59,20 +58,19 @@ from edge.protocol import (
     parse_metrics,
     parse_num_samples,
     parse_range,
+    valid_id,
 )
 from infra.settings import GatewaySettings
 from infra.store import ObjectStore
 
 log = logging.getLogger("canopy.gateway")
 
-_ID = re.compile(DEVICE_ID_PATTERN)
-
 
 def _ids(request: Request, *names: str) -> tuple[str, ...]:
     """Path parameters, checked by hand (FastAPI's per-parameter validation is the slow part)."""
     values = tuple(str(request.path_params[name]) for name in names)
     for name, value in zip(names, values, strict=True):
-        ok = 0 < len(value) <= 256 if name == "task_id" else _ID.fullmatch(value) is not None
+        ok = 0 < len(value) <= MAX_TASK_ID_CHARS if name == "task_id" else valid_id(value)
         if not ok:
             raise ProtocolError(
                 422, ErrorCode.BAD_REQUEST, f"path parameter {name} {value[:64]!r} is invalid"

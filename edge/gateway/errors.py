@@ -19,9 +19,11 @@ from edge.protocol import ErrorCode, ProtocolError
 log = logging.getLogger("canopy.gateway")
 
 
-def error_response(exc: ProtocolError, metrics: GatewayMetrics) -> JSONResponse:
+def error_response(
+    exc: ProtocolError, metrics: GatewayMetrics, headers: dict[str, str] | None = None
+) -> JSONResponse:
     metrics.errors.labels(status=str(exc.status), code=exc.code.value).inc()
-    headers = {}
+    headers = dict(headers or {})
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
     return JSONResponse(exc.body().model_dump(mode="json"), status_code=exc.status, headers=headers)
@@ -49,7 +51,10 @@ def install_error_handlers(app: FastAPI, metrics: GatewayMetrics) -> None:
         code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}.get(
             exc.status_code, ErrorCode.BAD_REQUEST
         )
-        return error_response(ProtocolError(exc.status_code, code, str(exc.detail)), metrics)
+        # Starlette puts ``Allow`` on its 405s; RFC 9110 (15.5.6) requires it, so keep it.
+        return error_response(
+            ProtocolError(exc.status_code, code, str(exc.detail)), metrics, exc.headers
+        )
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -15,10 +15,12 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from edge.protocol import (
-    DEVICE_ID_PATTERN,
     HEADER_METRICS,
     HEADER_MODEL_VERSION,
     HEADER_NUM_SAMPLES,
+    ID_PATTERN,
+    MAX_ID_CHARS,
+    MAX_TASK_ID_CHARS,
     UPDATE_CONTENT_TYPES,
     EnrolRequest,
     ErrorBody,
@@ -56,13 +58,14 @@ UPLOAD_HEADERS = [
     },
 ]
 
+ID_SCHEMA = {"type": "string", "pattern": ID_PATTERN, "maxLength": MAX_ID_CHARS}
 PATH_DOCS = {
-    "job": ("Job name.", {"type": "string", "pattern": DEVICE_ID_PATTERN}),
-    "device_id": (
-        "The device's id (the token's device).",
-        {"type": "string", "pattern": DEVICE_ID_PATTERN},
+    "job": ("Job name.", ID_SCHEMA),
+    "device_id": ("The device's id (the token's device).", ID_SCHEMA),
+    "task_id": (
+        "Task id of the offer.",
+        {"type": "string", "minLength": 1, "maxLength": MAX_TASK_ID_CHARS},
     ),
-    "task_id": ("Task id of the offer.", {"type": "string", "minLength": 1, "maxLength": 256}),
 }
 FORMAT_PARAM = {
     "name": "format",

@@ -64,7 +64,9 @@ def issue_token(
 
 def verify_token(secret: bytes, token: str, *, now: int) -> TokenClaims:
     """Check signature and expiry; raise a 401 ``ProtocolError`` otherwise."""
-    parts = token.split(".") if len(token) <= MAX_TOKEN_CHARS else []
+    # Header values arrive as latin-1 text: anything non-ASCII cannot be one of our tokens
+    # (and hmac.compare_digest refuses to compare non-ASCII strings).
+    parts = token.split(".") if len(token) <= MAX_TOKEN_CHARS and token.isascii() else []
     if len(parts) != 3 or parts[0] != _VERSION:
         raise ProtocolError(401, ErrorCode.BAD_TOKEN, "token is malformed; enrol again")
     signing_input = f"{parts[0]}.{parts[1]}"

@@ -17,30 +17,17 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Mapping
 from concurrent.futures import Executor
 from datetime import UTC, datetime
 
-from aggregation.guards import UpdateRejected, check_update
-from aggregation.tensors import TensorDict, TensorSpec, decode_tensors
 from edge.gateway.batcher import GroupCommitter
 from edge.gateway.metrics import GatewayMetrics
 from edge.gateway.rounds import LeafView, RoundDirectory
 from edge.gateway.tokens import TokenClaims
 from edge.gateway.tuning import GatewayTuning
+from edge.gateway.update_check import decode_and_check
 from edge.protocol import ErrorCode, ProtocolError, UploadReceipt
 from edge.update_batch import BatchContext, DeviceUpdate
-from infra.errors import ValidationError
-
-_GUARD_CODES: Mapping[str, ErrorCode] = {
-    "missing-tensor": ErrorCode.TENSOR_NAMES,
-    "unknown-tensor": ErrorCode.TENSOR_NAMES,
-    "shape": ErrorCode.TENSOR_SHAPE,
-    "dtype": ErrorCode.TENSOR_DTYPE,
-    "non-finite": ErrorCode.NON_FINITE,
-    "bad-weight": ErrorCode.BAD_NUM_SAMPLES,
-    "bad-metric": ErrorCode.BAD_METRICS,
-}
 
 Key = tuple[str, str]  # (task id, device id)
 
@@ -177,28 +164,3 @@ def _receipt(key: Key, rnd: int, received: datetime, *, duplicate: bool) -> Uplo
     return UploadReceipt(
         duplicate=duplicate, task_id=key[0], device_id=key[1], round=rnd, received_at=received
     )
-
-
-def decode_and_check(
-    body: bytes,
-    specs: Mapping[str, TensorSpec],
-    device_id: str,
-    num_samples: int,
-    metrics: Mapping[str, float],
-) -> TensorDict:
-    """Parse the safetensors body and run the aggregation guards; 422 with the reason."""
-    try:
-        tensors, _ = decode_tensors(body, source=f"update from {device_id}")
-    except ValidationError as exc:
-        raise ProtocolError(422, ErrorCode.MALFORMED_UPDATE, str(exc)) from exc
-    try:
-        check_update(tensors, spec=specs, device_id=device_id, weight=num_samples, metrics=metrics)
-    except UpdateRejected as exc:
-        raise ProtocolError(
-            422,
-            _GUARD_CODES.get(exc.reason, ErrorCode.BAD_REQUEST),
-            str(exc),
-            tensor=exc.tensor,
-            details={"reason": exc.reason},
-        ) from exc
-    return tensors

@@ -13,130 +13,28 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import numpy as np
-import pytest
 
 from aggregation.tensors import TensorDict, decode_tensors, encode_tensors
 from edge.gateway import GatewayTuning
 from edge.manifests import DeviceRecord, LeafTask, device_key
 from edge.routing import leaf_for_device
 from edge.update_batch import decode_update_batch
-from infra.keys import updates_prefix
 from infra.lineage import read_lineage
-from infra.settings import GatewaySettings
 from infra.store import S3ObjectStore, get_json, put_json
+from tests.edge.devices import (
+    JOB,
+    LEAVES,
+    RUN,
+    SECRET,
+    STATE,
+    Device,
+    batches,
+    devices_on,
+    error,
+    gateway_settings,
+    update_like,
+)
 from tests.support.harness import GatewayThread, read_active, set_round_status, write_round
-
-JOB, RUN = "hello-test", "run-1"
-LEAVES = ["leaf-0", "leaf-1"]
-SECRET = "canopy-local-enrolment"
-STATE: TensorDict = {
-    "w": np.zeros((4, 3), np.float32),
-    "b": np.zeros(3, np.float32),
-}
-
-
-def gateway_settings(**overrides: object) -> GatewaySettings:
-    values: dict[str, object] = {
-        "max_body_bytes": 64 * 1024,
-        "group_commit_max_wait_ms": 20,
-        "manifest_cache_seconds": 0.0,  # tests flip round status and expect it at once
-    }
-    values.update(overrides)
-    return GatewaySettings(**values)  # type: ignore[arg-type]
-
-
-class Device:
-    """A minimal device speaking the protocol, for driving the gateway in tests."""
-
-    def __init__(
-        self, client: httpx.Client, device_id: str, runtimes: tuple[str, ...] = ("pytorch",)
-    ):
-        self.client = client
-        self.device_id = device_id
-        self.runtimes = runtimes
-        self.token = ""
-
-    @property
-    def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
-    def enrol(self, job: str = JOB) -> httpx.Response:
-        response = self.client.post(
-            "/v1/enrol",
-            json={
-                "device_id": self.device_id,
-                "enrolment_secret": SECRET,
-                "jobs": [job],
-                "runtimes": list(self.runtimes),
-            },
-        )
-        if response.status_code == 200:
-            self.token = response.json()["token"]
-        return response
-
-    def poll(self, job: str = JOB) -> httpx.Response:
-        return self.client.get(f"/v1/jobs/{job}/devices/{self.device_id}/task", headers=self.auth)
-
-    def offer(self) -> dict[str, object]:
-        answer = self.poll().json()
-        assert answer["status"] == "task", answer
-        return answer["task"]
-
-    def upload(
-        self,
-        offer: dict[str, object],
-        tensors: TensorDict | None = None,
-        *,
-        body: bytes | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> httpx.Response:
-        payload = body if body is not None else encode_tensors(tensors or update_like(0.1))
-        sent = {
-            **self.auth,
-            "Content-Type": "application/octet-stream",
-            "X-Canopy-Model-Version": str(offer["model_version"]),
-            "X-Canopy-Num-Samples": "12",
-            "X-Canopy-Metrics": json.dumps({"loss": 0.5}),
-        }
-        sent.update(headers or {})
-        return self.client.post(str(offer["upload_url"]), content=payload, headers=sent)
-
-
-def update_like(value: float) -> TensorDict:
-    return {name: np.full(arr.shape, value, arr.dtype) for name, arr in STATE.items()}
-
-
-def devices_on(leaf: str, count: int, prefix: str = "dev") -> list[str]:
-    found = []
-    i = 0
-    while len(found) < count:
-        if leaf_for_device(f"{prefix}-{i}", LEAVES) == leaf:
-            found.append(f"{prefix}-{i}")
-        i += 1
-    return found
-
-
-@pytest.fixture
-def gateway(s3_store: S3ObjectStore) -> Iterator[GatewayThread]:
-    with GatewayThread(gateway_settings(), s3_store, gateway_id="gw-test") as gw:
-        yield gw
-
-
-@pytest.fixture
-def client(gateway: GatewayThread) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=gateway.url, timeout=10) as c:
-        yield c
-
-
-def error(response: httpx.Response) -> tuple[int, str]:
-    body = response.json()
-    assert body["message"], body
-    return response.status_code, body["code"]
-
-
-def batches(store: S3ObjectStore, leaf: str, rnd: int = 0) -> list[str]:
-    return store.list_keys(updates_prefix(JOB, RUN, rnd, leaf))
-
 
 # --- the happy path ----------------------------------------------------------------------
 

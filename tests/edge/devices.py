@@ -1,0 +1,118 @@
+"""A minimal device and helpers for driving a real gateway over HTTP in tests.
+
+``Device`` speaks the protocol of docs/protocol.md with httpx, one call per
+method, and returns raw responses so that tests can assert on every status and
+code. The round itself is written with ``tests.support.harness.write_round``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import numpy as np
+
+from aggregation.tensors import TensorDict, encode_tensors
+from edge.routing import leaf_for_device
+from infra.keys import updates_prefix
+from infra.settings import GatewaySettings
+from infra.store import S3ObjectStore
+
+JOB, RUN = "hello-test", "run-1"
+LEAVES = ["leaf-0", "leaf-1"]
+SECRET = "canopy-local-enrolment"
+STATE: TensorDict = {
+    "w": np.zeros((4, 3), np.float32),
+    "b": np.zeros(3, np.float32),
+}
+
+
+def gateway_settings(**overrides: object) -> GatewaySettings:
+    values: dict[str, object] = {
+        "max_body_bytes": 64 * 1024,
+        "group_commit_max_wait_ms": 20,
+        "manifest_cache_seconds": 0.0,  # tests flip round status and expect it at once
+    }
+    values.update(overrides)
+    return GatewaySettings(**values)  # type: ignore[arg-type]
+
+
+class Device:
+    """A minimal device speaking the protocol, for driving the gateway in tests."""
+
+    def __init__(
+        self, client: httpx.Client, device_id: str, runtimes: tuple[str, ...] = ("pytorch",)
+    ):
+        self.client = client
+        self.device_id = device_id
+        self.runtimes = runtimes
+        self.token = ""
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def enrol(self, job: str = JOB) -> httpx.Response:
+        response = self.client.post(
+            "/v1/enrol",
+            json={
+                "device_id": self.device_id,
+                "enrolment_secret": SECRET,
+                "jobs": [job],
+                "runtimes": list(self.runtimes),
+            },
+        )
+        if response.status_code == 200:
+            self.token = response.json()["token"]
+        return response
+
+    def poll(self, job: str = JOB) -> httpx.Response:
+        return self.client.get(f"/v1/jobs/{job}/devices/{self.device_id}/task", headers=self.auth)
+
+    def offer(self) -> dict[str, object]:
+        answer = self.poll().json()
+        assert answer["status"] == "task", answer
+        return answer["task"]
+
+    def upload(
+        self,
+        offer: dict[str, object],
+        tensors: TensorDict | None = None,
+        *,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Response:
+        payload = body if body is not None else encode_tensors(tensors or update_like(0.1))
+        sent = {
+            **self.auth,
+            "Content-Type": "application/octet-stream",
+            "X-Canopy-Model-Version": str(offer["model_version"]),
+            "X-Canopy-Num-Samples": "12",
+            "X-Canopy-Metrics": json.dumps({"loss": 0.5}),
+        }
+        sent.update(headers or {})
+        return self.client.post(str(offer["upload_url"]), content=payload, headers=sent)
+
+
+def update_like(value: float) -> TensorDict:
+    return {name: np.full(arr.shape, value, arr.dtype) for name, arr in STATE.items()}
+
+
+def devices_on(leaf: str, count: int, prefix: str = "dev") -> list[str]:
+    found = []
+    i = 0
+    while len(found) < count:
+        if leaf_for_device(f"{prefix}-{i}", LEAVES) == leaf:
+            found.append(f"{prefix}-{i}")
+        i += 1
+    return found
+
+
+def error(response: httpx.Response) -> tuple[int, str]:
+    body = response.json()
+    assert body["message"], body
+    return response.status_code, body["code"]
+
+
+def batches(store: S3ObjectStore, leaf: str, rnd: int = 0) -> list[str]:
+    return store.list_keys(updates_prefix(JOB, RUN, rnd, leaf))
