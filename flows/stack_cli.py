@@ -12,9 +12,9 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from flows import stack
+from infra.round_table import RoundTable
 from infra.run_state import CommitRecord, read_commit, read_reports
 from infra.settings import S3Settings
 from infra.store import S3ObjectStore
@@ -58,40 +58,28 @@ def down(root: Path = typer.Option(DEFAULT_ROOT, help="Folder `canopy up` used."
 def report(
     job: str = typer.Argument(..., help="Job name, e.g. cifar10-mobile"),
     run_id: str = typer.Option("default", "--run-id", help="Run id of the training run."),
+    svg: Path | None = typer.Option(
+        None, "--svg", help="Also write test accuracy and loss over rounds to this SVG file."
+    ),
 ) -> None:
-    """Print a run's rounds (accuracy, loss, devices) from its reports in S3."""
+    """Print a run's rounds (accuracy, loss, devices) and their curves, from its reports in S3."""
     store = S3ObjectStore(S3Settings())
     commit = read_commit(store, job, run_id)
     if commit is None:
         console.print(f"[red]error:[/red] no committed round for {job} run {run_id!r}")
         raise typer.Exit(1)
-    console.print(render_reports(job, run_id, store, commit))
+    table = render_reports(job, run_id, store, commit)
+    console.print(table)
+    if svg is not None:
+        svg.write_text(table.chart_svg())
+        console.print(f"chart: {svg}")
 
 
-def render_reports(job: str, run_id: str, store: S3ObjectStore, commit: CommitRecord) -> Table:
+def render_reports(job: str, run_id: str, store: S3ObjectStore, commit: CommitRecord) -> RoundTable:
+    """The run's round table, fitted to the terminal it is printed on."""
     reports = read_reports(store, commit)
     dataset = next((r.eval_dataset for r in reports if r.eval_dataset), "n/a")
-    table = Table(title=f"{job} / {run_id} — evaluated on {dataset}")
-    table.add_column("round", justify="right")
-    table.add_column("outcome", min_width=9, no_wrap=True)
-    for col in ("devices", "rejected", "train loss", "test loss", "test acc", "s"):
-        table.add_column(col, justify="right", no_wrap=True)
-    for r in reports:
-        table.add_row(
-            str(r.round),
-            r.outcome,
-            f"{r.devices_reported}/{r.devices_selected}",
-            str(sum(r.rejected.values())),
-            _fmt(r.train_loss),
-            _fmt(r.test_loss),
-            "-" if r.test_accuracy is None else f"{100 * r.test_accuracy:.1f}%",
-            f"{r.duration_s:.1f}",
-        )
-    return table
-
-
-def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.4f}"
+    return RoundTable(reports, title=f"{job} / {run_id} — evaluated on {dataset}")
 
 
 def demo(
