@@ -23,7 +23,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from aggregation.strategies.base import Strategy
-from infra.errors import ConfigError
+from aggregation.strategies.params import Decay, Positive
+from aggregation.strategies.registry import register_strategy
 
 
 class AdaptiveStrategy(Strategy):
@@ -46,30 +47,15 @@ class AdaptiveStrategy(Strategy):
     def __init__(
         self,
         *,
-        server_lr: float = 1e-2,
-        beta1: float = 0.9,
-        beta2: float = 0.99,
-        tau: float = 1e-3,
+        server_lr: Positive = 1e-2,
+        beta1: Decay = 0.9,
+        beta2: Decay = 0.99,
+        tau: Positive = 1e-3,
     ) -> None:
-        if not (server_lr > 0.0 and server_lr < float("inf")):
-            raise ConfigError(f"server_lr must be a positive finite number, got {server_lr!r}")
-        for label, beta in (("beta1", beta1), ("beta2", beta2)):
-            if not 0.0 <= beta < 1.0:
-                raise ConfigError(f"{label} must be in [0, 1), got {beta!r}")
-        if not (tau > 0.0 and tau < float("inf")):
-            raise ConfigError(f"tau must be a positive finite number, got {tau!r}")
-        self.server_lr = float(server_lr)
-        self.beta1 = float(beta1)
-        self.beta2 = float(beta2)
-        self.tau = float(tau)
-
-    def params(self) -> dict[str, float]:
-        return {
-            "server_lr": self.server_lr,
-            "beta1": self.beta1,
-            "beta2": self.beta2,
-            "tau": self.tau,
-        }
+        self.server_lr = server_lr
+        self.beta1 = beta1
+        self.beta2 = beta2
+        self.tau = tau
 
     def initial_slot_value(self, slot: str) -> float:
         return self.tau**2 if slot == "v" else 0.0
@@ -91,6 +77,7 @@ class AdaptiveStrategy(Strategy):
         return param, {"m": m, "v": v}
 
 
+@register_strategy
 class FedAdam(AdaptiveStrategy):
     """Adam on the server (Reddi et al. 2021, https://arxiv.org/abs/2003.00295)."""
 
@@ -102,6 +89,7 @@ class FedAdam(AdaptiveStrategy):
         return v
 
 
+@register_strategy
 class FedYogi(AdaptiveStrategy):
     """Yogi on the server (Reddi et al. 2021, https://arxiv.org/abs/2003.00295).
 

@@ -13,18 +13,30 @@ Sign convention: an update is ``client - global``, so a plain step is
 Only floating-point tensors are optimised. Integer tensors (e.g. BatchNorm's
 ``num_batches_tracked``) have no gradient-like meaning: they get the rounded mean
 update added as-is and no server state.
+
+Besides ``apply`` (the server step), a strategy may steer the devices:
+:meth:`Strategy.configure_round` returns the client hyperparameters of a round
+(a decaying local learning rate, say); by default they are the job's, unchanged.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import ClassVar
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 import numpy as np
 
+from aggregation.strategies.params import label_of, validating_init
 from aggregation.tensors import TensorDict
 from infra.errors import ValidationError
+
+ClientHyperparams = dict[str, Any]
+"""Client hyperparameters of a round, e.g. ``{"lr": 0.05, "local_epochs": 1, "batch_size":
+16, "momentum": 0.0, "max_steps": None}``. Their schema belongs to the job (``edge``), which
+validates what a strategy returns; values are JSON scalars, hence ``Any`` here."""
 
 
 def is_optimised(arr: np.ndarray) -> bool:
@@ -63,18 +75,45 @@ class Strategy(ABC):
     keys are ``"{slot}/{tensor}"``), and implement :meth:`step` for one float64
     tensor; the base class does the checking, the dtype handling and the
     bookkeeping, so a new strategy is a few lines of math (see FedAvgM).
+
+    Hyperparameters are the keyword parameters of the subclass's ``__init__``,
+    annotated with their ranges (``server_lr: Positive = 1.0``): the base class
+    validates every construction against that signature (a ``ConfigError``
+    listing each problem), records the values for :meth:`params`, and
+    ``StrategyConfig`` validates flow parameters by the same rules. So defaults
+    and ranges are written once, in the signature, and ``__init__`` only stores.
     """
 
     name: ClassVar[str]
     slots: ClassVar[tuple[str, ...]] = ()
+    _hyperparams: dict[str, object]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            # setattr: mypy refuses assigning to a method, and this is what it is for
+            setattr(cls, "__init__", validating_init(cls, init))  # noqa: B010
 
     def initial_slot_value(self, slot: str) -> float:
         """Value a state slot starts at in round 0 (zero unless a paper says otherwise)."""
         return 0.0
 
-    def params(self) -> dict[str, float]:
-        """Hyperparameters, for lineage records and logs."""
-        return {}
+    def params(self) -> dict[str, object]:
+        """Hyperparameters (defaults included), for lineage records and logs."""
+        return dict(vars(self).get("_hyperparams", {}))
+
+    def configure_round(self, rnd: int, hyperparams: Mapping[str, Any]) -> ClientHyperparams:
+        """Client hyperparameters for round ``rnd``, given the job's defaults.
+
+        Override to schedule what devices do (a local learning rate that decays
+        with the round, more local epochs later on). Must be pure: the same
+        inputs give the same answer, so a resumed run plans the same round.
+        ``hyperparams`` is read-only; return a new dict. Keys left out keep the
+        job's value; keys the job does not define are refused. The default
+        returns the job's hyperparameters unchanged.
+        """
+        return dict(hyperparams)
 
     def init_state(self, global_state: Mapping[str, np.ndarray]) -> TensorDict:
         """Server state before the first round: one tensor per slot per optimised tensor."""
@@ -149,3 +188,42 @@ class Strategy(ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{type(self).__name__}({args})"
+
+
+def _is_json_scalar(value: object) -> bool:
+    if value is None or isinstance(value, bool | str):
+        return True
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def round_hyperparams(
+    strategy: Strategy, *, rnd: int, defaults: Mapping[str, Any]
+) -> ClientHyperparams:
+    """What devices train with in round ``rnd``: ``strategy.configure_round``, checked.
+
+    The hook sees a read-only copy of ``defaults`` (so it cannot change the
+    job's values behind the caller's back); its answer is merged over the
+    defaults and refused with ``ValidationError`` if it names a hyperparameter
+    the job does not define or a value that is not a finite JSON scalar. Value
+    ranges (``lr > 0``) are the job's schema, checked by the caller.
+    """
+    if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 0:
+        raise ValidationError(f"round must be an int >= 0, got {rnd!r}")
+    base = dict(defaults)
+    who = f"{label_of(type(strategy))}.configure_round"
+    answer = strategy.configure_round(rnd, MappingProxyType(dict(base)))
+    if not isinstance(answer, Mapping):
+        raise ValidationError(f"{who} returned {type(answer).__name__}, not a mapping")
+    unknown = sorted(str(k) for k in answer if k not in base)
+    if unknown:
+        raise ValidationError(
+            f"{who} set {unknown}, which the job does not define "
+            f"(it defines {sorted(base)}); devices would not understand them"
+        )
+    bad = sorted(k for k, v in answer.items() if not _is_json_scalar(v))
+    if bad:
+        raise ValidationError(
+            f"{who} gave {bad} values that are not finite JSON "
+            f"scalars ({', '.join(repr(answer[k]) for k in bad)})"
+        )
+    return {**base, **answer}

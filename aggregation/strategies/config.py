@@ -1,90 +1,126 @@
 """``StrategyConfig`` and ``make_strategy``: the validated boundary from run config to strategy.
 
-Strategy names and hyperparameters arrive from flow parameters and job files, so
-they are validated with pydantic here (and only here) and refused with a
-:class:`~infra.errors.ConfigError` that lists every problem at once. A parameter
-that the chosen strategy does not use (``momentum`` for FedAdam, say) is an error
-rather than silently ignored: it almost always means a typo or a wrong name.
+A run's strategy arrives as a flow parameter or a job file, so it is validated
+here, before any work starts, and refused with a :class:`~infra.errors.ConfigError`
+that lists every problem at once. The config is deliberately small, so Prefect
+renders it as a two-field form and it stays JSON: ``name`` (a registered name
+such as ``"fedadam"``, or a ``module:ATTR`` / ``path/to/file.py:ATTR`` reference
+to a user's Strategy subclass) and ``params`` (that strategy's hyperparameters).
+
+What the hyperparameters are, their ranges and their defaults is read from the
+strategy's constructor (``aggregation.strategies.params``), never restated here,
+so opening the strategy set to users did not need a table per strategy. A
+parameter the chosen strategy does not take (``momentum`` for FedAdam, say) is
+an error rather than silently ignored: it almost always means a typo or a wrong
+name.
+
+The flat form of earlier configs, ``{"name": "fedadam", "server_lr": 0.03}``, is
+still accepted (and is what ``prefect.yaml`` holds): keys beside ``name`` are
+read as ``params``.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
-from aggregation.strategies.adaptive import FedAdam, FedYogi
 from aggregation.strategies.base import Strategy
-from aggregation.strategies.fedavg import FedAvg, FedAvgM
+from aggregation.strategies.params import InvalidParams, validate_params
+from aggregation.strategies.registry import (
+    REFERENCE_HELP,
+    REGISTRY,
+    UnknownStrategy,
+    quoted_choices,
+)
 from infra.errors import ConfigError
 
-StrategyName = Literal["fedavg", "fedavgm", "fedadam", "fedyogi"]
+_FIELDS = frozenset({"name", "params"})
 
-_USES: dict[str, frozenset[str]] = {
-    "fedavg": frozenset({"server_lr"}),
-    "fedavgm": frozenset({"server_lr", "momentum"}),
-    "fedadam": frozenset({"server_lr", "beta1", "beta2", "tau"}),
-    "fedyogi": frozenset({"server_lr", "beta1", "beta2", "tau"}),
-}
 
-_DEFAULT_SERVER_LR: dict[str, float] = {
-    "fedavg": 1.0,
-    "fedavgm": 1.0,
-    "fedadam": 1e-2,
-    "fedyogi": 1e-2,
-}
+def _flat_keys_allowed(schema: dict[str, Any]) -> None:
+    # The JSON schema (what Prefect's server checks deployment parameters against)
+    # must accept the flat form too; the Python side moves those keys into params.
+    schema.pop("additionalProperties", None)
 
 
 class StrategyConfig(BaseModel):
     """Server strategy and its hyperparameters, as given in a job or flow run."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=_flat_keys_allowed)
 
-    name: StrategyName = Field(description="Server strategy.")
-    server_lr: float | None = Field(
-        default=None,
-        gt=0.0,
-        allow_inf_nan=False,
-        description="Server learning rate (eta). Default: 1.0 for fedavg/fedavgm, "
-        "0.01 for fedadam/fedyogi (Reddi et al. tune it per task).",
+    name: str = Field(
+        min_length=1,
+        description="Server strategy: fedavg, fedavgm, fedadam, fedyogi (or another "
+        "registered name), or your own Strategy subclass as package.module:ATTR or "
+        "path/to/file.py:ATTR.",
+        examples=["fedavg", "fedadam", "my_strategies.py:DecayingLr"],
     )
-    momentum: float = Field(
-        default=0.9, ge=0.0, lt=1.0, description="FedAvgM server momentum (Hsu et al. 2019)."
-    )
-    beta1: float = Field(default=0.9, ge=0.0, lt=1.0, description="First-moment decay.")
-    beta2: float = Field(default=0.99, ge=0.0, lt=1.0, description="Second-moment decay.")
-    tau: float = Field(
-        default=1e-3, gt=0.0, allow_inf_nan=False, description="Adaptivity / denominator floor."
+    params: dict[str, JsonValue] = Field(
+        default_factory=dict,
+        description='Hyperparameters of that strategy, e.g. {"server_lr": 0.03}; '
+        "those left out take the strategy's defaults.",
     )
 
-    @model_validator(mode="after")
-    def _only_used_parameters(self) -> StrategyConfig:
-        unused = sorted(self.model_fields_set - _USES[self.name] - {"name"})
-        if unused:
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_and_check(cls, data: Any) -> Any:
+        """Read the flat form, resolve the name and validate params against its signature."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("name"), str):
+            return data  # not ours to explain: field validation reports the type error
+        name: str = data["name"]
+        params = data.get("params", {})
+        if not isinstance(params, Mapping):
+            return data
+        flat = {k: v for k, v in data.items() if k not in _FIELDS}
+        twice = sorted(set(flat) & set(params))
+        if twice:
+            raise ValueError(f"{', '.join(twice)} given both flat and in params")
+        try:
+            strategy = REGISTRY.resolve(name)
+        except UnknownStrategy as exc:
             raise ValueError(
-                f"{self.name} does not use {', '.join(unused)} "
-                f"(it takes {', '.join(sorted(_USES[self.name]))})"
-            )
-        return self
+                f"name: Input should be {quoted_choices(exc.known)}, {REFERENCE_HELP} "
+                f"(got {name!r})"
+            ) from None
+        except ConfigError as exc:
+            raise ValueError(f"name: {exc}") from None
+        try:
+            model = validate_params(strategy, {**params, **flat}, label=name)
+        except InvalidParams as exc:
+            raise ValueError("; ".join(exc.problems)) from None
+        # Stored as JSON (what the user set, validated and coerced), so the config
+        # serialises as given and defaults are applied by the strategy itself.
+        given = model.model_dump(mode="json", include=model.model_fields_set)
+        return {"name": name, "params": given}
 
-    @property
-    def effective_server_lr(self) -> float:
-        return self.server_lr if self.server_lr is not None else _DEFAULT_SERVER_LR[self.name]
+    def strategy_class(self) -> type[Strategy]:
+        """The Strategy subclass ``name`` designates."""
+        return REGISTRY.resolve(self.name)
 
     def build(self) -> Strategy:
         """The strategy object this config describes."""
-        lr = self.effective_server_lr
-        if self.name == "fedavg":
-            return FedAvg(server_lr=lr)
-        if self.name == "fedavgm":
-            return FedAvgM(server_lr=lr, momentum=self.momentum)
-        adaptive = FedAdam if self.name == "fedadam" else FedYogi
-        return adaptive(server_lr=lr, beta1=self.beta1, beta2=self.beta2, tau=self.tau)
+        return self.strategy_class()(**self.params)
+
+
+def _describe(exc: pydantic.ValidationError) -> str:
+    problems = []
+    for err in exc.errors():
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["loc"]:
+            where = ".".join(str(p) for p in err["loc"])
+            problems.append(f"{where}: {msg} (got {err['input']!r})")
+        else:
+            problems.append(msg)
+    return "; ".join(problems)
 
 
 def make_strategy(name: str, **params: object) -> Strategy:
     """Build a strategy by name, e.g. ``make_strategy("fedadam", server_lr=0.03)``.
+
+    ``name`` may also be a ``module:ATTR`` or ``path/to/file.py:ATTR`` reference.
 
     Raises
     ------
@@ -93,13 +129,7 @@ def make_strategy(name: str, **params: object) -> Strategy:
         used by that strategy; the message lists every problem.
     """
     try:
-        config = StrategyConfig.model_validate({"name": name, **params})
+        config = StrategyConfig.model_validate({"name": name, "params": params})
     except pydantic.ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err['input']!r})"
-            if err["loc"]
-            else err["msg"].removeprefix("Value error, ")
-            for err in exc.errors()
-        )
-        raise ConfigError(f"invalid strategy config for {name!r}: {problems}") from None
+        raise ConfigError(f"invalid strategy config for {name!r}: {_describe(exc)}") from None
     return config.build()

@@ -7,15 +7,11 @@ from collections.abc import Mapping
 import numpy as np
 
 from aggregation.strategies.base import Strategy
-from infra.errors import ConfigError
+from aggregation.strategies.params import Decay, Positive
+from aggregation.strategies.registry import register_strategy
 
 
-def _check_lr(server_lr: float) -> float:
-    if not (server_lr > 0.0 and server_lr < float("inf")):
-        raise ConfigError(f"server_lr must be a positive finite number, got {server_lr!r}")
-    return float(server_lr)
-
-
+@register_strategy
 class FedAvg(Strategy):
     """Federated Averaging: ``global + server_lr * mean_update``.
 
@@ -34,11 +30,8 @@ class FedAvg(Strategy):
 
     name = "fedavg"
 
-    def __init__(self, *, server_lr: float = 1.0) -> None:
-        self.server_lr = _check_lr(server_lr)
-
-    def params(self) -> dict[str, float]:
-        return {"server_lr": self.server_lr}
+    def __init__(self, *, server_lr: Positive = 1.0) -> None:
+        self.server_lr = server_lr
 
     def step(
         self, param: np.ndarray, update: np.ndarray, state: Mapping[str, np.ndarray]
@@ -48,6 +41,7 @@ class FedAvg(Strategy):
         return param, {}
 
 
+@register_strategy
 class FedAvgM(Strategy):
     """FedAvg with server momentum.
 
@@ -74,14 +68,9 @@ class FedAvgM(Strategy):
     name = "fedavgm"
     slots = ("momentum",)
 
-    def __init__(self, *, server_lr: float = 1.0, momentum: float = 0.9) -> None:
-        self.server_lr = _check_lr(server_lr)
-        if not 0.0 <= momentum < 1.0:
-            raise ConfigError(f"momentum must be in [0, 1), got {momentum!r}")
-        self.momentum = float(momentum)
-
-    def params(self) -> dict[str, float]:
-        return {"server_lr": self.server_lr, "momentum": self.momentum}
+    def __init__(self, *, server_lr: Positive = 1.0, momentum: Decay = 0.9) -> None:
+        self.server_lr = server_lr
+        self.momentum = momentum
 
     def step(
         self, param: np.ndarray, update: np.ndarray, state: Mapping[str, np.ndarray]
