@@ -3,24 +3,23 @@
     federated-training                      (one run of a job, resumable by run id)
       round-0000 ... round-NNNN             (one subflow per round)
         export-program, wait-for-devices, open-round
-        r0000-level-0  collect-leaf x L     (leaf level: device updates -> leaf partials)
-        r0000-level-1  sum-node x ...       (aggregator levels: partial sums)
-        r0000-server   finalize-root, evaluate-model
-        commit
+        r0000-level-0  close-round + collect-leaf x L   (device updates -> leaf partials)
+        r0000-level-1  sum-node x ...                    (aggregator levels: partial sums)
+        r0000-server   sum-root, apply-strategy
+        evaluate-model, commit-round, publish-round
 
 Subflows are per *level*, not per node, and async with their tasks under
 ``asyncio.gather``: a sync subflow costs about a second (its heartbeat thread),
 so this keeps Prefect's fixed cost per round small (benchmarks/round_overhead.py).
-Tasks exchange S3 references, never tensors. The logic lives in ``aggregation``,
-``edge``, ``infra`` and ``tasks``; this module only orchestrates.
+Subflows and tasks exchange S3 references and small results, never tensors or
+manifests. Every I/O happens in a task; the logic lives in ``aggregation``,
+``edge``, ``infra`` and the pure modules of ``tasks``. This module tells the story.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
+from collections.abc import Sequence
 
 from prefect import flow, get_run_logger
 from prefect.states import Completed, State
@@ -29,20 +28,23 @@ from aggregation.strategies.config import StrategyConfig
 from aggregation.topology import Node, Tree, TreeShape, build_tree
 from edge.data.config import DatasetConfig
 from edge.data.partition import PartitionScheme
-from edge.manifests import close_grace_seconds
-from tasks.params import TrainingParams
-from infra.keys import lineage_key
-from infra.run_state import CommitRecord, RoundReport, read_reports
+from infra.run_state import CommitRecord, RoundReport
 from infra.settings import GatewaySettings, S3Settings
 from infra.store import ObjectRef
-from tasks.aggregate import RootResult, finalize_root, sum_node
-from tasks.collect import LeafOutcome, ReportTracker, collect_leaf, wait_until_enough
-from tasks.context import RunContext, current_flow_run_id, store_for
-from tasks.dispatch import RoundPlan, close_round, mark_done, open_round, wait_for_devices
-from tasks.gateways import late_between, read_late_counts
-from tasks.models import ensure_initial_model, evaluate_model, export_program
-from tasks.rounds import commit_round
-from tasks.ui import publish_job_summary, publish_round_artifacts, set_progress, start_progress
+from tasks.aggregate import apply_strategy, sum_node
+from tasks.collect import close_when_due, collect_leaf
+from tasks.context import RunContext
+from tasks.dispatch import mark_done, open_round, wait_for_devices
+from tasks.gateways import late_counts, late_since
+from tasks.models import ensure_initial_model, evaluate_model
+from tasks.params import TrainingParams
+from tasks.planning import OpenedRound
+from tasks.programs import export_program
+from tasks.reporting import round_lines
+from tasks.results import LeafLevel, RootResult, RoundResults
+from tasks.rounds import commit_round, load_reports
+from tasks.run_cache import run_cache
+from tasks.ui import publish_round, publish_summary
 
 # The flow's signature repeats TrainingParams' fields (Prefect builds its UI form and
 # `-p` parsing from the signature); defaults come from this one unvalidated instance.
@@ -51,44 +53,20 @@ _D = TrainingParams.model_construct(job="")
 
 # ---------------------------------------------------------------- level subflows
 
-# After closing a round, time allowed for an accepted upload's S3 PUT to land
-# (on top of the gateways' manifest cache and group-commit wait).
-CLOSE_PUT_MARGIN_S = 0.5
-
 
 @flow(name="leaf-level", validate_parameters=False, log_prints=True)
-async def leaf_level(ctx: RunContext, plan: RoundPlan, tracker: ReportTracker) -> list[LeafOutcome]:
-    """Collect device updates on every leaf until the round has enough reports."""
-    progress = await start_progress(f"round {plan.round}: device reports ({plan.target} needed)")
-
-    async def on_progress(reported: int) -> None:
-        await set_progress(progress, 100.0 * reported / max(1, plan.target))
-
-    async def close_when_enough() -> None:
-        await wait_until_enough(tracker, on_progress)
-        tracker.enough_at = time.perf_counter()
-        await close_round(ctx, plan)
-        if tracker.reported < plan.selected:
-            # Uploads a gateway accepted just before it saw the close may still be landing.
-            await asyncio.sleep(
-                close_grace_seconds(
-                    ctx.gateway.manifest_cache_seconds,
-                    ctx.gateway.group_commit_max_wait_ms,
-                    put_margin=CLOSE_PUT_MARGIN_S,
-                )
-            )
-        tracker.closed.set()
-
-    results = await asyncio.gather(
-        close_when_enough(),
-        *(collect_leaf(ctx, plan.tasks[leaf], tracker) for leaf in plan.leaves),
+async def leaf_level(ctx: RunContext, opened: OpenedRound) -> LeafLevel:
+    """Every leaf collects its devices' updates while the close task watches the count."""
+    closing, *leaves = await asyncio.gather(
+        close_when_due(ctx, opened),
+        *(collect_leaf(ctx, leaf, ref) for leaf, ref in opened.task_refs.items()),
     )
-    return list(results[1:])
+    return LeafLevel(closing=closing, leaves=leaves)
 
 
 @flow(name="aggregator-level", validate_parameters=False)
 async def aggregator_level(
-    ctx: RunContext, rnd: int, nodes: list[Node], children: dict[str, ObjectRef]
+    ctx: RunContext, rnd: int, nodes: Sequence[Node], children: dict[str, ObjectRef]
 ) -> dict[str, ObjectRef]:
     """Every node of one level adds its children's partials."""
     refs = await asyncio.gather(
@@ -102,14 +80,8 @@ async def server_level(
     ctx: RunContext, rnd: int, root: Node, children: dict[str, ObjectRef], commit: CommitRecord
 ) -> RootResult:
     """The root sums the top level, divides once and applies the server strategy."""
-    return await finalize_root(
-        ctx,
-        rnd,
-        root.level,
-        [children[c] for c in root.children],
-        commit.global_model,
-        commit.server_state,
-    )
+    total = await sum_node(ctx, rnd, root.name, root.level, [children[c] for c in root.children])
+    return await apply_strategy(ctx, rnd, total, commit.global_model, commit.server_state)
 
 
 # ---------------------------------------------------------------- one round
@@ -118,74 +90,45 @@ async def server_level(
 @flow(name="fl-round", validate_parameters=False, log_prints=True)
 async def training_round(ctx: RunContext, tree: Tree, commit: CommitRecord) -> State:
     """Export, dispatch, collect, aggregate level by level, evaluate, commit."""
-    logger = get_run_logger()
-    started = time.perf_counter()
-    rnd = commit.next_round
-    tag = f"r{rnd:04d}"
+    rnd, tag = commit.next_round, f"r{commit.next_round:04d}"
+    late_before = await late_counts(ctx)
 
-    marks = {"start": started}
-    late_before = await read_late_counts(ctx.gateway, ctx.job)
+    # 1. export the global model to the devices' training program
     program = None
     if ctx.params.runtime == "executorch":
         program = await export_program(ctx, rnd, commit.global_model)
-    marks["exported"] = time.perf_counter()
+
+    # 2. dispatch: sample the cohort, write the leaves' tasks, open the round
     devices = await wait_for_devices(ctx)
-    plan = await open_round(ctx, rnd, devices, list(tree.leaves), commit.global_model, program)
-    marks["opened"] = time.perf_counter()
+    opened = await open_round(ctx, rnd, devices, tree.leaves, commit.global_model, program)
 
-    tracker = ReportTracker(target=plan.target, deadline=plan.deadline)
-    leaves = await leaf_level.with_options(flow_run_name=f"{tag}-level-0-leaves")(
-        ctx, plan, tracker
-    )
-    marks["enough"] = tracker.enough_at or marks["opened"]
-    marks["collected"] = time.perf_counter()
-    refs = {o.leaf: o.partial for o in leaves}
+    # 3. collect device updates at the leaves until the round closes
+    level = await leaf_level.with_options(flow_run_name=f"{tag}-level-0-leaves")(ctx, opened)
+
+    # 4. aggregate level by level, then the root applies the strategy
+    partials = level.partials
     for nodes in tree.levels[1:-1]:
-        level = nodes[0].level
-        refs = await aggregator_level.with_options(flow_run_name=f"{tag}-level-{level}")(
-            ctx, rnd, list(nodes), refs
-        )
+        partials = await aggregator_level.with_options(
+            flow_run_name=f"{tag}-level-{nodes[0].level}"
+        )(ctx, rnd, nodes, partials)
     root = await server_level.with_options(flow_run_name=f"{tag}-server")(
-        ctx, rnd, tree.root, refs, commit
+        ctx, rnd, tree.root, partials, commit
     )
 
-    marks["aggregated"] = time.perf_counter()
+    # 5. evaluate the new global model on held-out data
     evaluation = None
     if root.global_model is not None:
         evaluation = await evaluate_model(ctx, rnd, root.global_model)
-    marks["evaluated"] = time.perf_counter()
-    reason = ""
-    if root.global_model is None:
-        reason = f"{root.devices} report(s), fewer than min_reports={ctx.params.min_reports}"
-    report = RoundReport(
-        round=rnd,
-        outcome="committed" if root.global_model is not None else "abandoned",
-        reason=reason,
-        devices_selected=plan.selected,
-        devices_reported=root.devices,
-        rejected=_sum_counts(o.rejected for o in leaves),
-        duplicates=sum(o.duplicates for o in leaves),
-        late=late_between(late_before, await read_late_counts(ctx.gateway, ctx.job)),
-        train_loss=root.train_metrics.get("loss"),
-        train_accuracy=root.train_metrics.get("accuracy"),
-        test_loss=evaluation.metrics.get("loss") if evaluation else None,
-        test_accuracy=evaluation.metrics.get("accuracy") if evaluation else None,
-        eval_dataset=evaluation.dataset if evaluation else None,
-        bytes_in=sum(o.bytes_in for o in leaves),
-        bytes_out=_bytes_out(program, commit.global_model, root.devices),
-        duration_s=time.perf_counter() - started,
-        timings=phase_timings(marks),
-        global_model=root.global_model or commit.global_model,
-        program=program,
-        flow_run_id=current_flow_run_id(),
-        finished_at=datetime.now(UTC),
+
+    # 6. commit: the report, then the pointer; then show it
+    results = RoundResults(
+        program=program, opened=opened, level=level, root=root, evaluation=evaluation
     )
-    new_commit = await commit_round(ctx, commit, report, root)
-    lineage_ref = await asyncio.to_thread(
-        store_for(ctx.s3).head, lineage_key(report.global_model.key)
+    new_commit, report = await commit_round(
+        ctx, commit, results, late=await late_since(ctx, late_before)
     )
-    await publish_round_artifacts(ctx.s3, ctx.job, ctx.run_id, report, lineage_ref)
-    logger.info(
+    await publish_round(ctx, report)
+    get_run_logger().info(
         "round %d %s: %d/%d reported, test accuracy %s, %.1fs",
         rnd,
         report.outcome,
@@ -194,31 +137,13 @@ async def training_round(ctx: RunContext, tree: Tree, commit: CommitRecord) -> S
         "-" if report.test_accuracy is None else f"{100 * report.test_accuracy:.1f}%",
         report.duration_s,
     )
+    return round_state(report, new_commit)
+
+
+def round_state(report: RoundReport, commit: CommitRecord) -> State:
+    """A committed round completes; an abandoned one completes under the name ``Abandoned``."""
     name = "Completed" if report.outcome == "committed" else "Abandoned"
-    return Completed(name=name, message=reason or None, data=new_commit)
-
-
-def phase_timings(marks: Mapping[str, float]) -> dict[str, float]:
-    """Seconds per phase; ``devices`` is the wait for reports, the rest is overhead."""
-    order = ["start", "exported", "opened", "enough", "collected", "aggregated", "evaluated"]
-    names = ["export", "dispatch", "devices", "close-and-collect", "aggregate", "evaluate"]
-    return {
-        name: round(marks[b] - marks[a], 4)
-        for name, a, b in zip(names, order[:-1], order[1:], strict=True)
-    }
-
-
-def _sum_counts(counts: Iterable[Mapping[str, int]]) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for c in counts:
-        for k, v in c.items():
-            total[k] = total.get(k, 0) + v
-    return total
-
-
-def _bytes_out(program: ObjectRef | None, model: ObjectRef, devices: int) -> int:
-    """Bytes the reporting devices downloaded: the weights, and the program if any."""
-    return (model.size + (program.size if program is not None else 0)) * devices
+    return Completed(name=name, message=report.reason or None, data=commit)
 
 
 # ---------------------------------------------------------------- the job
@@ -258,23 +183,22 @@ async def federated_training(
     params = TrainingParams.model_validate(dict(locals()))
     ctx = RunContext(params=params, s3=S3Settings(), gateway=GatewaySettings())
     layout = build_tree(params.tree)
-    logger = get_run_logger()
 
-    commit = await ensure_initial_model(ctx)
-    if commit.next_round > 0:
-        logger.info("resuming %s run %s at round %d", job, params.run_id, commit.next_round)
-    while commit.next_round < params.rounds:
-        state = await training_round.with_options(flow_run_name=f"round-{commit.next_round:04d}")(
-            ctx, layout, commit, return_state=True
-        )
-        commit = await state.result()  # type: ignore[misc]
-    reports = await asyncio.to_thread(read_reports, store_for(ctx.s3), commit)
-    await publish_job_summary(job, params.run_id, reports)
-    await mark_done(ctx, list(layout.leaves), commit)
-    for r in reports:
-        acc = "-" if r.test_accuracy is None else f"{100 * r.test_accuracy:.1f}%"
-        print(
-            f"round {r.round:>4}  {r.outcome:<9}  reported {r.devices_reported:>3}  "
-            f"test accuracy {acc:>6} ({r.eval_dataset})"
-        )
+    with run_cache():  # program template and evaluation data live as long as this run
+        commit = await ensure_initial_model(ctx)
+        if commit.next_round > 0:
+            get_run_logger().info(
+                "resuming %s run %s at round %d", job, params.run_id, commit.next_round
+            )
+        while commit.next_round < params.rounds:
+            state = await training_round.with_options(
+                flow_run_name=f"round-{commit.next_round:04d}"
+            )(ctx, layout, commit, return_state=True)
+            commit = await state.result()  # type: ignore[misc]
+
+    reports = await load_reports(ctx, commit)
+    await publish_summary(ctx, reports)
+    await mark_done(ctx, layout.leaves, commit)
+    for line in round_lines(reports):
+        print(line)
     return reports

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 from prefect.runtime import flow_run
 
-from tasks.params import TrainingParams
+from edge.jobs import JobSpec, get_job
 from infra.settings import GatewaySettings, S3Settings
 from infra.store import S3ObjectStore
+from tasks.params import TrainingParams
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,10 @@ class RunContext:
     @property
     def run_id(self) -> str:
         return self.params.run_id
+
+    def job_spec(self) -> JobSpec:
+        """The job's spec (built-ins are constants; a user's file is imported once per process)."""
+        return get_job(self.params.job)
 
 
 @functools.lru_cache(maxsize=16)

@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+from prefect import task
+from prefect.cache_policies import NONE
 from prometheus_client.parser import text_string_to_metric_families
 
 from infra.settings import GatewaySettings
+from tasks.context import RunContext
 
 LATE_METRIC = "canopy_gateway_late_results"
 
@@ -50,3 +53,15 @@ async def read_late_counts(settings: GatewaySettings, job: str) -> dict[str, flo
 def late_between(before: dict[str, float], after: dict[str, float]) -> int:
     """Late uploads between two readings, over the gateways seen in both."""
     return int(sum(max(0.0, after[u] - before[u]) for u in before.keys() & after.keys()))
+
+
+@task(name="read-late-counts", cache_policy=NONE)
+async def late_counts(ctx: RunContext) -> dict[str, float]:
+    """The gateways' late-upload counters for the job, at the start of a round."""
+    return await read_late_counts(ctx.gateway, ctx.job)
+
+
+@task(name="count-late-uploads", cache_policy=NONE)
+async def late_since(ctx: RunContext, before: dict[str, float]) -> int:
+    """Late uploads the fleet sent since ``before`` (the start of the round)."""
+    return late_between(before, await read_late_counts(ctx.gateway, ctx.job))

@@ -1,50 +1,56 @@
-"""Committing a round: its report, then the run's commit pointer, last."""
+"""Committing a round: its report, then the run's commit pointer, last; reading them back."""
 
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+import time
 
 from prefect import task
 from prefect.cache_policies import NONE
+from prefect.context import FlowRunContext
 
-from infra.run_state import CommitRecord, RoundReport, write_commit, write_report
-from infra.store import ObjectRef
-from tasks.aggregate import RootResult
-from tasks.context import RunContext, store_for
-
-
-def next_commit(
-    commit: CommitRecord, report: RoundReport, root: RootResult, report_ref: ObjectRef
-) -> CommitRecord:
-    """Pure: the pointer after a round. An abandoned round keeps the model and state."""
-    return commit.model_copy(
-        update={
-            "next_round": report.round + 1,
-            "global_model": root.global_model or commit.global_model,
-            "server_state": root.server_state or commit.server_state,
-            "reports": [*commit.reports, report_ref],
-            "updated_at": datetime.now(UTC),
-        }
-    )
+from infra.run_state import CommitRecord, RoundReport, read_reports, write_commit, write_report
+from tasks.context import RunContext, current_flow_run_id, store_for
+from tasks.reporting import build_round_report, next_commit
+from tasks.results import RoundResults
 
 
 @task(name="commit-round", cache_policy=NONE, retries=2, retry_delay_seconds=[1, 3])
 async def commit_round(
-    ctx: RunContext, commit: CommitRecord, report: RoundReport, root: RootResult
-) -> CommitRecord:
+    ctx: RunContext,
+    commit: CommitRecord,
+    results: RoundResults,
+    late: int,
+) -> tuple[CommitRecord, RoundReport]:
     """Write the round's report, then move ``commit.json`` (one atomic PUT)."""
-    if report.round != commit.next_round:
+    if results.opened.round != commit.next_round:
         raise ValueError(
-            f"refusing to commit round {report.round}: the run's next round is "
+            f"refusing to commit round {results.opened.round}: the run's next round is "
             f"{commit.next_round} (was this round already applied?)"
         )
+    run = FlowRunContext.get()  # the round subflow's start: its Prefect overhead counts too
+    started = run.flow_run.start_time if run is not None and run.flow_run is not None else None
+    report = build_round_report(
+        results,
+        commit=commit,
+        late=late,
+        min_reports=ctx.params.min_reports,
+        flow_run_id=current_flow_run_id(),
+        round_started_at=started.timestamp() if started is not None else None,
+        now=time.time(),
+    )
     store = store_for(ctx.s3)
 
     def write() -> CommitRecord:
         ref = write_report(store, ctx.job, ctx.run_id, report)
-        new = next_commit(commit, report, root, ref)
+        new = next_commit(commit, report, results.root, ref)
         write_commit(store, new)
         return new
 
-    return await asyncio.to_thread(write)
+    return await asyncio.to_thread(write), report
+
+
+@task(name="load-reports", cache_policy=NONE, retries=2, retry_delay_seconds=[1, 3])
+async def load_reports(ctx: RunContext, commit: CommitRecord) -> list[RoundReport]:
+    """Every committed round's report, in order, from the commit pointer."""
+    return await asyncio.to_thread(read_reports, store_for(ctx.s3), commit)

@@ -9,10 +9,14 @@ days: enough to browse recent rounds, not an archive.
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from urllib.parse import quote
 
+from prefect import task
 from prefect.artifacts import (
     acreate_link_artifact,
     acreate_markdown_artifact,
@@ -20,12 +24,15 @@ from prefect.artifacts import (
     acreate_table_artifact,
     aupdate_progress_artifact,
 )
+from prefect.cache_policies import NONE
 from prefect.events import emit_event
 
-from infra.lineage import LineageRecord, write_lineage
+from infra.keys import lineage_key
+from infra.lineage import LineageRecord
 from infra.run_state import RoundReport
 from infra.settings import S3Settings
-from infra.store import ObjectRef, ObjectStore
+from infra.store import ObjectRef
+from tasks.context import RunContext, store_for
 
 
 def artifact_key(*parts: str) -> str:
@@ -42,12 +49,6 @@ def object_url(settings: S3Settings, ref: ObjectRef) -> str:
         f"https://s3.console.aws.amazon.com/s3/object/{ref.bucket}"
         f"?region={settings.region}&prefix={quote(ref.key)}"
     )
-
-
-def record_lineage(store: ObjectStore, record: LineageRecord) -> None:
-    """Write the record to the S3 ledger, then mirror it as asset events."""
-    write_lineage(store, record)
-    emit_lineage_events(record)
 
 
 def emit_lineage_events(record: LineageRecord) -> None:
@@ -67,13 +68,30 @@ def emit_lineage_events(record: LineageRecord) -> None:
         )
 
 
-async def start_progress(description: str) -> str:
-    artifact_id = await acreate_progress_artifact(progress=0.0, description=description)
-    return str(artifact_id)
+@dataclass
+class ProgressBar:
+    """A progress artifact updated when its count changes, at most every ``min_interval_s``."""
 
+    artifact_id: str
+    total: int
+    min_interval_s: float = 1.0
+    _shown: int = -1
+    _at: float = 0.0
 
-async def set_progress(artifact_id: str, percent: float) -> None:
-    await aupdate_progress_artifact(artifact_id=artifact_id, progress=min(100.0, max(0.0, percent)))
+    @classmethod
+    async def start(cls, description: str, *, total: int) -> ProgressBar:
+        artifact_id = await acreate_progress_artifact(progress=0.0, description=description)
+        return cls(artifact_id=str(artifact_id), total=total)
+
+    async def show(self, count: int, *, final: bool = False) -> None:
+        now = time.monotonic()
+        if count == self._shown or (not final and now - self._at < self.min_interval_s):
+            return
+        self._shown, self._at = count, now
+        percent = 100.0 if self.total <= 0 else 100.0 * count / self.total
+        await aupdate_progress_artifact(
+            artifact_id=self.artifact_id, progress=min(100.0, max(0.0, percent))
+        )
 
 
 async def publish_round_artifacts(
@@ -142,3 +160,16 @@ async def publish_job_summary(job: str, run_id: str, reports: Sequence[RoundRepo
 
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
+
+
+@task(name="publish-round", cache_policy=NONE)
+async def publish_round(ctx: RunContext, report: RoundReport) -> None:
+    """The round's table and links in the Prefect UI (a view of what S3 holds)."""
+    lineage = await asyncio.to_thread(store_for(ctx.s3).head, lineage_key(report.global_model.key))
+    await publish_round_artifacts(ctx.s3, ctx.job, ctx.run_id, report, lineage)
+
+
+@task(name="publish-job-summary", cache_policy=NONE)
+async def publish_summary(ctx: RunContext, reports: Sequence[RoundReport]) -> None:
+    """The run's accuracy and loss over rounds, as one versioned markdown artifact."""
+    await publish_job_summary(ctx.job, ctx.run_id, reports)

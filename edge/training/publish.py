@@ -18,7 +18,8 @@ from edge.jobs.spec import JobSpec
 from edge.training.errors import ParityError
 from edge.training.export import ExportedProgram, ProgramInfo, export_job_program
 from edge.training.parity import DEFAULT_TOLERANCE, MIN_STEPS, ParityReport, check_parity
-from infra.lineage import ArtifactRef, make_record, write_lineage
+from infra.lineage import ArtifactRef
+from infra.outputs import LineageObserver, Output, Provenance, put_with_lineage
 from infra.store import ObjectRef, ObjectStore
 
 KIND_PROGRAM = "executorch-program"
@@ -86,6 +87,7 @@ def publish_program(
     tol: float = DEFAULT_TOLERANCE,
     flow_run_id: str | None = None,
     parameters: Mapping[str, Any] | None = None,
+    observers: Sequence[LineageObserver] = (),
 ) -> PublishedProgram | None:
     """Export, gate on parity, store at ``key`` and write the lineage record.
 
@@ -97,36 +99,38 @@ def publish_program(
     if verified is None:
         return None
     info = verified.program.info
-    ref = store.put_bytes(
-        key,
-        verified.program.pte,
-        kind=KIND_PROGRAM,
-        metadata={
-            "job": job.name,
-            "batch-size": str(info.batch_size),
-            "executorch-version": info.executorch_version,
-            "parity-max-abs-diff": f"{verified.parity.max_abs_diff:.3e}",
-        },
+    ref = put_with_lineage(
+        store,
+        Output(
+            key,
+            verified.program.pte,
+            kind=KIND_PROGRAM,
+            metadata={
+                "job": job.name,
+                "batch-size": str(info.batch_size),
+                "executorch-version": info.executorch_version,
+                "parity-max-abs-diff": f"{verified.parity.max_abs_diff:.3e}",
+            },
+        ),
+        Provenance(
+            kind="executorch-export",
+            inputs=list(inputs),
+            parameters={
+                "job": job.name,
+                "batch_size": info.batch_size,
+                "size_bytes": info.size_bytes,
+                "parameters": info.parameter_names,
+                "maxpool_backward_decomposed": info.maxpool_backward_decomposed,
+                "operators": len(info.operators),
+                "export_seconds": info.export_seconds,
+                "parity_max_abs_diff": verified.parity.max_abs_diff,
+                "parity_tolerance": tol,
+                "parity_steps": verified.parity.steps,
+                **dict(parameters or {}),
+            },
+            started_at=started_at,
+            flow_run_id=flow_run_id,
+        ),
+        observers=observers,
     )
-    record = make_record(
-        kind="executorch-export",
-        inputs=list(inputs),
-        outputs=[ref],
-        parameters={
-            "job": job.name,
-            "batch_size": info.batch_size,
-            "size_bytes": info.size_bytes,
-            "parameters": info.parameter_names,
-            "maxpool_backward_decomposed": info.maxpool_backward_decomposed,
-            "operators": len(info.operators),
-            "export_seconds": info.export_seconds,
-            "parity_max_abs_diff": verified.parity.max_abs_diff,
-            "parity_tolerance": tol,
-            "parity_steps": verified.parity.steps,
-            **dict(parameters or {}),
-        },
-        started_at=started_at,
-        flow_run_id=flow_run_id,
-    )
-    write_lineage(store, record)
     return PublishedProgram(ref=ref, info=info, parity=verified.parity)

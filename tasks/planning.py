@@ -1,0 +1,165 @@
+"""Pure round planning: who is asked, where their tasks go, and when the round closes.
+
+No I/O here: ``plan_round`` turns the registry, the tree and the run's
+parameters into every leaf's ``LeafTask`` and the job's ``ActiveRound``;
+``ClosePolicy`` is the one rule for when a round stops waiting for reports.
+The tasks in ``tasks.dispatch`` and ``tasks.collect`` write and watch what
+these functions decide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from aggregation.cohort import pace_seconds, reports_needed, select_cohort
+from edge.jobs import JobSpec
+from edge.manifests import ActiveRound, DataHint, LeafTask
+from edge.round_control import active_round, leaf_tasks
+from edge.routing import assign_leaves
+from infra.store import ObjectRef
+from tasks.params import TrainingParams, local_hyperparams
+
+# Polls per second the whole fleet may send the gateways while waiting for work.
+FLEET_POLLS_PER_SECOND = 200.0
+
+CloseReason = Literal["enough-reports", "deadline"]
+
+
+@dataclass(frozen=True)
+class ClosePolicy:
+    """When a round stops waiting: ``target`` reports across all leaves, or its deadline.
+
+    Over-selection (``aggregation.cohort``) asks more devices than ``target``,
+    so a round normally closes on reports and the deadline only bounds a round
+    whose devices went quiet. A round nobody was asked to train closes at once.
+    """
+
+    target: int
+    deadline: datetime
+
+    def reason_to_close(self, reported: int, now: datetime) -> CloseReason | None:
+        if reported >= self.target:
+            return "enough-reports"
+        if now >= self.deadline:
+            return "deadline"
+        return None
+
+    def seconds_left(self, now: datetime) -> float:
+        return max(0.0, (self.deadline - now).total_seconds())
+
+
+class _Round(BaseModel):
+    """Who was asked and when the round closes: what a plan and an opened round share."""
+
+    model_config = ConfigDict(frozen=True)
+
+    round: int
+    active: ActiveRound
+    selected: int
+    registered: int
+    target: int
+    deadline: datetime
+
+    @property
+    def close_policy(self) -> ClosePolicy:
+        return ClosePolicy(target=self.target, deadline=self.deadline)
+
+
+class RoundPlan(_Round):
+    """A planned round: every leaf's task and the job's pointer, not yet written."""
+
+    tasks: dict[str, LeafTask]
+
+    def shared(self) -> dict[str, Any]:
+        """The fields an ``OpenedRound`` takes over from its plan."""
+        return {name: getattr(self, name) for name in _Round.model_fields}
+
+
+class OpenedRound(_Round):
+    """What the levels of a round need: references to its tasks, not the tasks."""
+
+    task_refs: dict[str, ObjectRef]
+    started_at: float
+    finished_at: float
+
+
+def data_hint(params: TrainingParams, job: JobSpec) -> DataHint:
+    """How simulated devices find their partition (real phones ignore it)."""
+    part = params.partition or job.partition
+    return DataHint(
+        scheme=part.kind,
+        num_devices=params.num_devices,
+        seed=params.seed,
+        alpha=part.alpha,
+        shards=part.labels_per_device,
+        min_size=part.min_size,
+        dataset=(params.dataset or job.default_dataset).model_dump(mode="json"),
+    )
+
+
+def client_hyperparams(params: TrainingParams, job: JobSpec, rnd: int) -> dict[str, Any]:
+    """Local training for round ``rnd``: the job's defaults, the run's overrides, a round seed."""
+    return {**local_hyperparams(params, job).model_dump(), "seed": params.seed * 100_003 + rnd}
+
+
+def plan_round(
+    params: TrainingParams,
+    job: JobSpec,
+    *,
+    rnd: int,
+    devices: Sequence[str],
+    leaves: Sequence[str],
+    global_model: ObjectRef,
+    program: ObjectRef | None,
+    tensor_spec: Mapping[str, tuple[list[int], str]],
+    now: datetime,
+    max_num_samples: int | None = None,
+) -> RoundPlan:
+    """Sample the cohort, route it to leaves, write each leaf's task and the open pointer."""
+    selected = select_cohort(
+        devices,
+        cohort_size=params.cohort_size,
+        over_selection=params.over_selection,
+        seed=params.seed,
+        rnd=rnd,
+    )
+    deadline = now + timedelta(seconds=params.round_deadline_s)
+    tasks = leaf_tasks(
+        job=params.job,
+        run_id=params.run_id,
+        rnd=rnd,
+        selected_by_leaf=assign_leaves(selected, leaves),
+        global_model=global_model,
+        program=program,
+        tensor_spec=tensor_spec,
+        hyperparams=client_hyperparams(params, job, rnd),
+        runtime=params.runtime,
+        deadline=deadline,
+        data_hint=data_hint(params, job),
+        max_num_samples=max_num_samples,
+    )
+    active = active_round(
+        job=params.job,
+        run_id=params.run_id,
+        rnd=rnd,
+        leaves=leaves,
+        status="open",
+        opened_at=now,
+        # Between rounds everyone polls; while a round runs only the unselected do.
+        poll_seconds=pace_seconds(len(devices), polls_per_second=FLEET_POLLS_PER_SECOND),
+        idle_poll_seconds=pace_seconds(len(devices), polls_per_second=FLEET_POLLS_PER_SECOND / 2),
+    )
+    return RoundPlan(
+        round=rnd,
+        tasks=tasks,
+        active=active,
+        selected=len(selected),
+        registered=len(devices),
+        target=reports_needed(cohort_size=params.cohort_size, selected=len(selected)),
+        deadline=deadline,
+    )

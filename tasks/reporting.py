@@ -1,0 +1,135 @@
+"""Pure round bookkeeping: phase timings, the round report, the next commit pointer.
+
+Everything a round report says is derived here from the steps' results
+(``tasks.results``), so the flow only passes results along and the report can
+be tested without Prefect, S3 or devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+
+from infra.run_state import CommitRecord, RoundReport
+from infra.store import ObjectRef
+from tasks.results import RootResult, RoundResults
+
+PHASES = ("export", "dispatch", "devices", "close-and-collect", "aggregate", "evaluate")
+
+
+def phase_timings(results: RoundResults) -> dict[str, float]:
+    """Seconds per phase; ``devices`` is the wait for reports, the rest is overhead."""
+    program, opened, level, root, evaluation = (
+        results.program,
+        results.opened,
+        results.level,
+        results.root,
+        results.evaluation,
+    )
+    start = program.started_at if program is not None else opened.started_at
+    marks = [
+        start,
+        program.finished_at if program is not None else start,
+        opened.finished_at,
+        level.closing.closed_at,
+        level.finished_at,
+        root.finished_at,
+        evaluation.finished_at if evaluation is not None else root.finished_at,
+    ]
+    return {
+        name: round(max(0.0, b - a), 4)
+        for name, a, b in zip(PHASES, marks[:-1], marks[1:], strict=True)
+    }
+
+
+def sum_counts(counts: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+def bytes_out(program: ObjectRef | None, model: ObjectRef, devices: int) -> int:
+    """Bytes the reporting devices downloaded: the weights, and the program if any."""
+    return (model.size + (program.size if program is not None else 0)) * devices
+
+
+def build_round_report(
+    results: RoundResults,
+    *,
+    commit: CommitRecord,
+    late: int,
+    min_reports: int,
+    flow_run_id: str | None,
+    now: float,
+    round_started_at: float | None = None,
+) -> RoundReport:
+    """The round's row: outcome, counts, metrics, bytes and phase timings.
+
+    ``duration_s`` runs from ``round_started_at`` (the round flow's start, when
+    known) or else from its first step, to ``now``.
+    """
+    program, opened, level, root, evaluation = (
+        results.program,
+        results.opened,
+        results.level,
+        results.root,
+        results.evaluation,
+    )
+    committed = root.global_model is not None
+    first = program.started_at if program is not None else opened.started_at
+    start = min(first, round_started_at) if round_started_at is not None else first
+    metrics = evaluation.metrics if evaluation is not None else {}
+    return RoundReport(
+        round=opened.round,
+        outcome="committed" if committed else "abandoned",
+        reason="" if committed else f"{root.devices} report(s), fewer than {min_reports=}",
+        devices_selected=opened.selected,
+        devices_reported=root.devices,
+        rejected=sum_counts(o.rejected for o in level.leaves),
+        duplicates=sum(o.duplicates for o in level.leaves),
+        late=late,
+        train_loss=root.train_metrics.get("loss"),
+        train_accuracy=root.train_metrics.get("accuracy"),
+        test_loss=metrics.get("loss"),
+        test_accuracy=metrics.get("accuracy"),
+        eval_dataset=evaluation.dataset if evaluation is not None else None,
+        bytes_in=sum(o.bytes_in for o in level.leaves),
+        bytes_out=bytes_out(
+            program.ref if program is not None else None, commit.global_model, root.devices
+        ),
+        duration_s=max(0.0, now - start),
+        timings=phase_timings(results),
+        global_model=root.global_model or commit.global_model,
+        program=program.ref if program is not None else None,
+        flow_run_id=flow_run_id,
+        finished_at=datetime.fromtimestamp(now, UTC),
+    )
+
+
+def next_commit(
+    commit: CommitRecord, report: RoundReport, root: RootResult, report_ref: ObjectRef
+) -> CommitRecord:
+    """The pointer after a round. An abandoned round keeps the model and state."""
+    return commit.model_copy(
+        update={
+            "next_round": report.round + 1,
+            "global_model": root.global_model or commit.global_model,
+            "server_state": root.server_state or commit.server_state,
+            "reports": [*commit.reports, report_ref],
+            "updated_at": report.finished_at,
+        }
+    )
+
+
+def round_lines(reports: Sequence[RoundReport]) -> list[str]:
+    """One line per round for the flow's log: outcome, reports and test accuracy."""
+    lines = []
+    for r in reports:
+        acc = "-" if r.test_accuracy is None else f"{100 * r.test_accuracy:.1f}%"
+        lines.append(
+            f"round {r.round:>4}  {r.outcome:<9}  reported {r.devices_reported:>3}  "
+            f"test accuracy {acc:>6} ({r.eval_dataset})"
+        )
+    return lines

@@ -1,0 +1,62 @@
+"""What a flow run loads once and keeps until it ends: program templates and datasets.
+
+A run exports its ExecuTorch program once and patches each round's weights into
+that template, and evaluates every round on the same held-out data; reloading
+either per round would cost seconds. ``run_cache()`` gives these objects an
+explicit lifetime, the ``federated-training`` flow run that opens it, instead of
+module globals that outlive runs in a long-lived runner process. Tasks reach the
+open cache through a context variable (Prefect runs a flow's async tasks and
+subflows in copies of its context); outside a run they get a fresh, empty one,
+so a task called on its own still works, only uncached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the template module loads ExecuTorch, which PyTorch runs never need
+    from edge.data.dataset import Dataset
+    from edge.training.template import ProgramTemplate
+
+
+@dataclass
+class RunCache:
+    """Loaded program templates (by key and sha256) and datasets (by job and config)."""
+
+    templates: dict[tuple[str, str], ProgramTemplate] = field(default_factory=dict)
+    datasets: dict[tuple[str, str], Dataset] = field(default_factory=dict)
+
+    def template(
+        self, key: str, sha256: str, load: Callable[[], ProgramTemplate]
+    ) -> ProgramTemplate:
+        if (key, sha256) not in self.templates:
+            self.templates[(key, sha256)] = load()
+        return self.templates[(key, sha256)]
+
+    def dataset(self, job: str, config_json: str, load: Callable[[], Dataset]) -> Dataset:
+        if (job, config_json) not in self.datasets:
+            self.datasets[(job, config_json)] = load()
+        return self.datasets[(job, config_json)]
+
+
+_CURRENT: ContextVar[RunCache | None] = ContextVar("canopy_run_cache", default=None)
+
+
+@contextmanager
+def run_cache() -> Iterator[RunCache]:
+    """Open a cache for the duration of one flow run; it is dropped when the block ends."""
+    cache = RunCache()
+    token = _CURRENT.set(cache)
+    try:
+        yield cache
+    finally:
+        _CURRENT.reset(token)
+
+
+def current_cache() -> RunCache:
+    """The open run's cache, or a throwaway one outside a run."""
+    return _CURRENT.get() or RunCache()

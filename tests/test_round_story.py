@@ -1,0 +1,208 @@
+"""The round's pure core: planning, the close policy, phase timings and the report."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from edge.jobs import get_job
+from edge.routing import leaf_for_device
+from infra.run_state import CommitRecord
+from infra.store import ObjectRef
+from tasks.params import TrainingParams
+from tasks.planning import ClosePolicy, OpenedRound, plan_round
+from tasks.reporting import PHASES, build_round_report, next_commit, phase_timings
+from tasks.results import (
+    Closing,
+    Evaluation,
+    LeafLevel,
+    LeafOutcome,
+    ProgramExport,
+    RootResult,
+    RoundResults,
+)
+
+NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+
+
+def ref(key: str, size: int = 100) -> ObjectRef:
+    return ObjectRef(bucket="b", key=key, sha256=(key.encode().hex() * 64)[:64], size=size)
+
+
+def params(**kw: object) -> TrainingParams:
+    return TrainingParams.model_validate({"job": "hello-mobile", "cohort_size": 4, **kw})
+
+
+def test_close_policy_closes_on_reports_or_deadline_and_never_waits_for_nobody() -> None:
+    policy = ClosePolicy(target=3, deadline=NOW)
+    before = NOW - timedelta(seconds=5)
+    assert policy.reason_to_close(2, before) is None
+    assert policy.reason_to_close(3, before) == "enough-reports"
+    assert policy.reason_to_close(0, NOW) == "deadline"
+    assert policy.seconds_left(before) == 5.0 and policy.seconds_left(NOW + timedelta(1)) == 0.0
+    assert ClosePolicy(target=0, deadline=NOW + timedelta(hours=1)).reason_to_close(0, before)
+
+
+def test_plan_round_routes_the_cohort_and_points_at_every_leaf() -> None:
+    devices = [f"dev-{i:03d}" for i in range(40)]
+    leaves = ["leaf-0", "leaf-1", "leaf-2"]
+    model = ref("hello-mobile/default/round-00003/global.safetensors")
+    plan = plan_round(
+        params(over_selection=1.5, round_deadline_s=30),
+        get_job("hello-mobile"),
+        rnd=3,
+        devices=devices,
+        leaves=leaves,
+        global_model=model,
+        program=None,
+        tensor_spec={"w": ([2], "float32")},
+        now=NOW,
+    )
+    assert plan.selected == 6 and plan.target == 4 and plan.registered == 40
+    assert plan.deadline == NOW + timedelta(seconds=30)
+    assert set(plan.tasks) == set(leaves) == set(plan.active.leaves)
+    chosen = [d for t in plan.tasks.values() for d in t.selected_device_ids]
+    assert len(chosen) == 6 and set(chosen) <= set(devices)
+    for leaf, task in plan.tasks.items():
+        assert all(leaf_for_device(d, leaves) == leaf for d in task.selected_device_ids)
+        assert task.model_version == model.sha256 and task.round == 3
+        assert task.hyperparams["seed"] == 3  # seed 0 * 100_003 + round
+    assert plan.active.status == "open" and plan.active.round == 3
+    assert plan.active.leaf_manifest_keys["leaf-1"].endswith("round-00003/tasks/leaf-1.json")
+    # the same registry, seed and round give the same plan (a resumed run asks the same devices)
+    again = plan_round(
+        params(over_selection=1.5, round_deadline_s=30),
+        get_job("hello-mobile"),
+        rnd=3,
+        devices=list(reversed(devices)),
+        leaves=leaves,
+        global_model=model,
+        program=None,
+        tensor_spec={"w": ([2], "float32")},
+        now=NOW,
+    )
+    assert again.tasks == plan.tasks
+
+
+def _results(committed: bool = True) -> RoundResults:
+    t0 = 1000.0
+    leaf = LeafOutcome(
+        leaf="leaf-0",
+        partial=ref("p0"),
+        reported=3,
+        rejected={"non-finite": 1},
+        rejection_examples={},
+        duplicates=2,
+        batches=2,
+        bytes_in=500,
+        finished_at=t0 + 6.0,
+    )
+    other = leaf.model_copy(
+        update={"leaf": "leaf-1", "rejected": {"non-finite": 2, "stale-model": 1}, "duplicates": 0}
+    )
+    return RoundResults(
+        program=ProgramExport(
+            ref=ref("prog", 1000),
+            method="template-weights-patched",
+            started_at=t0,
+            finished_at=t0 + 1,
+        ),
+        opened=OpenedRound(
+            round=2,
+            task_refs={"leaf-0": ref("t0"), "leaf-1": ref("t1")},
+            active=plan_round(
+                params(),
+                get_job("hello-mobile"),
+                rnd=2,
+                devices=["a"],
+                leaves=["leaf-0", "leaf-1"],
+                global_model=ref("g"),
+                program=None,
+                tensor_spec={"w": ([1], "float32")},
+                now=NOW,
+            ).active,
+            selected=8,
+            registered=40,
+            target=6,
+            deadline=NOW,
+            started_at=t0 + 1.0,
+            finished_at=t0 + 1.5,
+        ),
+        level=LeafLevel(
+            closing=Closing(reason="enough-reports", reports_seen=6, closed_at=t0 + 5.0),
+            leaves=[leaf, other],
+        ),
+        root=RootResult(
+            devices=6 if committed else 1,
+            weight=60.0,
+            train_metrics={"loss": 0.5, "accuracy": 0.75} if committed else {},
+            global_model=ref("g3", 200) if committed else None,
+            root_partial=ref("root"),
+            finished_at=t0 + 6.25,
+        ),
+        evaluation=Evaluation(
+            metrics={"loss": 0.4, "accuracy": 0.8},
+            dataset="synthetic",
+            samples=100,
+            ref=ref("eval"),
+            started_at=t0 + 6.25,
+            finished_at=t0 + 7.0,
+        )
+        if committed
+        else None,
+    )
+
+
+def test_phase_timings_come_from_the_steps_results() -> None:
+    timings = phase_timings(_results())
+    assert list(timings) == list(PHASES)
+    assert timings == {
+        "export": 1.0,
+        "dispatch": 0.5,
+        "devices": 3.5,
+        "close-and-collect": 1.0,
+        "aggregate": 0.25,
+        "evaluate": 0.75,
+    }
+
+
+def test_round_report_sums_leaves_and_keeps_the_model_of_an_abandoned_round() -> None:
+    commit = CommitRecord(
+        job="hello-mobile",
+        run_id="default",
+        next_round=2,
+        global_model=ref("g2", 200),
+        updated_at=NOW,
+    )
+    report = build_round_report(
+        _results(),
+        commit=commit,
+        late=3,
+        min_reports=2,
+        flow_run_id="fr",
+        now=1007.5,
+    )
+    assert report.outcome == "committed" and report.reason == ""
+    assert report.rejected == {"non-finite": 3, "stale-model": 1} and report.duplicates == 2
+    assert report.devices_reported == 6 and report.devices_selected == 8 and report.late == 3
+    assert report.bytes_in == 1000 and report.bytes_out == (200 + 1000) * 6
+    assert report.test_accuracy == 0.8 and report.train_loss == 0.5
+    assert report.duration_s == pytest.approx(7.5) and report.global_model == ref("g3", 200)
+    after = next_commit(commit, report, _results().root, ref("report"))
+    assert after.next_round == 3 and after.global_model == ref("g3", 200)
+    assert after.reports == [ref("report")]
+
+    abandoned = build_round_report(
+        _results(committed=False),
+        commit=commit,
+        late=0,
+        min_reports=2,
+        flow_run_id=None,
+        now=1007.0,
+    )
+    assert abandoned.outcome == "abandoned"
+    assert abandoned.reason == "1 report(s), fewer than min_reports=2"
+    assert abandoned.global_model == ref("g2", 200) and abandoned.test_accuracy is None
+    kept = next_commit(commit, abandoned, _results(False).root, ref("r"))
+    assert kept.global_model == commit.global_model and kept.next_round == 3
