@@ -8,26 +8,19 @@ training module exposes its parameters), so momentum carries across all batches.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from aggregation.tensors import TensorDict
 from edge.jobs.spec import JobSpec, RuntimeName, TrainHyperparams
-from edge.training.batching import batch_plan
-from edge.training.closed_form import train_closed_form
 from edge.training.errors import ProgramError
 from edge.training.et_runtime import get_sgd_optimizer
+from edge.training.loop import DeviceTrainer
+from edge.training.metrics import MetricSums, output_sums
 from edge.training.program import TrainingProgram
-from edge.training.trainer import (
-    MetricsAccumulator,
-    RoundModel,
-    TrainResult,
-    check_local_data,
-    check_runtime,
-    update_from,
-)
+from edge.training.trainer import RoundModel, StepFactory
 
 
 def check_program_holds(program: TrainingProgram, state: TensorDict) -> None:
@@ -49,68 +42,42 @@ def check_program_holds(program: TrainingProgram, state: TensorDict) -> None:
             )
 
 
+class ExecuTorchStep:
+    """``forward_backward`` in the program, then ExecuTorch's SGD step on its parameters."""
+
+    def __init__(self, job: JobSpec, model: RoundModel, hyperparams: TrainHyperparams) -> None:
+        if model.program is None:
+            raise ProgramError(f"job {job.name}: the executorch runtime needs the round's program")
+        self._program = TrainingProgram(model.program, expected_sha256=model.program_sha256)
+        if self._program.batch_size != hyperparams.batch_size:
+            raise ProgramError(
+                f"the program was exported for batch size {self._program.batch_size} but the "
+                f"hyperparameters ask for {hyperparams.batch_size}; export for that batch size"
+            )
+        self._task = job.task
+        self._state = model.state
+        self._hyperparams = hyperparams
+        self._optimizer: Any = None  # ExecuTorch's SGD, built once parameters are visible
+
+    def step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, MetricSums]:
+        program = self._program
+        loss, outputs = program.forward_backward(x, y)
+        sums = output_sums(self._task, outputs, y)
+        if self._optimizer is None:
+            check_program_holds(program, self._state)
+            self._optimizer = get_sgd_optimizer(
+                program.program_parameters(), self._hyperparams.lr, self._hyperparams.momentum
+            )
+        self._optimizer.step(program.program_gradients())
+        return loss, sums
+
+    def weights(self) -> TensorDict:
+        return self._program.parameters()
+
+
 @dataclass(frozen=True)
-class ExecuTorchTrainer:
+class ExecuTorchTrainer(DeviceTrainer):
     """Trains with a ``.pte`` training program on the ExecuTorch runtime."""
 
     runtime: RuntimeName = "executorch"
-
-    def train(
-        self,
-        job: JobSpec,
-        model: RoundModel,
-        x: np.ndarray,
-        y: np.ndarray,
-        hyperparams: TrainHyperparams,
-        *,
-        seed: int = 0,
-    ) -> TrainResult:
-        check_runtime(job, self.runtime)
-        x, y = check_local_data(job, x, y)
-        if job.closed_form is not None:
-            return train_closed_form(
-                job,
-                job.closed_form,
-                model.state,
-                x,
-                y,
-                hyperparams,
-                seed=seed,
-                runtime=self.runtime,
-            )
-        if model.program is None:
-            raise ProgramError(f"job {job.name}: the executorch runtime needs the round's program")
-        started = time.perf_counter()
-        program = TrainingProgram(model.program, expected_sha256=model.program_sha256)
-        if program.batch_size != hyperparams.batch_size:
-            raise ProgramError(
-                f"the program was exported for batch size {program.batch_size} but the "
-                f"hyperparameters ask for {hyperparams.batch_size}; export for that batch size"
-            )
-        acc = MetricsAccumulator()
-        plan = batch_plan(
-            x.shape[0],
-            hyperparams.batch_size,
-            local_epochs=hyperparams.local_epochs,
-            max_steps=hyperparams.max_steps,
-            seed=seed,
-        )
-        optimizer = None
-        for idx in plan:
-            yb = y[idx]
-            loss, predictions = program.forward_backward(x[idx], yb)
-            if optimizer is None:
-                check_program_holds(program, model.state)
-                optimizer = get_sgd_optimizer(
-                    program.program_parameters(), hyperparams.lr, hyperparams.momentum
-                )
-            acc.add(loss, int(np.count_nonzero(predictions == yb)), idx.shape[0])
-            optimizer.step(program.program_gradients())
-        return TrainResult(
-            update=update_from(program.parameters(), model.state),
-            num_samples=int(x.shape[0]),
-            metrics=acc.metrics(),
-            steps=acc.steps,
-            runtime=self.runtime,
-            seconds=time.perf_counter() - started,
-        )
+    make_step: StepFactory = ExecuTorchStep

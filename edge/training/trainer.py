@@ -1,4 +1,4 @@
-"""The device trainer contract: one interface, two runtimes.
+"""The device trainer contract: one interface, two runtimes, one loop.
 
 A device gets the round's model (``RoundModel``: the global state, plus the
 ``.pte`` program for ExecuTorch), its local data and hyperparameters, and
@@ -6,20 +6,24 @@ returns a ``TrainResult``. The update follows Canopy's sign convention
 (docs/architecture.md): **new minus old**, the locally trained parameters minus
 the round's global parameters, as ``float32`` numpy arrays under the model's
 ``state_dict`` names.
+
+Runtimes differ only in how they take one SGD step, so each provides a
+``LocalStep``; ``edge.training.loop`` holds the ``DeviceTrainer`` and the one
+loop (``train_locally``: validation, batch plan, metrics, the update) that runs
+any runtime's step the same way.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
+from aggregation.partial import MetricSum
 from aggregation.tensors import TensorDict
 from edge.jobs.spec import JobSpec, RuntimeName, TrainHyperparams
-from edge.training.errors import TrainingError
-from infra.errors import ConfigError, ValidationError
 
 
 @dataclass(frozen=True)
@@ -51,12 +55,18 @@ class TrainResult:
         Local training examples (the partition size, not examples x epochs);
         the aggregation weight.
     metrics:
-        ``loss``: mean training loss over the steps; ``accuracy``: fraction of
-        correct predictions over all training examples seen (before each step).
+        The job's metrics (``JobSpec.metric_names``): ``loss`` is the mean
+        training loss over the steps; ``accuracy`` (classification) the fraction
+        of correct predictions, ``mse``/``mae`` (regression) the mean squared and
+        absolute error per target value, over all training examples seen (each
+        measured before its step).
     steps:
         Optimizer steps taken.
     runtime:
         Which runtime trained.
+    sums:
+        The same metrics as summable ``MetricSum(total, weight)``, so metrics of
+        many devices can be added and divided once (``edge.training.metrics``).
     """
 
     update: TensorDict
@@ -65,97 +75,30 @@ class TrainResult:
     steps: int
     runtime: RuntimeName
     seconds: float = field(default=0.0, compare=False)
+    sums: Mapping[str, MetricSum] = field(default_factory=dict)
 
 
-class DeviceTrainer(Protocol):
-    """Trains one device's local data, starting from the round's model."""
+class LocalStep(Protocol):
+    """One runtime's SGD step over one local run.
 
-    runtime: RuntimeName
+    A step is built per run by a ``StepFactory`` from the job, the round's model
+    and the hyperparameters: building it is the runtime's preparation (loading
+    the program, building the network and its optimizer), so it may refuse the
+    round's model. The optimizer lives as long as the step, which is what makes
+    momentum carry across every batch.
+    """
 
-    def train(
-        self,
-        job: JobSpec,
-        model: RoundModel,
-        x: np.ndarray,
-        y: np.ndarray,
-        hyperparams: TrainHyperparams,
-        *,
-        seed: int = 0,
-    ) -> TrainResult:
-        """Run local SGD; ``seed`` fixes the batch order."""
+    def step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, MetricSum]]:
+        """One SGD step on a full batch.
+
+        Returns the batch's mean loss and its output metric sums
+        (``edge.training.metrics.output_sums``), both measured before the update.
+        """
+        ...
+
+    def weights(self) -> TensorDict:
+        """The current parameters under the network's ``state_dict`` names (copies)."""
         ...
 
 
-def check_local_data(job: JobSpec, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Validate a device's data against the job; returns ``float32`` x and ``int64`` y."""
-    x = np.asarray(x)
-    y = np.asarray(y)
-    expected = ("n", *job.input_shape)
-    if x.ndim != len(expected) or tuple(x.shape[1:]) != job.input_shape:
-        raise ValidationError(
-            f"job {job.name}: local features have shape {tuple(x.shape)}, expected {expected}"
-        )
-    if y.shape != (x.shape[0],):
-        raise ValidationError(
-            f"job {job.name}: labels have shape {tuple(y.shape)}, expected ({x.shape[0]},)"
-        )
-    if x.shape[0] == 0:
-        raise ValidationError(f"job {job.name}: the device has no local data (empty partition)")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise ValidationError(f"job {job.name}: labels must be integers, got {y.dtype}")
-    if y.min() < 0 or y.max() >= job.num_classes:
-        raise ValidationError(
-            f"job {job.name}: labels must lie in 0..{job.num_classes - 1}, "
-            f"got {int(y.min())}..{int(y.max())}"
-        )
-    x32 = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.isfinite(x32).all():
-        raise ValidationError(f"job {job.name}: local features contain NaN or infinity")
-    return x32, y.astype(np.int64, copy=False)
-
-
-def check_runtime(job: JobSpec, runtime: RuntimeName) -> None:
-    if runtime not in job.runtimes:
-        raise ConfigError(
-            f"job {job.name} does not run on {runtime}; it supports {sorted(job.runtimes)}"
-        )
-
-
-class MetricsAccumulator:
-    """Mean loss over steps and accuracy over examples, checking every loss is finite."""
-
-    def __init__(self) -> None:
-        self.loss_sum = 0.0
-        self.steps = 0
-        self.correct = 0
-        self.seen = 0
-
-    def add(self, loss: float, correct: int, batch: int) -> None:
-        if not math.isfinite(loss):
-            raise TrainingError(
-                f"training loss became {loss} at step {self.steps + 1}; the update is unusable "
-                "(lower the learning rate?)"
-            )
-        self.loss_sum += loss
-        self.steps += 1
-        self.correct += correct
-        self.seen += batch
-
-    def metrics(self) -> dict[str, float]:
-        return {
-            "loss": self.loss_sum / max(self.steps, 1),
-            "accuracy": self.correct / max(self.seen, 1),
-        }
-
-
-def update_from(new: TensorDict, old: TensorDict) -> TensorDict:
-    """``new - old`` per tensor as ``float32``, refusing non-finite results."""
-    if new.keys() != old.keys():
-        raise TrainingError(
-            f"trained tensors {sorted(new)} do not match the global model's {sorted(old)}"
-        )
-    update = {name: (new[name] - old[name]).astype(np.float32, copy=False) for name in old}
-    bad = [name for name, arr in update.items() if not np.isfinite(arr).all()]
-    if bad:
-        raise TrainingError(f"update has non-finite values in {bad}; it is not reported")
-    return update
+StepFactory = Callable[[JobSpec, RoundModel, TrainHyperparams], LocalStep]

@@ -5,12 +5,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,16 +28,6 @@ from edge.jobs import get_job
 from edge.training import PyTorchTrainer, RoundModel, evaluate, initial_state
 from infra.errors import ValidationError
 from infra.store import MemoryObjectStore, S3ObjectStore
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """LeNet steps are ~10x faster on one thread when two cores are shared with other work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ---------------------------------------------------------------- partitions
 

@@ -4,7 +4,6 @@ refusing unrunnable ops and buffers, publishing with lineage, and the CLI."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,31 +32,6 @@ from edge.training.et_runtime import registered_operators
 from edge.training.program import PROGRAM_IDENTIFIER
 from infra.lineage import read_lineage
 from infra.store import MemoryObjectStore
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def cifar_program() -> ExportedProgram:
-    job = get_job("cifar10-mobile")
-    exported = export_job_program(job, initial_state(job, 0))
-    assert exported is not None
-    return exported
-
-
-@pytest.fixture(scope="module")
-def xor_program() -> ExportedProgram:
-    job = get_job("xor-mobile")
-    exported = export_job_program(job, initial_state(job, 0))
-    assert exported is not None
-    return exported
-
 
 # ---------------------------------------------------------------- program facts
 

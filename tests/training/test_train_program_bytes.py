@@ -19,21 +19,12 @@ from edge.training import (
     ProgramError,
     RoundModel,
     TrainingProgram,
-    export_job_program,
     initial_state,
     validate_program_bytes,
 )
 from edge.training.et_runtime import to_edge
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def xor_pte() -> bytes:
-    job = get_job("xor-mobile")
-    exported = export_job_program(job, initial_state(job, 0))
-    assert exported is not None
-    return exported.pte
 
 
 def test_valid_program_passes_the_checks(xor_pte: bytes) -> None:

@@ -3,8 +3,6 @@ federated XOR on the ExecuTorch runtime, CIFAR program training, evaluation, bad
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -31,39 +29,6 @@ from edge.training.batching import batch_plan
 from infra.errors import ConfigError, ValidationError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def xor() -> JobSpec:
-    return get_job("xor-mobile")
-
-
-@pytest.fixture(scope="module")
-def xor_state(xor: JobSpec) -> TensorDict:
-    return initial_state(xor, 0)
-
-
-@pytest.fixture(scope="module")
-def xor_program(xor: JobSpec, xor_state: TensorDict) -> bytes:
-    exported = export_job_program(xor, xor_state)
-    assert exported is not None
-    return exported.pte
-
-
-@pytest.fixture(scope="module")
-def cifar_program() -> ExportedProgram:
-    job = get_job("cifar10-mobile")
-    exported = export_job_program(job, initial_state(job, 0))
-    assert exported is not None
-    return exported
-
-
 def _xor_data(repeats: int = 4) -> tuple[np.ndarray, np.ndarray]:
     return np.tile(XOR_POINTS, (repeats, 1)), np.tile(XOR_LABELS, repeats)
 
@@ -77,7 +42,7 @@ def _apply(state: TensorDict, update: TensorDict) -> TensorDict:
 
 @pytest.mark.parametrize("runtime", ["pytorch", "executorch"])
 def test_update_is_new_minus_old(
-    runtime: str, xor: JobSpec, xor_state: TensorDict, xor_program: bytes
+    runtime: str, xor: JobSpec, xor_state: TensorDict, xor_pte: bytes
 ) -> None:
     """One full-batch SGD step without momentum: update == -lr * gradient at the global model."""
     # Prepare: the gradient at the global state, computed independently with autograd.
@@ -88,7 +53,7 @@ def test_update_is_new_minus_old(
     hp = TrainHyperparams(batch_size=4, max_steps=1, lr=0.1, momentum=0.0)
 
     # Execute
-    result = get_trainer(runtime).train(xor, RoundModel(xor_state, xor_program), x, y, hp)  # type: ignore[arg-type]
+    result = get_trainer(runtime).train(xor, RoundModel(xor_state, xor_pte), x, y, hp)  # type: ignore[arg-type]
 
     # Assert
     assert result.runtime == runtime and result.steps == 1
@@ -197,11 +162,11 @@ def test_momentum_carries_across_batches(xor: JobSpec, xor_state: TensorDict) ->
 
 
 def test_executorch_matches_pytorch_with_momentum_over_epochs(
-    xor: JobSpec, xor_state: TensorDict, xor_program: bytes
+    xor: JobSpec, xor_state: TensorDict, xor_pte: bytes
 ) -> None:
     x, y = _xor_data()
     hp = TrainHyperparams(batch_size=4, local_epochs=3, lr=0.2, momentum=0.9)
-    et = ExecuTorchTrainer().train(xor, RoundModel(xor_state, xor_program), x, y, hp, seed=2)
+    et = ExecuTorchTrainer().train(xor, RoundModel(xor_state, xor_pte), x, y, hp, seed=2)
     pt = PyTorchTrainer().train(xor, RoundModel(xor_state), x, y, hp, seed=2)
 
     assert et.steps == pt.steps == 12
@@ -320,18 +285,16 @@ def test_wrong_shapes_and_labels_are_refused_clearly(xor: JobSpec, xor_state: Te
 
 
 def test_executorch_refuses_mismatched_programs(
-    xor: JobSpec, xor_state: TensorDict, xor_program: bytes
+    xor: JobSpec, xor_state: TensorDict, xor_pte: bytes
 ) -> None:
     trainer = ExecuTorchTrainer()
     x, y = XOR_POINTS, XOR_LABELS
     other_state = {k: v + 0.5 for k, v in xor_state.items()}
 
     with pytest.raises(ProgramError, match="exported for batch size 4"):
-        trainer.train(xor, RoundModel(xor_state, xor_program), x, y, TrainHyperparams(batch_size=2))
+        trainer.train(xor, RoundModel(xor_state, xor_pte), x, y, TrainHyperparams(batch_size=2))
     with pytest.raises(ProgramError, match="differ from the round's global model"):
-        trainer.train(
-            xor, RoundModel(other_state, xor_program), x, y, TrainHyperparams(batch_size=4)
-        )
+        trainer.train(xor, RoundModel(other_state, xor_pte), x, y, TrainHyperparams(batch_size=4))
     with pytest.raises(ProgramError, match="needs the round's program"):
         trainer.train(xor, RoundModel(xor_state), x, y, TrainHyperparams(batch_size=4))
 
