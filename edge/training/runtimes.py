@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from edge.jobs.spec import RuntimeName
 from edge.training.executorch_trainer import ExecuTorchTrainer
+from edge.training.loop import DeviceTrainer
 from edge.training.pytorch_trainer import PyTorchTrainer
-from edge.training.trainer import DeviceTrainer
 from infra.errors import ConfigError
 
 _TRAINERS: dict[str, DeviceTrainer] = {
