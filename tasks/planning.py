@@ -17,7 +17,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from aggregation.cohort import pace_seconds, reports_needed, select_cohort
+from aggregation.strategies.base import round_hyperparams
 from edge.jobs import JobSpec
+from edge.jobs.spec import TrainHyperparams
 from edge.manifests import ActiveRound, DataHint, LeafTask
 from edge.round_control import active_round, leaf_tasks
 from edge.routing import assign_leaves
@@ -103,8 +105,13 @@ def data_hint(params: TrainingParams, job: JobSpec) -> DataHint:
 
 
 def client_hyperparams(params: TrainingParams, job: JobSpec, rnd: int) -> dict[str, Any]:
-    """Local training for round ``rnd``: the job's defaults, the run's overrides, a round seed."""
-    return {**local_hyperparams(params, job).model_dump(), "seed": params.seed * 100_003 + rnd}
+    """Local training for round ``rnd``: the job's defaults and the run's overrides, then
+    the strategy's ``configure_round`` (checked against the job's schema), then a round seed.
+    """
+    defaults = local_hyperparams(params, job)
+    scheduled = round_hyperparams(params.strategy.build(), rnd=rnd, defaults=defaults.model_dump())
+    checked = TrainHyperparams.model_validate(scheduled)  # value ranges: lr > 0, ...
+    return {**checked.model_dump(), "seed": params.seed * 100_003 + rnd}
 
 
 def plan_round(

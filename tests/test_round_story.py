@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +12,7 @@ from edge.routing import leaf_for_device
 from infra.run_state import CommitRecord
 from infra.store import ObjectRef
 from tasks.params import TrainingParams
-from tasks.planning import ClosePolicy, OpenedRound, plan_round
+from tasks.planning import ClosePolicy, OpenedRound, client_hyperparams, plan_round
 from tasks.reporting import PHASES, build_round_report, next_commit, phase_timings
 from tasks.results import (
     Closing,
@@ -206,3 +207,34 @@ def test_round_report_sums_leaves_and_keeps_the_model_of_an_abandoned_round() ->
     assert abandoned.global_model == ref("g2", 200) and abandoned.test_accuracy is None
     kept = next_commit(commit, abandoned, _results(False).root, ref("r"))
     assert kept.global_model == commit.global_model and kept.next_round == 3
+
+
+STRATEGY_FILE = """
+from aggregation.strategies import Strategy
+
+
+class HalvingLr(Strategy):
+    name = "halving-lr"
+
+    def step(self, param, update, state):
+        return param + update, {}
+
+    def configure_round(self, rnd, hyperparams):
+        return {"lr": hyperparams["lr"] / 2**rnd}
+"""
+
+
+def test_a_users_strategy_schedules_client_hyperparameters_per_round(tmp_path: Path) -> None:
+    path = tmp_path / "my_strategy.py"
+    path.write_text(STRATEGY_FILE)
+    p = params(strategy={"name": f"{path}:HalvingLr"}, lr=0.4)
+    job = get_job("hello-mobile")
+    lrs = [client_hyperparams(p, job, rnd)["lr"] for rnd in range(3)]
+    assert lrs == [0.4, 0.2, 0.1]
+    assert client_hyperparams(p, job, 2)["seed"] == 2
+    # a schedule that breaks the job's schema is refused before any device sees it
+    negative = tmp_path / "negative_lr.py"
+    negative.write_text(STRATEGY_FILE.replace('hyperparams["lr"] / 2**rnd', "-1.0"))
+    bad = params(strategy={"name": f"{negative}:HalvingLr"})
+    with pytest.raises(ValueError, match="lr"):
+        client_hyperparams(bad, job, 1)
