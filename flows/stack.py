@@ -9,8 +9,11 @@ background ignores SIGINT), then SIGKILL for any that linger.
 
 from __future__ import annotations
 
+import errno
+import importlib.util
 import json
 import os
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import httpx
 
+from edge.simulator.fleet import SimulationConfig
 from flows.deployments import load_deployment_specs
 from infra.errors import CanopyError
 from infra.health import NotHealthyError, Process, wait_http_ok, wait_until
@@ -38,9 +42,34 @@ class StackError(CanopyError):
 
 @dataclass(frozen=True)
 class StackPorts:
+    """Where each service listens on 127.0.0.1; settable so a stack runs beside other servers."""
+
     prefect: int = 4200
     s3: int = 4566
     gateways: tuple[int, ...] = (8081, 8082)
+
+    def named(self) -> list[tuple[str, int]]:
+        return [
+            ("prefect-server", self.prefect),
+            ("moto-s3", self.s3),
+            *((f"gateway-{i}", p) for i, p in enumerate(self.gateways)),
+        ]
+
+
+@dataclass(frozen=True)
+class SimulatedFleet:
+    """The phones ``canopy up`` simulates for each job.
+
+    The defaults are the simulator's own (a few slow, offline and dropping-out
+    devices, as real fleets have); zero fractions give a fleet that never drops
+    out, is never offline and has no slow phones.
+    """
+
+    devices: int = 40
+    seed: int = 0
+    dropout: float = SimulationConfig.dropout
+    slow_fraction: float = SimulationConfig.slow_fraction
+    offline_fraction: float = SimulationConfig.offline_fraction
 
 
 @dataclass
@@ -111,6 +140,31 @@ def _deployments_ready(api_url: str, names: list[str], since: datetime) -> Calla
     return check
 
 
+def check_ports(ports: StackPorts, host: str = "127.0.0.1") -> None:
+    """Refuse to start when a port is taken or given twice, naming the service and its option.
+
+    Without this a busy port shows up as a service that "exited during start-up",
+    after the services before it were started and stopped again.
+    """
+    seen: dict[int, str] = {}
+    for name, port in ports.named():
+        if port in seen:
+            raise StackError(f"{name} and {seen[port]} are both given port {port}")
+        seen[port] = name
+        with socket.socket() as sock:
+            # SO_REUSEADDR: a port in TIME_WAIT is free for a server, only a listener blocks it
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                raise StackError(
+                    f"port {port} for {name} is already in use on {host}; "
+                    "pick free ones with --prefect-port, --s3-port or --gateway-ports"
+                ) from exc
+
+
 def deployment_names() -> list[str]:
     """Deployment names declared in prefect.yaml (the one source of truth)."""
     return [spec.name for spec in load_deployment_specs()]
@@ -121,8 +175,7 @@ def up(
     *,
     ports: StackPorts = StackPorts(),
     jobs: tuple[str, ...] = DEFAULT_JOBS,
-    devices: int = 40,
-    seed: int = 0,
+    fleet: SimulatedFleet = SimulatedFleet(),
     log: Callable[[str], None] = print,
 ) -> StackRecord:
     """Start the stack (refusing if one recorded in ``root`` is still running)."""
@@ -133,6 +186,12 @@ def up(
         old = StackRecord.load(path)
         if any(alive(s.pid) for s in old.services):
             raise StackError(f"a stack is already running from {root}; run `canopy down` first")
+    if importlib.util.find_spec("moto") is None:
+        raise StackError(
+            "the local stack's S3 server (moto) is not installed; install the 'local' extra: "
+            "pip install -e '.[local]'"
+        )
+    check_ports(ports)
     env = stack_env(root, ports)
     child_env = {**os.environ, **env}
     record = StackRecord(root=str(root), env=env)
@@ -183,7 +242,7 @@ def up(
         wait_until(_deployments_ready(api, deployment_names(), since), 120.0, what, proc)
 
         for job in jobs:
-            launch(f"simulator-{job}", simulator_command(job, gateway_urls, devices, seed), None)
+            launch(f"simulator-{job}", simulator_command(job, gateway_urls, fleet), None)
     except NotHealthyError as exc:
         down(root, log=lambda _msg: None)
         raise StackError(str(exc)) from exc
@@ -193,7 +252,7 @@ def up(
     return record
 
 
-def simulator_command(job: str, gateway_urls: list[str], devices: int, seed: int) -> list[str]:
+def simulator_command(job: str, gateway_urls: list[str], fleet: SimulatedFleet) -> list[str]:
     """``canopy simulate`` for one job, polling forever (a local stack outlives runs)."""
     return [
         sys.executable,
@@ -202,9 +261,15 @@ def simulator_command(job: str, gateway_urls: list[str], devices: int, seed: int
         "--job",
         job,
         "--devices",
-        str(devices),
+        str(fleet.devices),
         "--seed",
-        str(seed),
+        str(fleet.seed),
+        "--dropout",
+        str(fleet.dropout),
+        "--slow-fraction",
+        str(fleet.slow_fraction),
+        "--offline-fraction",
+        str(fleet.offline_fraction),
         "--gateway",
         ",".join(gateway_urls),
         "--forever",

@@ -8,6 +8,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -23,25 +24,73 @@ DEFAULT_ROOT = Path(".canopy/stack")
 console = Console()
 
 
-def up(
-    root: Path = typer.Option(DEFAULT_ROOT, help="Folder for logs, pids and Prefect's database."),
-    jobs: str = typer.Option(",".join(stack.DEFAULT_JOBS), help="Jobs to simulate devices for."),
-    devices: int = typer.Option(40, min=1, help="Simulated devices per job."),
-    seed: int = typer.Option(0, help="Seed of the simulated device population."),
-) -> None:
-    """Start Prefect (SQLite), moto S3, two gateways, a runner and device simulators."""
+_PORTS = stack.StackPorts()
+_FLEET = stack.SimulatedFleet()
+_GATEWAY_PORTS = ",".join(str(p) for p in _PORTS.gateways)
+
+PrefectPort = Annotated[
+    int, typer.Option("--prefect-port", min=1, max=65535, help="Prefect server and UI port.")
+]
+S3Port = Annotated[int, typer.Option("--s3-port", min=1, max=65535, help="moto S3 server port.")]
+GatewayPorts = Annotated[
+    str, typer.Option("--gateway-ports", help="Gateway ports, comma-separated: one per gateway.")
+]
+Devices = Annotated[int, typer.Option("--devices", min=1, help="Simulated devices per job.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed of the simulated device population.")]
+Dropout = Annotated[
+    float,
+    typer.Option("--dropout", min=0.0, max=1.0, help="Mean chance a device abandons a round."),
+]
+SlowFraction = Annotated[
+    float, typer.Option("--slow-fraction", min=0.0, max=1.0, help="Share of slow phones.")
+]
+OfflineFraction = Annotated[
+    float,
+    typer.Option(
+        "--offline-fraction", min=0.0, max=1.0, help="Share of phones offline some rounds."
+    ),
+]
+
+
+def _ports(prefect_port: int, s3_port: int, gateway_ports: str) -> stack.StackPorts:
+    try:
+        gateways = tuple(int(p) for p in gateway_ports.split(",") if p.strip())
+    except ValueError as exc:
+        raise typer.BadParameter(
+            f"--gateway-ports must be comma-separated port numbers, got {gateway_ports!r}"
+        ) from exc
+    if not gateways or not all(0 < p < 65536 for p in gateways):
+        raise typer.BadParameter("--gateway-ports needs at least one port in 1-65535")
+    return stack.StackPorts(prefect=prefect_port, s3=s3_port, gateways=gateways)
+
+
+def _start(
+    root: Path, jobs: tuple[str, ...], ports: stack.StackPorts, fleet: stack.SimulatedFleet
+) -> stack.StackRecord:
     console.print(f"[bold]Starting the Canopy stack[/bold] (logs in {root}/logs)")
     try:
-        record = stack.up(
-            root,
-            jobs=tuple(j for j in jobs.split(",") if j),
-            devices=devices,
-            seed=seed,
-            log=console.print,
-        )
+        return stack.up(root, ports=ports, jobs=jobs, fleet=fleet, log=console.print)
     except stack.StackError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
+
+
+def up(
+    root: Path = typer.Option(DEFAULT_ROOT, help="Folder for logs, pids and Prefect's database."),
+    jobs: str = typer.Option(",".join(stack.DEFAULT_JOBS), help="Jobs to simulate devices for."),
+    devices: Devices = _FLEET.devices,
+    seed: Seed = _FLEET.seed,
+    dropout: Dropout = _FLEET.dropout,
+    slow_fraction: SlowFraction = _FLEET.slow_fraction,
+    offline_fraction: OfflineFraction = _FLEET.offline_fraction,
+    prefect_port: PrefectPort = _PORTS.prefect,
+    s3_port: S3Port = _PORTS.s3,
+    gateway_ports: GatewayPorts = _GATEWAY_PORTS,
+) -> None:
+    """Start Prefect (SQLite), moto S3, gateways, a runner and device simulators."""
+    fleet = stack.SimulatedFleet(devices, seed, dropout, slow_fraction, offline_fraction)
+    ports = _ports(prefect_port, s3_port, gateway_ports)
+    record = _start(root, tuple(j for j in jobs.split(",") if j), ports, fleet)
     console.print(f"\nPrefect UI: [link]{record.env['CANOPY_PREFECT_UI_URL']}[/link]")
     console.print("Use the stack from another shell with:")
     for name in ("PREFECT_API_URL", "CANOPY_S3_ENDPOINT_URL"):
@@ -86,6 +135,12 @@ def demo(
     job: str = typer.Option("cifar10-mobile", help="Deployment to run (a name in prefect.yaml)."),
     root: Path = typer.Option(DEFAULT_ROOT, help="Folder for the stack's logs and pids."),
     keep: bool = typer.Option(False, help="Leave the stack running afterwards."),
+    dropout: Dropout = _FLEET.dropout,
+    slow_fraction: SlowFraction = _FLEET.slow_fraction,
+    offline_fraction: OfflineFraction = _FLEET.offline_fraction,
+    prefect_port: PrefectPort = _PORTS.prefect,
+    s3_port: S3Port = _PORTS.s3,
+    gateway_ports: GatewayPorts = _GATEWAY_PORTS,
 ) -> None:
     """Bring the stack up, run one deployment with --watch, print its rounds, stop the stack."""
     spec = next((s for s in stack.load_deployment_specs() if s.name == job), None)
@@ -93,7 +148,10 @@ def demo(
         console.print(f"[red]error:[/red] no deployment {job!r} in prefect.yaml")
         raise typer.Exit(2)
     job_name = str(spec.parameters["job"])
-    record = stack.up(root, jobs=(job_name,), log=console.print)
+    # As many simulated phones as the deployment partitions its data for.
+    devices = int(spec.parameters.get("num_devices", _FLEET.devices))
+    fleet = stack.SimulatedFleet(devices, _FLEET.seed, dropout, slow_fraction, offline_fraction)
+    record = _start(root, (job_name,), _ports(prefect_port, s3_port, gateway_ports), fleet)
     run_id = f"demo-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     env = {**os.environ, **record.env}
     cmd = [
