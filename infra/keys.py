@@ -1,4 +1,4 @@
-"""The S3 key layout, as pure functions.
+"""The S3 key layout, as pure functions: the one place that says where an object lives.
 
 Every object of a training run lives under ``{job}/{run}/``::
 
@@ -7,17 +7,25 @@ Every object of a training run lives under ``{job}/{run}/``::
     {job}/{run}/round-{r:05d}/global.pte                 its ExecuTorch training program
     {job}/{run}/program-template-b{B}.pte(.layout.json)  exported once; rounds patch weights
     {job}/{run}/round-{r:05d}/server-state.safetensors   strategy state (momentum, Adam moments)
+    {job}/{run}/round-{r:05d}/evaluation.json            held-out metrics of round r's global model
     {job}/{run}/round-{r:05d}/tasks/{leaf}.json          task manifest of one leaf node
     {job}/{run}/round-{r:05d}/updates/{leaf}/{batch}.safetensors
                                                          group-committed device updates
     {job}/{run}/round-{r:05d}/partials/{node}.safetensors  summed partial aggregate of a node
     {job}/{run}/round-{r:05d}/report.json                round metrics and outcome
+
+Outside any run::
+
     control/active/{job}.json                            which run/round gateways serve for a job
+    devices/{job}/{device_id}.json                       a device enrolled for a job (registry)
     _lineage/{key}.json                                  lineage record of the object at {key}
 
+Round numbers in keys have five digits (``round-00007``); Prefect's flow-run
+names and artifact keys use four (``round-0007``), which are not S3 keys.
 Round 0's ``global.safetensors`` is the initial model. Finishing round r writes
-``round-{r+1}/global.safetensors`` and then, last, ``commit.json``: readers follow
-the pointer, so nobody ever sees half a round (single-object PUTs are atomic in S3).
+``round-{r+1:05d}/global.safetensors`` and then, last, ``commit.json``: readers
+follow the pointer, so nobody ever sees half a round (single-object PUTs are
+atomic in S3).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import re
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 LINEAGE_PREFIX = "_lineage/"
+DEVICES_PREFIX = "devices/"
 
 
 def check_segment(value: str, what: str) -> str:
@@ -66,8 +75,18 @@ def program_template_key(job: str, run: str, batch_size: int) -> str:
     return f"{run_prefix(job, run)}program-template-b{batch_size}.pte"
 
 
+def program_layout_key(job: str, run: str, batch_size: int) -> str:
+    """Where each parameter's bytes sit in the program template (JSON)."""
+    return f"{program_template_key(job, run, batch_size)}.layout.json"
+
+
 def server_state_key(job: str, run: str, rnd: int) -> str:
     return f"{round_prefix(job, run, rnd)}server-state.safetensors"
+
+
+def evaluation_key(job: str, run: str, rnd: int) -> str:
+    """Held-out metrics of the global model devices train in round ``rnd``."""
+    return f"{round_prefix(job, run, rnd)}evaluation.json"
 
 
 def task_manifest_key(job: str, run: str, rnd: int, leaf: str) -> str:
@@ -112,6 +131,20 @@ def round_report_key(job: str, run: str, rnd: int) -> str:
 
 def active_job_key(job: str) -> str:
     return f"control/active/{check_segment(job, 'job')}.json"
+
+
+def registry_prefix(job: str) -> str:
+    """Prefix under which the devices enrolled for ``job`` are registered."""
+    return f"{DEVICES_PREFIX}{check_segment(job, 'job')}/"
+
+
+def device_key(job: str, device_id: str) -> str:
+    """A device's registry record for ``job``: ``devices/{job}/{device_id}.json``.
+
+    Per job, so the flow of one job samples only devices that enrolled for it,
+    and the device id is the key's last segment (listing is enough to sample).
+    """
+    return f"{registry_prefix(job)}{check_segment(device_id, 'device id')}.json"
 
 
 def lineage_key(object_key: str) -> str:
