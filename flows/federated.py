@@ -127,7 +127,7 @@ async def training_round(ctx: RunContext, tree: Tree, commit: CommitRecord) -> S
     new_commit, report = await commit_round(
         ctx, commit, results, late=await late_since(ctx, late_before)
     )
-    await publish_round(ctx, report)
+    await publish_round(ctx, report, new_commit)
     get_run_logger().info(
         "round %d %s: %d/%d reported, test accuracy %s, %.1fs",
         rnd,

@@ -27,9 +27,10 @@ from prefect.artifacts import (
 from prefect.cache_policies import NONE
 from prefect.events import emit_event
 
+from infra.charts import line_chart_svg, sparkline, svg_data_uri
 from infra.keys import lineage_key
 from infra.lineage import LineageRecord
-from infra.run_state import RoundReport
+from infra.run_state import CommitRecord, RoundReport, read_reports
 from infra.settings import S3Settings
 from infra.store import ObjectRef
 from tasks.context import RunContext, store_for
@@ -107,9 +108,7 @@ async def publish_round_artifacts(
         "duplicates": report.duplicates,
         "late": report.late,
         "train loss": _fmt(report.train_loss),
-        "test accuracy": "-"
-        if report.test_accuracy is None
-        else f"{100 * report.test_accuracy:.2f}%",
+        "test accuracy": _pct(report.test_accuracy),
         "test loss": _fmt(report.test_loss),
         "eval data": report.eval_dataset or "-",
         "bytes in": report.bytes_in,
@@ -134,28 +133,58 @@ async def publish_round_artifacts(
         )
 
 
-async def publish_job_summary(job: str, run_id: str, reports: Sequence[RoundReport]) -> None:
-    """Markdown artifact with accuracy and loss per round (one key per run, versioned)."""
+def summary_markdown(job: str, run_id: str, reports: Sequence[RoundReport]) -> str:
+    """The run's page: a chart of test accuracy and loss over rounds, sparklines, the table.
+
+    The chart is an SVG inlined as a ``data:`` URI, so the Prefect UI shows it
+    with no file server and no S3 credentials in the browser.
+    """
     dataset = next((r.eval_dataset for r in reports if r.eval_dataset), "n/a")
-    lines = [
-        f"# {job} / {run_id}",
-        "",
-        f"Evaluated on **{dataset}**.",
-        "",
+    acc = [r.test_accuracy for r in reports]
+    loss = [r.test_loss for r in reports]
+    rounds = [r.round for r in reports]
+    lines = [f"# {job} / {run_id}", "", f"Evaluated on **{dataset}**.", ""]
+    if any(v is not None for v in acc + loss):
+        svg = line_chart_svg(
+            {"test accuracy": acc, "test loss": loss},
+            x=rounds,
+            title=f"{job} / {run_id}: test accuracy and loss by round",
+            formats={"test accuracy": lambda v: f"{100 * v:.0f}%"},
+        )
+        lines += [
+            f"![test accuracy and loss by round]({svg_data_uri(svg)})",
+            "",
+            f"test accuracy `{sparkline(acc)}` {_pct(_last(acc))} · "
+            f"test loss `{sparkline(loss)}` {_fmt(_last(loss))}",
+            "",
+        ]
+    lines += [
         "| round | outcome | reported | train loss | test loss | test accuracy |",
         "|---:|---|---:|---:|---:|---:|",
     ]
     for r in reports:
-        acc = "-" if r.test_accuracy is None else f"{100 * r.test_accuracy:.2f}%"
         lines.append(
             f"| {r.round} | {r.outcome} | {r.devices_reported}/{r.devices_selected} | "
-            f"{_fmt(r.train_loss)} | {_fmt(r.test_loss)} | {acc} |"
+            f"{_fmt(r.train_loss)} | {_fmt(r.test_loss)} | {_pct(r.test_accuracy)} |"
         )
+    return "\n".join(lines)
+
+
+async def publish_job_summary(job: str, run_id: str, reports: Sequence[RoundReport]) -> None:
+    """Markdown artifact of the run so far (one key per run, a new version per round)."""
     await acreate_markdown_artifact(
-        markdown="\n".join(lines),
+        markdown=summary_markdown(job, run_id, reports),
         key=artifact_key(job, run_id, "summary"),
         description=f"Accuracy and loss per round of {job} run {run_id}",
     )
+
+
+def _last(values: Sequence[float | None]) -> float | None:
+    return next((v for v in reversed(values) if v is not None), None)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
 
 
 def _fmt(x: float | None) -> str:
@@ -163,10 +192,16 @@ def _fmt(x: float | None) -> str:
 
 
 @task(name="publish-round", cache_policy=NONE)
-async def publish_round(ctx: RunContext, report: RoundReport) -> None:
-    """The round's table and links in the Prefect UI (a view of what S3 holds)."""
-    lineage = await asyncio.to_thread(store_for(ctx.s3).head, lineage_key(report.global_model.key))
+async def publish_round(ctx: RunContext, report: RoundReport, commit: CommitRecord) -> None:
+    """The round's table and links, and the run's curve so far, in the Prefect UI.
+
+    A view of what S3 holds: the reports are read back from the commit pointer.
+    """
+    store = store_for(ctx.s3)
+    lineage = await asyncio.to_thread(store.head, lineage_key(report.global_model.key))
     await publish_round_artifacts(ctx.s3, ctx.job, ctx.run_id, report, lineage)
+    reports = await asyncio.to_thread(read_reports, store, commit)
+    await publish_job_summary(ctx.job, ctx.run_id, reports)
 
 
 @task(name="publish-job-summary", cache_policy=NONE)
