@@ -19,7 +19,7 @@ from prefect.logging import get_run_logger
 
 from aggregation.tensors import decode_tensors, spec_of
 from edge import round_control
-from edge.manifests import registry_prefix
+from infra.keys import registry_prefix
 from infra.run_state import CommitRecord
 from infra.store import ObjectRef, ObjectStore
 from tasks.context import RunContext, store_for

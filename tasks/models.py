@@ -18,7 +18,7 @@ from aggregation.tensors import encode_tensors
 from edge.data.dataset import Dataset
 from edge.training.evaluate import evaluate
 from edge.training.state import initial_state
-from infra.keys import global_model_key, round_prefix
+from infra.keys import evaluation_key, global_model_key
 from infra.outputs import Output, Provenance, put_with_lineage
 from infra.run_state import CommitRecord, read_commit, write_commit
 from infra.store import ObjectRef, ObjectStore
@@ -92,7 +92,7 @@ def _evaluate(ctx: RunContext, rnd: int, model: ObjectRef) -> Evaluation:
     ref = put_with_lineage(
         store,
         Output.json(
-            f"{round_prefix(ctx.job, ctx.run_id, rnd + 1)}evaluation.json",
+            evaluation_key(ctx.job, ctx.run_id, rnd + 1),
             {**about, "model": model.uri, "metrics": metrics},
             kind="evaluation",
         ),

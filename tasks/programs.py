@@ -23,7 +23,7 @@ from prefect.logging import get_run_logger
 
 from aggregation.tensors import TensorDict
 from infra.errors import ConfigError
-from infra.keys import program_key, program_template_key
+from infra.keys import program_key, program_layout_key, program_template_key
 from infra.outputs import Output, Provenance, put_with_lineage
 from infra.store import ObjectRef, ObjectStore, get_json, put_json
 from tasks.aggregate import load_tensors
@@ -74,10 +74,9 @@ def _template(
     from edge.training.errors import ExportError
     from edge.training.template import ProgramTemplate, make_template
 
-    key = program_template_key(
-        ctx.job, ctx.run_id, local_hyperparams(ctx.params, ctx.job_spec()).batch_size
-    )
-    layout_key = f"{key}.layout.json"
+    batch_size = local_hyperparams(ctx.params, ctx.job_spec()).batch_size
+    key = program_template_key(ctx.job, ctx.run_id, batch_size)
+    layout_key = program_layout_key(ctx.job, ctx.run_id, batch_size)
     ref = store.head(key)
     if ref is not None and store.head(layout_key) is not None:
         found = ref
