@@ -44,6 +44,9 @@ KIND_DEVICE_RECORD = "device-record"
 
 DEVICES_PREFIX = "devices/"
 
+MAX_NUM_SAMPLES = 1_000_000_000
+"""Hard cap on the sample count (aggregation weight) any device may claim for an update."""
+
 
 def registry_prefix(job: str) -> str:
     """Prefix under which the devices enrolled for ``job`` are registered."""
@@ -182,6 +185,18 @@ class LeafTask(BaseModel):
     data_hint: DataHint | None = Field(
         default=None, description="SIMULATION ONLY: partition of simulated devices."
     )
+    max_num_samples: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_NUM_SAMPLES,
+        description=(
+            "The largest sample count (aggregation weight) a device of this leaf may claim; "
+            "gateways refuse larger X-Canopy-Num-Samples with 422 too_many_samples. Set it from "
+            "what the job knows (the largest partition of the selected devices, times the "
+            "epochs if the device counts examples per epoch). None: only the hard cap "
+            "MAX_NUM_SAMPLES applies."
+        ),
+    )
 
     @field_validator("job", "run_id", "leaf")
     @classmethod
@@ -203,6 +218,10 @@ class LeafTask(BaseModel):
         if not self.tensor_spec:
             raise ValueError("tensor_spec is empty; every update would be refused")
         return self
+
+    def sample_limit(self) -> int:
+        """The largest ``X-Canopy-Num-Samples`` an upload for this task may carry."""
+        return MAX_NUM_SAMPLES if self.max_num_samples is None else self.max_num_samples
 
     def specs(self) -> dict[str, TensorSpec]:
         """The tensor spec as ``aggregation.tensors.TensorSpec`` values."""

@@ -13,13 +13,15 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge.manifests import Runtime
+from edge.manifests import MAX_NUM_SAMPLES, Runtime
 
 API_PREFIX = "/v1"
 
@@ -35,7 +37,6 @@ UPDATE_CONTENT_TYPES = ("application/octet-stream", "application/vnd.safetensors
 MAX_METRICS_HEADER_BYTES = 4096
 MAX_METRICS = 32
 MAX_METRIC_NAME = 64
-MAX_NUM_SAMPLES = 1_000_000_000
 MAX_JSON_BODY_BYTES = 16 * 1024
 MAX_ENROL_JOBS = 16
 MAX_SECRET_CHARS = 512
@@ -85,7 +86,8 @@ class ErrorCode(StrEnum):
     TENSOR_SHAPE = "tensor_shape"  # [422]
     TENSOR_DTYPE = "tensor_dtype"  # [422]
     NON_FINITE = "non_finite"  # [422] NaN or Inf in a tensor
-    BAD_NUM_SAMPLES = "bad_num_samples"  # [422]
+    BAD_NUM_SAMPLES = "bad_num_samples"  # [422] missing, not an integer, or outside 1..10^9
+    TOO_MANY_SAMPLES = "too_many_samples"  # [422] more than the task's max_num_samples
     BAD_METRICS = "bad_metrics"  # [422]
     BAD_MODEL_VERSION = "bad_model_version"  # [422] header missing
     STORE_UNAVAILABLE = "store_unavailable"  # [503] retry after Retry-After seconds
@@ -188,6 +190,10 @@ class TaskOffer(BaseModel):
     weights: ArtifactInfo = Field(description="The global weights as safetensors (always).")
     upload_url: str
     deadline: datetime
+    max_num_samples: int = Field(
+        default=MAX_NUM_SAMPLES,
+        description="The largest X-Canopy-Num-Samples this task accepts (422 too_many_samples).",
+    )
     hyperparams: dict[str, Any]
     tensor_spec: dict[str, tuple[list[int], str]] = Field(
         description="name -> [shape, dtype] the uploaded update must match."
@@ -329,6 +335,47 @@ def parse_metrics(value: str | None) -> dict[str, float]:
             )
         metrics[name] = float(number)
     return metrics
+
+
+def parse_model_version(value: str | None) -> str:
+    """``X-Canopy-Model-Version``: required and non-empty (compared with the round's later)."""
+    if not value or not value.strip():
+        raise ProtocolError(
+            422,
+            ErrorCode.BAD_MODEL_VERSION,
+            f"header {HEADER_MODEL_VERSION} is required (the offer's model_version)",
+        )
+    return value.strip()
+
+
+def check_update_content_type(value: str | None) -> None:
+    """An update is safetensors bytes: ``application/octet-stream`` or the safetensors type."""
+    content_type = (value or "").split(";")[0].strip().lower()
+    if content_type not in UPDATE_CONTENT_TYPES:
+        raise ProtocolError(
+            415,
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+            f"the update must be a safetensors body sent as one of {UPDATE_CONTENT_TYPES}, "
+            f"got {content_type[:64] or 'no Content-Type'!r}",
+        )
+
+
+@dataclass(frozen=True)
+class UploadHeaders:
+    """What an upload's headers say, parsed: everything checked before any I/O."""
+
+    model_version: str
+    num_samples: int
+    metrics: dict[str, float]
+
+
+def parse_upload_headers(headers: Mapping[str, str]) -> UploadHeaders:
+    """Parse and check an upload's headers (422 or 415 with the header's code)."""
+    model_version = parse_model_version(headers.get(HEADER_MODEL_VERSION))
+    num_samples = parse_num_samples(headers.get(HEADER_NUM_SAMPLES))
+    metrics = parse_metrics(headers.get(HEADER_METRICS))
+    check_update_content_type(headers.get("content-type"))
+    return UploadHeaders(model_version, num_samples, metrics)
 
 
 def parse_range(value: str | None, size: int) -> tuple[int, int] | None:

@@ -39,14 +39,11 @@ from edge.gateway.tuning import GatewayTuning
 from edge.protocol import (
     API_PREFIX,
     HEADER_GATEWAY,
-    HEADER_METRICS,
     HEADER_MODEL_FORMAT,
     HEADER_MODEL_VERSION,
-    HEADER_NUM_SAMPLES,
     HEADER_SHA256,
     MAX_JSON_BODY_BYTES,
     MAX_TASK_ID_CHARS,
-    UPDATE_CONTENT_TYPES,
     EnrolRequest,
     EnrolResponse,
     ErrorCode,
@@ -55,9 +52,8 @@ from edge.protocol import (
     PollAnswer,
     ProtocolError,
     UploadReceipt,
-    parse_metrics,
-    parse_num_samples,
     parse_range,
+    parse_upload_headers,
     valid_id,
 )
 from infra.settings import GatewaySettings
@@ -213,29 +209,14 @@ def create_app(
         summary="Upload the update (new - old) as safetensors",
     )
     async def upload(request: Request) -> Any:
-        headers = request.headers
-        model_version = headers.get(HEADER_MODEL_VERSION)
         try:
             job, device_id, task_id = _ids(request, "job", "device_id", "task_id")
             claims = service.authenticate(request.headers.get("authorization"), device_id)
-            checked = await service.uploads.check(job, claims, task_id, model_version)
-            if isinstance(checked, UploadReceipt):
-                return JSONResponse(checked.model_dump(mode="json"), headers=gateway_header)
-            samples = parse_num_samples(headers.get(HEADER_NUM_SAMPLES))
-            values = parse_metrics(headers.get(HEADER_METRICS))
-            content_type = headers.get("content-type", "").split(";")[0].strip().lower()
-            if content_type not in UPDATE_CONTENT_TYPES:
-                raise ProtocolError(
-                    415,
-                    ErrorCode.UNSUPPORTED_MEDIA_TYPE,
-                    f"the update must be a safetensors body sent as one of {UPDATE_CONTENT_TYPES}, "
-                    f"got {content_type or 'no Content-Type'!r}",
-                )
+            parsed = parse_upload_headers(request.headers)
+            view = await service.uploads.admit(job, claims, task_id, parsed)
             body = await read_body(request, settings.max_body_bytes, budget)
             try:
-                receipt = await service.uploads.accept(
-                    checked, claims, body, num_samples=samples, metrics=values
-                )
+                receipt = await service.uploads.accept(view, claims, body, parsed)
             finally:
                 budget.give(len(body))
         except ProtocolError as exc:

@@ -220,6 +220,7 @@ class GatewayService:
             weights=weights,
             upload_url=result_path(task.job, device_id, task.task_id),
             deadline=task.deadline,
+            max_num_samples=task.sample_limit(),
             hyperparams=task.hyperparams,
             tensor_spec=task.tensor_spec,
             data_hint=task.data_hint.model_dump() if task.data_hint else None,

@@ -1,14 +1,19 @@
 """The upload desk: what happens between a device's POST and its acknowledgement.
 
-Checks run cheapest first, and everything that does not need the body runs
-before reading it: a duplicate is answered from memory, a late result or a
-device that was not selected is refused without reading 64 MiB. Then the
-safetensors body is parsed and checked by ``aggregation.guards`` (names,
-shapes, dtypes, NaN/Inf), and the update joins its leaf's group commit. The
-device gets its receipt only when the batch is in S3.
+Checks run cheapest first: the headers (no I/O), then the round's state from
+the cached manifests (a late result or a device that was not selected is
+refused without reading 64 MiB, and so is a sample count over the task's
+``max_num_samples``), then the safetensors body (``update_check``: names,
+shapes, dtypes, NaN/Inf). Only an update that passed all of them is looked up
+among the results already accepted: a replay with a NaN or garbage body is a
+422 like any other bad body, never a ``duplicate``. A new update joins its
+leaf's group commit, and the device gets its receipt only when the batch is in
+S3 *and* the round was still open after the write (the close fence, see
+``batcher`` and docs/gateway.md).
 
 The only memory here is a bounded set of recently accepted (task, device)
-pairs, so a retried upload that reaches the same gateway is answered
+pairs, each with the leaf view it was checked against, so a retried upload
+that reaches the same gateway is validated like the first and answered
 ``duplicate`` instead of being stored twice. A retry that reaches another
 gateway may be stored twice; the leaf aggregation de-duplicates by device id.
 """
@@ -26,7 +31,7 @@ from edge.gateway.rounds import LeafView, RoundDirectory
 from edge.gateway.tokens import TokenClaims
 from edge.gateway.tuning import GatewayTuning
 from edge.gateway.update_check import decode_and_check
-from edge.protocol import ErrorCode, ProtocolError, UploadReceipt
+from edge.protocol import ErrorCode, ProtocolError, UploadHeaders, UploadReceipt
 from edge.update_batch import BatchContext, DeviceUpdate
 
 Key = tuple[str, str]  # (task id, device id)
@@ -51,75 +56,83 @@ class UploadDesk:
         self._executor = executor
         self._gateway_id = gateway_id
         self._tuning = tuning
-        self._recent: OrderedDict[Key, tuple[int, datetime]] = OrderedDict()
+        self._recent: OrderedDict[Key, tuple[LeafView, datetime]] = OrderedDict()
         self._inflight: dict[Key, asyncio.Future[UploadReceipt]] = {}
 
     def already_submitted(self, task_id: str, device_id: str) -> bool:
         key = (task_id, device_id)
         return key in self._recent or key in self._inflight
 
-    async def check(
-        self, job: str, claims: TokenClaims, task_id: str, model_version: str | None
-    ) -> LeafView | UploadReceipt:
-        """Everything decidable before reading the body: duplicate, late, not selected."""
-        key = (task_id, claims.device_id)
-        if (seen := self._recent.get(key)) is not None:
-            self._metrics.results_duplicate.inc()
-            return _receipt(key, seen[0], seen[1], duplicate=True)
-        if (pending := self._inflight.get(key)) is not None:
-            return await self._duplicate_of(pending)
-        view = await self._rounds.current_view(job, claims.device_id)
-        if view is None or view.task.task_id != task_id:
+    async def admit(
+        self, job: str, claims: TokenClaims, task_id: str, headers: UploadHeaders
+    ) -> LeafView:
+        """Everything decidable before reading the body: late, not selected, too many samples.
+
+        A result this gateway already accepted is admitted against the view it was
+        accepted with (the round may have moved on since), so that its replay is
+        validated like the original and then answered ``duplicate``.
+        """
+        remembered = self._recent.get((task_id, claims.device_id))
+        view = remembered[0] if remembered is not None else await self._current(job, claims)
+        if remembered is None and view.task.task_id != task_id:
             raise self._late(job, "task_not_current", f"task {task_id!r} is not the current task")
-        if not view.accepting(datetime.now(UTC)):
+        if remembered is None and not view.accepting(datetime.now(UTC)):
             raise self._late(
                 job, "round_closed", f"round {view.task.round} no longer accepts results"
             )
         if claims.device_id not in view.selected:
             raise ProtocolError(403, ErrorCode.NOT_SELECTED, "device is not selected for this task")
-        if not model_version:
-            raise ProtocolError(
-                422, ErrorCode.BAD_MODEL_VERSION, "header X-Canopy-Model-Version is required"
-            )
-        if model_version != view.task.model_version:
+        if headers.model_version != view.task.model_version:
             raise self._late(
                 job,
                 "model_version_not_current",
-                f"model version {model_version[:16]!r} is not the round's current model",
+                f"model version {headers.model_version[:16]!r} is not the round's current model",
+            )
+        limit = view.task.sample_limit()
+        if headers.num_samples > limit:
+            raise ProtocolError(
+                422,
+                ErrorCode.TOO_MANY_SAMPLES,
+                f"{headers.num_samples} samples is more than the {limit} a device of this task "
+                "may claim",
+                details={"max_num_samples": limit, "num_samples": headers.num_samples},
             )
         return view
 
+    async def _current(self, job: str, claims: TokenClaims) -> LeafView:
+        view = await self._rounds.current_view(job, claims.device_id)
+        if view is None:
+            raise self._late(job, "task_not_current", "no round of this job is running")
+        return view
+
     async def accept(
-        self,
-        view: LeafView,
-        claims: TokenClaims,
-        body: bytes,
-        *,
-        num_samples: int,
-        metrics: dict[str, float],
+        self, view: LeafView, claims: TokenClaims, body: bytes, headers: UploadHeaders
     ) -> UploadReceipt:
-        """Validate the tensors, commit them with the leaf's batch, then acknowledge."""
+        """Validate the tensors, then answer a duplicate or commit and acknowledge."""
         task, device = view.task, claims.device_id
         key = (task.task_id, device)
-        if (pending := self._inflight.get(key)) is not None:  # raced itself during the body
+        args = (body, view.specs, device, headers.num_samples, headers.metrics)
+        if len(body) <= self._tuning.inline_check_bytes:
+            tensors = decode_and_check(*args)  # microseconds: a thread hop costs more
+        else:
+            loop = asyncio.get_running_loop()
+            tensors = await loop.run_in_executor(self._executor, decode_and_check, *args)
+        if (seen := self._recent.get(key)) is not None:
+            self._metrics.results_duplicate.inc()
+            return _receipt(key, seen[0].task.round, seen[1], duplicate=True)
+        if (pending := self._inflight.get(key)) is not None:  # the device raced itself
             return await self._duplicate_of(pending)
         future: asyncio.Future[UploadReceipt] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
+        received = datetime.now(UTC)
         try:
-            args = (body, view.specs, device, num_samples, metrics)
-            if len(body) <= self._tuning.inline_check_bytes:
-                tensors = decode_and_check(*args)  # microseconds: a thread hop costs more
-            else:
-                loop = asyncio.get_running_loop()
-                tensors = await loop.run_in_executor(self._executor, decode_and_check, *args)
-            received = datetime.now(UTC)
             update = DeviceUpdate(
                 device_id=device,
                 task_id=task.task_id,
                 model_version=task.model_version,
-                num_samples=num_samples,
+                num_samples=headers.num_samples,
                 tensors=tensors,
-                metrics=metrics,
+                metrics=headers.metrics,
                 received_at=received,
                 gateway_id=self._gateway_id,
             )
@@ -134,7 +147,7 @@ class UploadDesk:
             raise
         finally:
             self._inflight.pop(key, None)
-        self._remember(key, task.round, received)
+        self._remember(key, view, received)
         self._metrics.results_accepted.labels(job=task.job).inc()
         receipt = _receipt(key, task.round, received, duplicate=False)
         future.set_result(receipt)
@@ -154,8 +167,8 @@ class UploadDesk:
             details={"reason": reason},
         )
 
-    def _remember(self, key: Key, rnd: int, received: datetime) -> None:
-        self._recent[key] = (rnd, received)
+    def _remember(self, key: Key, view: LeafView, received: datetime) -> None:
+        self._recent[key] = (view, received)
         while len(self._recent) > self._tuning.recent_results:
             self._recent.popitem(last=False)
 

@@ -633,3 +633,75 @@ async def test_memory_budget_turns_excess_uploads_away_with_503(s3_store: S3Obje
     assert error(refused) == (503, "overloaded")
     assert int(refused.headers["Retry-After"]) >= 1
     assert accepted_slow.status_code == 200 and retried.status_code == 200
+
+
+# --- validation comes before the duplicate answer; the task caps the weight -----------------
+
+
+def test_a_replay_is_validated_before_it_is_called_a_duplicate(
+    s3_store: S3ObjectStore, client: httpx.Client
+) -> None:
+    device = Device(client, devices_on("leaf-0", 1)[0])
+    device.enrol()
+    write_round(
+        s3_store,
+        job=JOB,
+        run_id=RUN,
+        rnd=0,
+        leaves=LEAVES,
+        selected=[device.device_id],
+        state=STATE,
+    )
+    offer = device.offer()
+    nan = {**update_like(0.0), "w": np.full((4, 3), np.nan, np.float32)}
+
+    accepted = device.upload(offer, update_like(0.5))
+    nan_replay = device.upload(offer, nan)
+    garbage_replay = device.upload(offer, body=b"\x00garbage")
+    no_samples_replay = device.upload(offer, headers={"X-Canopy-Num-Samples": "0"})
+    set_round_status(s3_store, read_active(s3_store, JOB), "closed")
+    honest_replay = device.upload(offer, update_like(0.5))
+    nan_after_close = device.upload(offer, nan)
+
+    assert accepted.status_code == 200 and accepted.json()["duplicate"] is False
+    assert error(nan_replay) == (422, "non_finite")
+    assert error(garbage_replay) == (422, "malformed_update")
+    assert error(no_samples_replay) == (422, "bad_num_samples")
+    assert honest_replay.status_code == 200 and honest_replay.json()["duplicate"] is True
+    assert honest_replay.json()["received_at"] == accepted.json()["received_at"]
+    assert error(nan_after_close) == (422, "non_finite")
+    assert len(batches(s3_store, "leaf-0")) == 1
+
+
+def test_a_task_caps_the_weight_a_device_may_claim(
+    s3_store: S3ObjectStore, client: httpx.Client
+) -> None:
+    capped, free = devices_on("leaf-0", 1)[0], devices_on("leaf-1", 1)[0]
+    devices = {d: Device(client, d) for d in (capped, free)}
+    for d in devices.values():
+        d.enrol()
+    tasks = write_round(
+        s3_store, job=JOB, run_id=RUN, rnd=0, leaves=LEAVES, selected=[capped, free], state=STATE
+    )
+    key = read_active(s3_store, JOB).leaf_manifest_keys["leaf-0"]
+    put_json(
+        s3_store, key, tasks["leaf-0"].model_copy(update={"max_num_samples": 100}), kind="leaf-task"
+    )
+    offers = {d: devices[d].offer() for d in devices}
+
+    over = devices[capped].upload(offers[capped], headers={"X-Canopy-Num-Samples": "101"})
+    at_cap = devices[capped].upload(offers[capped], headers={"X-Canopy-Num-Samples": "100"})
+    billion = devices[free].upload(offers[free], headers={"X-Canopy-Num-Samples": "1000000000"})
+    over_hard_cap = devices[free].upload(
+        offers[free], headers={"X-Canopy-Num-Samples": "1000000001"}
+    )
+
+    assert offers[capped]["max_num_samples"] == 100
+    assert offers[free]["max_num_samples"] == 1_000_000_000  # no cap: the protocol's own
+    assert error(over) == (422, "too_many_samples")
+    assert over.json()["details"] == {"max_num_samples": 100, "num_samples": 101}
+    assert at_cap.status_code == 200
+    assert billion.status_code == 200  # the default keeps today's behaviour
+    assert error(over_hard_cap) == (422, "bad_num_samples")
+    [stored] = decode_update_batch(s3_store.get(batches(s3_store, "leaf-0")[0]).data, "b")
+    assert stored.num_samples == 100
