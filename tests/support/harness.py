@@ -23,7 +23,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import httpx
 import uvicorn
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings
@@ -35,6 +34,7 @@ from edge.gateway.tuning import GatewayTuning
 from edge.manifests import ActiveRound, DataHint, LeafTask, RoundStatus, Runtime
 from edge.round_control import active_round, leaf_tasks, open_round
 from edge.routing import assign_leaves
+from infra.health import wait_http_ok
 from infra.keys import global_model_key, program_key
 from infra.settings import GatewaySettings, S3Settings
 from infra.store import ObjectStore
@@ -65,21 +65,6 @@ def settings_env(settings: BaseSettings) -> dict[str, str]:
             text = str(value)
         env[f"{prefix}{name}".upper()] = text
     return env
-
-
-def wait_healthy(url: str, *, timeout: float = 20.0, verify: str | bool = True) -> None:
-    """Poll ``/healthz`` until it answers 200 (one client: TLS setup is not free)."""
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    with httpx.Client(verify=verify, timeout=1.0) as client:
-        while time.monotonic() < deadline:
-            try:
-                if client.get(f"{url}/healthz").status_code == 200:
-                    return
-            except httpx.HTTPError as exc:
-                last = exc
-            time.sleep(0.05)
-    raise TimeoutError(f"gateway at {url} not healthy after {timeout}s ({last})")
 
 
 class GatewayThread:
@@ -164,7 +149,9 @@ class GatewayProcess:
     def start(self, timeout: float = 30.0) -> GatewayProcess:
         self.proc = subprocess.Popen(self._args, env=self._env, cwd=_REPO_ROOT)
         try:
-            wait_healthy(self.url, timeout=timeout, verify=self._verify)
+            wait_http_ok(
+                f"{self.url}/healthz", self.proc, timeout=timeout, poll=0.05, verify=self._verify
+            )
         except TimeoutError:
             self.kill()
             raise
