@@ -171,6 +171,7 @@ async def federated_training(
     num_devices: int = _D.num_devices,
     dataset: DatasetConfig | None = _D.dataset,
     norm_bound: float | None = _D.norm_bound,
+    max_device_samples: int | None = _D.max_device_samples,
     seed: int = _D.seed,
     eval_samples: int = _D.eval_samples,
 ) -> list[RoundReport]:

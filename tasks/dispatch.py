@@ -19,12 +19,15 @@ from prefect.logging import get_run_logger
 
 from aggregation.tensors import decode_tensors, spec_of
 from edge import round_control
+from edge.data.partition import partition_indices
 from infra.keys import registry_prefix
 from infra.run_state import CommitRecord
 from infra.store import ObjectRef, ObjectStore
 from tasks.context import RunContext, store_for
+from tasks.models import run_dataset
 from tasks.planning import OpenedRound, plan_round
 from tasks.results import ProgramExport
+from tasks.run_cache import current_cache
 
 
 def registered_devices(store: ObjectStore, job: str) -> list[str]:
@@ -39,6 +42,29 @@ def tensor_spec(store: ObjectStore, model: ObjectRef) -> dict[str, tuple[list[in
         store.get(model.key, expected_sha256=model.sha256).data, source=model.uri
     )
     return {name: (list(s.shape), s.dtype) for name, s in spec_of(state).items()}
+
+
+def device_weight_cap(ctx: RunContext, store: ObjectStore) -> int:
+    """The largest weight (examples) a device may claim in this run.
+
+    ``max_device_samples`` when the run sets it (a real fleet); otherwise the
+    largest partition the simulated devices hold, so one phone claiming a
+    billion samples is refused at the gateway instead of deciding the model.
+    """
+    if ctx.params.max_device_samples is not None:
+        return ctx.params.max_device_samples
+    job = ctx.job_spec()
+    scheme = ctx.params.partition or job.partition
+    key = f"{scheme.model_dump_json()}|{ctx.params.num_devices}|{ctx.params.seed}"
+
+    def largest() -> int:
+        data = run_dataset(ctx, store)
+        parts = partition_indices(
+            data.y_train, scheme, ctx.params.num_devices, ctx.params.seed, owners=data.train_owners
+        )
+        return max(int(p.shape[0]) for p in parts)
+
+    return current_cache().weight_cap(key, largest)
 
 
 @task(name="wait-for-devices", cache_policy=NONE, retries=2, retry_delay_seconds=[2, 5])
@@ -82,6 +108,7 @@ async def open_round(
             program=program.ref if program is not None else None,
             tensor_spec=tensor_spec(store, global_model),
             now=datetime.now(UTC),
+            max_num_samples=device_weight_cap(ctx, store),
         )
         refs = round_control.open_round(store, plan.tasks, plan.active)
         return OpenedRound(

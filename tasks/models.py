@@ -71,8 +71,8 @@ async def ensure_initial_model(ctx: RunContext) -> CommitRecord:
     return await asyncio.to_thread(_ensure_initial, ctx)
 
 
-def _eval_data(ctx: RunContext, store: ObjectStore) -> Dataset:
-    """The run's held-out data, loaded (or generated) once per run."""
+def run_dataset(ctx: RunContext, store: ObjectStore) -> Dataset:
+    """The run's dataset (held-out split for evaluation), loaded or generated once per run."""
     job = ctx.job_spec()
     config = ctx.params.dataset or job.default_dataset
     return current_cache().dataset(
@@ -84,7 +84,7 @@ def _evaluate(ctx: RunContext, rnd: int, model: ObjectRef) -> Evaluation:
     started, t0 = datetime.now(UTC), time.time()
     store = store_for(ctx.s3)
     state = load_tensors(store, model)
-    data = _eval_data(ctx, store)
+    data = run_dataset(ctx, store)
     x, y = data.split_arrays("test")
     n = min(ctx.params.eval_samples, x.shape[0])
     metrics = evaluate(ctx.job_spec(), state, x[:n], y[:n])

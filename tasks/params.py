@@ -76,6 +76,13 @@ class TrainingParams(BaseModel):
     norm_bound: float | None = Field(
         default=None, gt=0, description="Clip device updates to this L2 norm (None: no bound)."
     )
+    max_device_samples: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_000_000_000,
+        description="Largest weight (examples) one device may claim; larger claims are "
+        "refused (None: the largest simulated partition).",
+    )
     seed: int = Field(default=0, ge=0)
     eval_samples: int = Field(default=1000, ge=1, description="Held-out samples to evaluate on.")
 

@@ -1,4 +1,4 @@
-"""What a flow run loads once and keeps until it ends: program templates and datasets.
+"""What a flow run loads once and keeps until it ends: templates, datasets, weight caps.
 
 A run exports its ExecuTorch program once and patches each round's weights into
 that template, and evaluates every round on the same held-out data; reloading
@@ -29,6 +29,7 @@ class RunCache:
 
     templates: dict[tuple[str, str], ProgramTemplate] = field(default_factory=dict)
     datasets: dict[tuple[str, str], Dataset] = field(default_factory=dict)
+    weight_caps: dict[str, int] = field(default_factory=dict)
 
     def template(
         self, key: str, sha256: str, load: Callable[[], ProgramTemplate]
@@ -41,6 +42,11 @@ class RunCache:
         if (job, config_json) not in self.datasets:
             self.datasets[(job, config_json)] = load()
         return self.datasets[(job, config_json)]
+
+    def weight_cap(self, partition_json: str, compute: Callable[[], int]) -> int:
+        if partition_json not in self.weight_caps:
+            self.weight_caps[partition_json] = compute()
+        return self.weight_caps[partition_json]
 
 
 _CURRENT: ContextVar[RunCache | None] = ContextVar("canopy_run_cache", default=None)

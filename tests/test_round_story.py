@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -9,8 +10,13 @@ import pytest
 
 from edge.jobs import get_job
 from edge.routing import leaf_for_device
+from flows.federated import federated_training
 from infra.run_state import CommitRecord
-from infra.store import ObjectRef
+from infra.settings import GatewaySettings, S3Settings
+from infra.store import MemoryObjectStore, ObjectRef
+from tasks.context import RunContext
+from tasks.dispatch import device_weight_cap
+from tasks.models import run_dataset
 from tasks.params import TrainingParams
 from tasks.planning import ClosePolicy, OpenedRound, client_hyperparams, plan_round
 from tasks.reporting import PHASES, build_round_report, next_commit, phase_timings
@@ -238,3 +244,28 @@ def test_a_users_strategy_schedules_client_hyperparameters_per_round(tmp_path: P
     bad = params(strategy={"name": f"{negative}:HalvingLr"})
     with pytest.raises(ValueError, match="lr"):
         client_hyperparams(bad, job, 1)
+
+
+def test_the_flow_signature_is_training_params() -> None:
+    """Prefect builds the UI form and `-p` parsing from the signature: it must not drift."""
+    signature = inspect.signature(federated_training.fn).parameters
+    assert list(signature) == list(TrainingParams.model_fields)
+    defaults = TrainingParams.model_construct(job="")
+    for name, p in signature.items():
+        if name != "job":
+            assert p.default == getattr(defaults, name), name
+
+
+def test_a_devices_weight_is_capped_at_the_largest_partition_unless_the_run_sets_it() -> None:
+    store = MemoryObjectStore()
+    settings = (S3Settings(bucket="b"), GatewaySettings())
+    iid = RunContext(params(num_devices=8, partition={"kind": "iid"}), *settings)
+    data = run_dataset(iid, store)
+    n = data.y_train.shape[0]
+    assert device_weight_cap(iid, store) == -(-n // 8)  # the largest of 8 near-equal parts
+    skewed = RunContext(
+        params(num_devices=8, partition={"kind": "dirichlet", "alpha": 0.1}), *settings
+    )
+    assert device_weight_cap(iid, store) < device_weight_cap(skewed, store) <= n
+    fixed = RunContext(params(max_device_samples=50), *settings)
+    assert device_weight_cap(fixed, store) == 50
