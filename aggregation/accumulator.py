@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from aggregation.guards import CheckedUpdate
+from aggregation.norms import NormHistogram, norm_bin
 from aggregation.partial import (
     InconsistentPartials,
     MetricSum,
@@ -138,6 +139,7 @@ class Accumulator:
         self._weight = 0.0
         self._count = 0
         self._metrics: dict[str, MetricSum] = {}
+        self._norm_counts: dict[int, int] = {}
 
     @property
     def count(self) -> int:
@@ -175,17 +177,23 @@ class Accumulator:
         weight: float,
         metrics: Mapping[str, float] | None = None,
         scale: float = 1.0,
+        norm: float | None = None,
     ) -> None:
         """Add ``weight * scale * update`` to the sum, ``weight`` to the total weight.
 
         ``scale`` is the norm-clipping factor from the guard: it shrinks the
-        tensors but not the weight or the metrics. Everything is checked before
-        anything is written, so a refused update leaves the sum untouched.
+        tensors but not the weight or the metrics. ``norm`` (the update's L2
+        norm as sent, measured by the guard) goes into the norm histogram; it is
+        not computed here, which would cost another pass over the update.
+        Everything is checked before anything is written, so a refused update
+        leaves the sum untouched.
         """
         w = check_weight(weight)
         factor = check_weight(scale, "scale")
         if factor > 1.0:
             raise ValidationError(f"scale must be in (0, 1], got {factor!r}")
+        if norm is not None and not (math.isfinite(norm) and norm >= 0.0):
+            raise ValidationError(f"norm must be a finite number >= 0, got {norm!r}")
         values = check_metrics(metrics)
         self._check_structure(update)
 
@@ -214,6 +222,9 @@ class Accumulator:
             self._staged += 1
         self._weight += w
         self._count += 1
+        if norm is not None:
+            index = norm_bin(norm)
+            self._norm_counts[index] = self._norm_counts.get(index, 0) + 1
         for key, value in values.items():
             old = self._metrics.get(key, MetricSum(0.0, 0.0))
             self._metrics[key] = MetricSum(old.total + w * value, old.weight + w)
@@ -221,9 +232,13 @@ class Accumulator:
             self._flush()
 
     def add_checked(self, checked: CheckedUpdate) -> None:
-        """Add an update that passed :func:`aggregation.guards.check_update` (clip included)."""
+        """Add an update that passed :func:`aggregation.guards.check_update` (clip and norm)."""
         self.add(
-            checked.tensors, weight=checked.weight, metrics=checked.metrics, scale=checked.scale
+            checked.tensors,
+            weight=checked.weight,
+            metrics=checked.metrics,
+            scale=checked.scale,
+            norm=checked.norm,
         )
 
     def add_partial(self, partial: PartialAggregate) -> None:
@@ -246,6 +261,8 @@ class Accumulator:
         for key, (total, mweight) in partial.metrics.items():
             old = self._metrics.get(key, MetricSum(0.0, 0.0))
             self._metrics[key] = MetricSum(old.total + total, old.weight + mweight)
+        for index, n in partial.norms.counts.items():
+            self._norm_counts[index] = self._norm_counts.get(index, 0) + n
 
     def _flush(self) -> None:
         """Fold the float32 stage into the float64 sum (a cast copy the first time)."""
@@ -277,6 +294,7 @@ class Accumulator:
             weight=self._weight,
             count=self._count,
             metrics=self._metrics,
+            norms=NormHistogram(self._norm_counts),
         )
         self._reset()
         return partial

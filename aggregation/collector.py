@@ -5,8 +5,16 @@ the aggregate, and several stateless gateways may have written the same
 device's update twice (a retry that reached another gateway). So the leaf
 re-checks everything and keeps the first update per device: an update counts
 only if its device was selected for this leaf, it answers the current task and
-model version, and it passes :func:`aggregation.guards.check_update`. Every
-refusal is counted by reason for the round's report; none reaches the sum.
+model version, and it passes :func:`aggregation.guards.check_update` (including
+the task's cap on the sample count a device may claim). Every refusal is counted
+by reason for the round's report; none reaches the sum.
+
+Robust by default: unless the run sets an explicit ``max_norm``, every update is
+clipped to the adaptive norm bound (``aggregation.clipping``): a multiple of the
+median norm carried from the previous round, or, in round 0, of the median of
+this leaf's first few updates, which are held back until that bound is known.
+Clips are counted by reason too, and the partial carries the norm histogram from
+which the root sets the next round's bound.
 """
 
 from __future__ import annotations
@@ -18,7 +26,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from aggregation.accumulator import Accumulator
-from aggregation.guards import GuardConfig, UpdateRejected, check_update
+from aggregation.clipping import AdaptiveNormBound, NormBoundState
+from aggregation.guards import CheckedUpdate, GuardConfig, UpdateRejected, check_update, clip_to
+from aggregation.norms import is_measurable
 from aggregation.partial import PartialAggregate
 from aggregation.tensors import TensorSpec
 
@@ -28,19 +38,57 @@ DUPLICATE = "duplicate"
 
 @dataclass
 class LeafCollector:
-    """Running state of one leaf in one round; feed it updates with :meth:`offer`."""
+    """Running state of one leaf in one round; feed it updates with :meth:`offer`.
+
+    Parameters
+    ----------
+    spec, task_id, model_version, selected
+        What this leaf's task expects: the global model's tensors, the task and
+        model it must answer, the devices asked.
+    guard
+        Spec checks always run; ``max_weight`` caps the claimed sample count
+        (``weight-cap``) and ``max_norm``, when set, replaces the adaptive bound.
+    norm_state
+        The adaptive bound's state from the previous round's root (default:
+        round 0, no estimate: the leaf warms up).
+    adaptive
+        The adaptive bound's policy, or ``None`` to sum without a norm bound
+        (default: ``AdaptiveNormBound()``).
+    """
 
     spec: Mapping[str, TensorSpec]
     task_id: str
     model_version: str
     selected: frozenset[str]
     guard: GuardConfig = field(default_factory=GuardConfig)
+    norm_state: NormBoundState = field(default_factory=NormBoundState)
+    adaptive: AdaptiveNormBound | None = field(default_factory=AdaptiveNormBound)
     reported: set[str] = field(default_factory=set)
     rejected: Counter[str] = field(default_factory=Counter)
     rejection_examples: dict[str, str] = field(default_factory=dict)
+    clipped: Counter[str] = field(default_factory=Counter)
     duplicates: int = 0
     bytes_in: int = 0
     _acc: Accumulator | None = None
+    _policy: AdaptiveNormBound | None = field(default=None, init=False, repr=False)
+    _bound: float | None = field(default=None, init=False, repr=False)
+    _pending: list[CheckedUpdate] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # An explicit max_norm overrides the adaptive bound (check_update applies it).
+        self._policy = self.adaptive if self.guard.max_norm is None else None
+        if self._policy is not None:
+            self._bound = self._policy.bound(self.norm_state)
+
+    @property
+    def norm_bound(self) -> float | None:
+        """The norm bound in force: explicit, adaptive, or None while warming up (or off)."""
+        return self.guard.max_norm if self.guard.max_norm is not None else self._bound
+
+    @property
+    def waiting(self) -> int:
+        """Accepted updates held back until round 0's warm-up fixes the bound."""
+        return len(self._pending)
 
     def offer(
         self,
@@ -52,7 +100,11 @@ class LeafCollector:
         tensors: Mapping[str, np.ndarray],
         metrics: Mapping[str, float],
     ) -> str:
-        """Take one update; return ``accepted``, ``duplicate`` or the rejection reason."""
+        """Take one update; return ``accepted``, ``duplicate`` or the rejection reason.
+
+        "accepted" is final: an update held in the warm-up buffer is summed
+        (clipped if need be) when the bound is fixed or at :meth:`result`.
+        """
         if device_id in self.reported:
             self.duplicates += 1
             return DUPLICATE
@@ -67,9 +119,7 @@ class LeafCollector:
                     metrics=metrics,
                     config=self.guard,
                 )
-                if self._acc is None:
-                    self._acc = Accumulator(self.spec)
-                self._acc.add_checked(checked)
+                self._admit(checked)
             except UpdateRejected as exc:
                 reason, detail = exc.reason, str(exc)
         if reason is not None:
@@ -91,6 +141,39 @@ class LeafCollector:
             )
         return None, ""
 
+    def _admit(self, checked: CheckedUpdate) -> None:
+        """Sum a checked update under the bound in force, or hold it for the warm-up."""
+        policy = self._policy
+        if policy is None or not is_measurable(checked.norm):
+            self._sum(checked)  # no adaptive bound, or a (near) zero update: nothing to clip
+        elif self._bound is not None:
+            self._sum(clip_to(checked, self._bound, "adaptive-norm"))
+        else:
+            self._pending.append(checked)
+            if len(self._pending) >= policy.warmup:
+                self._end_warmup(policy)
+
+    def _end_warmup(self, policy: AdaptiveNormBound) -> None:
+        """Fix round 0's bound from the held updates, then sum them under it."""
+        pending, self._pending = self._pending, []
+        bound = policy.warmup_bound(c.norm for c in pending)
+        self._bound = bound
+        for checked in pending:  # all measurable, so bound is not None
+            self._sum(checked if bound is None else clip_to(checked, bound, "adaptive-norm"))
+
+    def _sum(self, checked: CheckedUpdate) -> None:
+        if self._acc is None:
+            self._acc = Accumulator(self.spec)
+        self._acc.add_checked(checked)
+        if checked.clip_reason is not None:
+            self.clipped[checked.clip_reason] += 1
+
     def result(self) -> PartialAggregate:
-        """The leaf's partial aggregate (zero when nothing was accepted)."""
+        """The leaf's partial aggregate (zero when nothing was accepted).
+
+        Updates still held by the warm-up (a leaf that got fewer than
+        ``adaptive.warmup``) are summed first, under a bound from what it has.
+        """
+        if self._pending and self._policy is not None:
+            self._end_warmup(self._policy)
         return PartialAggregate.zero() if self._acc is None else self._acc.result()

@@ -11,11 +11,18 @@ The optional L2-norm bound is taken over the whole update (all tensors as one
 vector), as in DP-FedAvg (McMahan et al. 2018, https://arxiv.org/abs/1710.06963).
 It either clips (the update is scaled down to the bound; the scale is returned, not
 applied, so the accumulator can fold it into the weight at no extra memory pass)
-or rejects.
+or rejects. A bound chosen after the check (the leaf's adaptive bound,
+``aggregation.clipping``) is applied with :func:`clip_to`.
+
+The optional weight cap refuses a device claiming more samples than its task
+allows (``max_num_samples``, the largest partition): a sample count is the
+device's own word, and without a cap one phone claiming 10^9 samples would
+decide the weighted mean on its own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,9 +42,14 @@ RejectReason = Literal[
     "non-finite",
     "norm-bound",
     "bad-weight",
+    "weight-cap",
     "bad-metric",
 ]
 REJECT_REASONS: frozenset[str] = frozenset(get_args(RejectReason))
+
+ClipReason = Literal["norm-bound", "adaptive-norm"]
+"""Why an update was scaled down: the explicit ``max_norm``, or the adaptive bound."""
+CLIP_REASONS: frozenset[str] = frozenset(get_args(ClipReason))
 
 NormPolicy = Literal["clip", "reject"]
 
@@ -88,14 +100,25 @@ class GuardConfig:
     on_norm_exceeded
         ``"clip"`` scales the update down to ``max_norm``; ``"reject"`` refuses
         it (default: "clip").
+    max_weight
+        Largest sample count a device may claim (the task's ``max_num_samples``),
+        or ``None`` for no cap (default: None). A larger claim is rejected
+        (``weight-cap``), not lowered: the device's report is not to be trusted.
     """
 
     max_norm: float | None = None
     on_norm_exceeded: NormPolicy = "clip"
+    max_weight: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_norm is not None and not (math.isfinite(self.max_norm) and self.max_norm > 0.0):
             raise ConfigError(f"max_norm must be a positive finite number, got {self.max_norm!r}")
+        if self.max_weight is not None and not (
+            math.isfinite(self.max_weight) and self.max_weight > 0.0
+        ):
+            raise ConfigError(
+                f"max_weight must be a positive finite number, got {self.max_weight!r}"
+            )
         if self.on_norm_exceeded not in get_args(NormPolicy):
             raise ConfigError(
                 f"on_norm_exceeded must be 'clip' or 'reject', got {self.on_norm_exceeded!r}"
@@ -107,7 +130,8 @@ class CheckedUpdate:
     """An update that passed every guard, ready for ``Accumulator.add_checked``.
 
     ``tensors`` are the device's arrays, not copied and not yet clipped: the
-    clip is carried as ``scale`` (1.0 when the norm was within the bound).
+    clip is carried as ``scale`` (1.0 when the norm was within the bound) and
+    its cause as ``clip_reason``. ``norm`` is the norm as sent, before any clip.
     """
 
     device_id: str
@@ -116,6 +140,7 @@ class CheckedUpdate:
     metrics: dict[str, float] = field(default_factory=dict)
     norm: float = 0.0
     scale: float = 1.0
+    clip_reason: ClipReason | None = None
 
     @property
     def clipped(self) -> bool:
@@ -165,11 +190,12 @@ def check_update(
 ) -> CheckedUpdate:
     """Check one device update against the global model's spec, or raise ``UpdateRejected``.
 
-    Checks, in order: weight (positive finite sample count), metric values
-    (finite), tensor names (none missing, none unknown), each tensor's shape and
-    dtype, finiteness of every value, then the L2 norm of the whole update
-    against ``config.max_norm``. Nothing is modified; the clip is returned as a
-    scale factor.
+    Checks, in order: weight (positive finite sample count, at most
+    ``config.max_weight``), metric values (finite), tensor names (none missing,
+    none unknown), each tensor's shape and dtype, finiteness of every value (and
+    of the norm), then the L2 norm of the whole update against
+    ``config.max_norm``. Nothing is modified; the clip is returned as a scale
+    factor.
     """
 
     def reject(reason: RejectReason, tensor: str | None, detail: str) -> UpdateRejected:
@@ -186,6 +212,12 @@ def check_update(
         w = check_weight(weight, "sample count")
     except ValidationError as exc:
         raise reject("bad-weight", None, str(exc)) from None
+    if config.max_weight is not None and w > config.max_weight:
+        raise reject(
+            "weight-cap",
+            None,
+            f"claims {w:.6g} samples, more than the {config.max_weight:.6g} its task allows",
+        )
     try:
         values = check_metrics(metrics)
     except ValidationError as exc:
@@ -219,12 +251,27 @@ def check_update(
     norm = math.sqrt(squares)
     if not math.isfinite(norm):  # finite values whose squares overflowed
         norm = _stable_norm(update)
+    if not math.isfinite(norm):  # float64 values near the top of the range: no scale can fix it
+        raise reject("non-finite", None, "the L2 norm of the update overflows float64")
 
-    scale = 1.0
-    if config.max_norm is not None and norm > config.max_norm:
-        if config.on_norm_exceeded == "reject" or not math.isfinite(norm):
-            raise reject("norm-bound", None, f"L2 norm {norm:.6g} exceeds {config.max_norm:.6g}")
-        scale = config.max_norm / norm
-    return CheckedUpdate(
-        device_id=device_id, tensors=update, weight=w, metrics=values, norm=norm, scale=scale
+    checked = CheckedUpdate(
+        device_id=device_id, tensors=update, weight=w, metrics=values, norm=norm
     )
+    if config.max_norm is not None and norm > config.max_norm:
+        if config.on_norm_exceeded == "reject":
+            raise reject("norm-bound", None, f"L2 norm {norm:.6g} exceeds {config.max_norm:.6g}")
+        checked = clip_to(checked, config.max_norm, "norm-bound")
+    return checked
+
+
+def clip_to(checked: CheckedUpdate, bound: float, reason: ClipReason) -> CheckedUpdate:
+    """``checked`` scaled (lazily, via ``scale``) so its norm is at most ``bound``.
+
+    Returns ``checked`` itself when it is within the bound. A second, tighter
+    bound wins; the recorded ``norm`` stays the norm as sent.
+    """
+    if not (math.isfinite(bound) and bound > 0.0):
+        raise ConfigError(f"a norm bound must be a positive finite number, got {bound!r}")
+    if checked.norm * checked.scale <= bound:
+        return checked
+    return dataclasses.replace(checked, scale=bound / checked.norm, clip_reason=reason)

@@ -16,6 +16,11 @@ with ``raise``, never ``assert``.
 
 Summing thousands of updates by ``a + b`` allocates a new float64 array per tensor
 per step; :class:`Accumulator` (module ``aggregation.accumulator``) adds in place.
+
+A partial also carries a :class:`~aggregation.norms.NormHistogram` of the norms
+of the updates it summed (when they were measured, i.e. checked by the guard), so
+the root can set the next round's adaptive norm bound from the whole round
+(``aggregation.clipping``). Counts add exactly, so the monoid laws hold for it too.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from aggregation.norms import NormHistogram
 from aggregation.tensors import TensorDict, TensorSpec, decode_tensors, encode_tensors
 from infra.errors import ValidationError
 
@@ -132,9 +138,12 @@ class PartialAggregate:
         Number of contributing device updates; 0 only for zero.
     metrics
         Per metric name, its :class:`MetricSum`.
+    norms
+        Histogram of the norms (as sent, before clipping) of the summed updates
+        whose norm was measured; at most ``count`` of them (default: empty).
     """
 
-    __slots__ = ("_count", "_dtypes", "_metrics", "_sums", "_weight")
+    __slots__ = ("_count", "_dtypes", "_metrics", "_norms", "_sums", "_weight")
 
     def __init__(
         self,
@@ -144,6 +153,7 @@ class PartialAggregate:
         weight: float,
         count: int,
         metrics: Mapping[str, MetricSum],
+        norms: NormHistogram | None = None,
     ) -> None:
         if set(sums) != set(dtypes):
             raise ValidationError(
@@ -163,6 +173,15 @@ class PartialAggregate:
             )
         if count == 0 and metrics:
             raise ValidationError("partial aggregate: an empty aggregate cannot carry metrics")
+        norms = NormHistogram.zero() if norms is None else norms
+        if not isinstance(norms, NormHistogram):
+            raise ValidationError(
+                f"partial aggregate: norms must be a NormHistogram, got {type(norms).__name__}"
+            )
+        if norms.total > count:
+            raise ValidationError(
+                f"partial aggregate: {norms.total} norms counted for {count} updates"
+            )
         owned: dict[str, np.ndarray] = {}
         for name in sorted(sums):
             arr = sums[name]
@@ -191,6 +210,7 @@ class PartialAggregate:
         self._weight = weight
         self._count = int(count)
         self._metrics = checked_metrics
+        self._norms = norms
 
     # -- construction --------------------------------------------------------------
 
@@ -206,14 +226,17 @@ class PartialAggregate:
         *,
         weight: float,
         metrics: Mapping[str, float] | None = None,
+        norm: float | None = None,
     ) -> PartialAggregate:
         """A partial of one device update, weighted by its sample count.
 
         Checks the weight and the metrics but not the tensor values: run the update
-        through :func:`aggregation.guards.check_update` first.
+        through :func:`aggregation.guards.check_update` first. ``norm`` is the
+        update's L2 norm as the guard measured it, for the norm histogram.
         """
         w = check_weight(weight)
         values = check_metrics(metrics)
+        norms = NormHistogram.zero() if norm is None else NormHistogram.of([norm])
         if not update:
             raise ValidationError("an update must hold at least one tensor")
         sums: dict[str, np.ndarray] = {}
@@ -233,6 +256,7 @@ class PartialAggregate:
             weight=w,
             count=1,
             metrics={k: MetricSum(w * v, w) for k, v in values.items()},
+            norms=norms,
         )
 
     # -- read-only views -----------------------------------------------------------
@@ -257,6 +281,11 @@ class PartialAggregate:
     @property
     def metrics(self) -> Mapping[str, MetricSum]:
         return MappingProxyType(self._metrics)
+
+    @property
+    def norms(self) -> NormHistogram:
+        """Histogram of the summed updates' norms (those the guard measured)."""
+        return self._norms
 
     @property
     def is_zero(self) -> bool:
@@ -293,10 +322,11 @@ class PartialAggregate:
             weight=self._weight + other._weight,
             count=self._count + other._count,
             metrics=metrics,
+            norms=self._norms + other._norms,
         )
 
     def __eq__(self, other: object) -> bool:
-        """Exact equality: same names, dtypes, shapes, sums, weight, count and metrics."""
+        """Exact equality: same names, dtypes, shapes, sums, weight, count, metrics, norms."""
         if not isinstance(other, PartialAggregate):
             return NotImplemented
         return (
@@ -304,6 +334,7 @@ class PartialAggregate:
             and self._weight == other._weight
             and self._count == other._count
             and self._metrics == other._metrics
+            and self._norms == other._norms
             and all(
                 self._sums[n].shape == other._sums[n].shape
                 and np.array_equal(self._sums[n], other._sums[n])
@@ -359,6 +390,8 @@ class PartialAggregate:
             "dtypes": self._dtypes,
             "metrics": {k: [m.total, m.weight] for k, m in self._metrics.items()},
         }
+        if self._norms.total:  # absent when empty, so partials without norms keep their bytes
+            header["norms"] = self._norms.to_json()
         return encode_tensors(self._sums, {META_KEY: json.dumps(header, sort_keys=True)})
 
     @classmethod
@@ -398,13 +431,21 @@ class PartialAggregate:
                 raise TypeError("weight must be a number")
             if not isinstance(dtypes, dict):
                 raise TypeError("dtypes must be an object")
+            norms = NormHistogram.from_json(header.get("norms", {}), source=source)
         except (KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
             raise ValidationError(f"{source}: malformed partial metadata ({exc})") from exc
         for name, arr in tensors.items():
             if arr.dtype == np.float64 and not np.isfinite(arr).all():
                 raise ValidationError(f"{source}: sum of tensor {name!r} is not finite")
         try:
-            partial = cls(sums=tensors, dtypes=dtypes, weight=weight, count=count, metrics=metrics)
+            partial = cls(
+                sums=tensors,
+                dtypes=dtypes,
+                weight=weight,
+                count=count,
+                metrics=metrics,
+                norms=norms,
+            )
         except (ValidationError, TypeError) as exc:
             raise ValidationError(f"{source}: {exc}") from exc
         if expected_spec is not None and not partial.is_zero:
@@ -418,24 +459,31 @@ class PartialAggregate:
 
         One vector per tensor (sorted by name), then one of scalars:
         ``[weight, count, total_0, weight_0, total_1, weight_1, ...]`` for the
-        metrics sorted by name. This is pfl's ``get_weights`` contract: for two
-        partials of the same structure, ``a.from_vectors(va + vb) == a + b``
-        (up to float rounding), so a transport that only knows how to sum flat
-        vectors (all-reduce, secure aggregation) can aggregate partials.
+        metrics sorted by name, then, if the partial has measured norms, the
+        dense norm histogram (``aggregation.norms.NUM_BINS`` counts). This is
+        pfl's ``get_weights`` contract: for two partials of the same structure
+        (tensors, metric names, norms measured or not),
+        ``a.from_vectors(va + vb) == a + b`` (up to float rounding), so a
+        transport that only knows how to sum flat vectors (all-reduce, secure
+        aggregation) can aggregate partials.
         """
         scalars = [self._weight, float(self._count)]
         for m in self._metrics.values():
             scalars.extend((m.total, m.weight))
-        return [s.reshape(-1) for s in self._sums.values()] + [np.array(scalars, np.float64)]
+        vectors = [s.reshape(-1) for s in self._sums.values()] + [np.array(scalars, np.float64)]
+        if self._norms.total:
+            vectors.append(self._norms.to_vector())
+        return vectors
 
     def from_vectors(self, vectors: Sequence[np.ndarray]) -> PartialAggregate:
         """Rebuild a partial with this partial's structure from :meth:`to_vectors` output."""
         shapes = [s.shape for s in self._sums.values()]
-        if len(vectors) != len(shapes) + 1:
-            raise ValidationError(
-                f"from_vectors: expected {len(shapes) + 1} vectors, got {len(vectors)}"
-            )
-        scalars = np.asarray(vectors[-1], dtype=np.float64)
+        with_norms = self._norms.total > 0
+        expected = len(shapes) + 1 + with_norms
+        if len(vectors) != expected:
+            raise ValidationError(f"from_vectors: expected {expected} vectors, got {len(vectors)}")
+        norms = NormHistogram.from_vector(vectors[-1]) if with_norms else NormHistogram.zero()
+        scalars = np.asarray(vectors[len(shapes)], dtype=np.float64)
         if scalars.shape != (2 + 2 * len(self._metrics),):
             raise ValidationError(
                 f"from_vectors: scalar vector has shape {scalars.shape}, "
@@ -445,7 +493,7 @@ class PartialAggregate:
         if not count.is_integer():
             raise ValidationError(f"from_vectors: device count {count!r} is not an integer")
         sums: dict[str, np.ndarray] = {}
-        for name, shape, vec in zip(self._sums, shapes, vectors[:-1], strict=True):
+        for name, shape, vec in zip(self._sums, shapes, vectors[: len(shapes)], strict=True):
             arr = np.asarray(vec, dtype=np.float64)
             if arr.size != math.prod(shape):
                 raise ValidationError(
@@ -463,4 +511,5 @@ class PartialAggregate:
             weight=float(scalars[0]),
             count=int(count),
             metrics=metrics,
+            norms=norms,
         )

@@ -10,11 +10,13 @@ import pytest
 
 from aggregation.accumulator import Accumulator
 from aggregation.guards import (
+    CLIP_REASONS,
     REJECT_REASONS,
     CheckedUpdate,
     GuardConfig,
     UpdateRejected,
     check_update,
+    clip_to,
 )
 from aggregation.tensors import TensorDict, TensorSpec, spec_of
 from infra.errors import ConfigError, ValidationError
@@ -237,3 +239,78 @@ def test_rejection_is_a_validation_error_and_pickles() -> None:
     assert isinstance(err, ValidationError)
     assert (clone.device_id, clone.tensor, clone.reason) == ("phone-42", "conv.bias", "shape")
     assert str(clone) == str(err)
+
+
+class TestWeightCap:
+    def test_a_claim_above_the_tasks_cap_is_refused_with_its_own_reason(self) -> None:
+        config = GuardConfig(max_weight=500)
+
+        err = rejection(good_update(), weight=1_000_000_000, config=config)
+
+        assert (err.reason, err.tensor) == ("weight-cap", None)
+        assert "claims 1e+09 samples, more than the 500" in str(err)
+
+    def test_claims_up_to_the_cap_pass(self) -> None:
+        config = GuardConfig(max_weight=500)
+
+        checked = check_update(good_update(), spec=SPEC, device_id="d", weight=500, config=config)
+
+        assert checked.weight == 500.0
+
+    def test_bad_weight_is_still_bad_weight_under_a_cap(self) -> None:
+        err = rejection(good_update(), weight=float("nan"), config=GuardConfig(max_weight=5))
+
+        assert err.reason == "bad-weight"
+
+    @pytest.mark.parametrize("cap", [0.0, -3.0, math.inf, math.nan])
+    def test_bad_cap(self, cap: float) -> None:
+        with pytest.raises(ConfigError, match="max_weight"):
+            GuardConfig(max_weight=cap)
+
+
+class TestClipTo:
+    def test_clip_reason_names_the_bound_that_clipped(self) -> None:
+        update = {name: np.full(s.shape, 3.0, np.float32) for name, s in SPEC.items()}  # norm 12
+        explicit = check_update(
+            update, spec=SPEC, device_id="d", weight=1, config=GuardConfig(max_norm=6.0)
+        )
+        plain = check_update(update, spec=SPEC, device_id="d", weight=1)
+
+        adaptive = clip_to(plain, 3.0, "adaptive-norm")
+
+        assert (explicit.scale, explicit.clip_reason) == (pytest.approx(0.5), "norm-bound")
+        assert (adaptive.scale, adaptive.clip_reason) == (pytest.approx(0.25), "adaptive-norm")
+        assert adaptive.norm == plain.norm == pytest.approx(12.0)  # the norm as sent
+        assert plain.clip_reason is None and {"norm-bound", "adaptive-norm"} == CLIP_REASONS
+
+    def test_within_the_bound_returns_the_same_object(self) -> None:
+        checked = check_update(good_update(), spec=SPEC, device_id="d", weight=1)
+
+        assert clip_to(checked, checked.norm, "adaptive-norm") is checked
+
+    def test_a_tighter_bound_wins_and_a_looser_one_changes_nothing(self) -> None:
+        update = {name: np.full(s.shape, 3.0, np.float32) for name, s in SPEC.items()}
+        clipped = check_update(
+            update, spec=SPEC, device_id="d", weight=1, config=GuardConfig(max_norm=6.0)
+        )
+
+        assert clip_to(clipped, 8.0, "adaptive-norm") is clipped
+        assert clip_to(clipped, 1.2, "adaptive-norm").scale == pytest.approx(0.1)
+
+    @pytest.mark.parametrize("bound", [0.0, -1.0, math.inf, math.nan])
+    def test_bad_bound(self, bound: float) -> None:
+        checked = check_update(good_update(), spec=SPEC, device_id="d", weight=1)
+
+        with pytest.raises(ConfigError, match="norm bound"):
+            clip_to(checked, bound, "adaptive-norm")
+
+
+def test_a_float64_update_whose_norm_overflows_is_non_finite() -> None:
+    spec = {"w": TensorSpec((4,), "float64")}
+    update = {"w": np.full(4, 1e308, np.float64)}
+
+    with pytest.raises(UpdateRejected) as info:
+        check_update(update, spec=spec, device_id="d", weight=1)
+
+    assert info.value.reason == "non-finite"
+    assert "overflows float64" in str(info.value)

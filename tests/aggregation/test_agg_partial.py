@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 
+from aggregation.norms import NUM_BINS, NormHistogram
 from aggregation.partial import (
     META_KEY,
     EmptyAggregate,
@@ -293,3 +294,77 @@ class TestVectors:
             partial.from_vectors([vectors[0][:3], vectors[1], vectors[2]])
         with pytest.raises(ValidationError, match="not an integer"):
             partial.from_vectors([vectors[0], vectors[1], np.array([4.0, 1.5])])
+
+
+class TestNorms:
+    def test_partials_carry_and_add_the_norms_they_summed(self) -> None:
+        a = PartialAggregate.from_update(make_update(1), weight=2, norm=0.5)
+        b = PartialAggregate.from_update(make_update(2), weight=3, norm=40.0)
+        c = PartialAggregate.from_update(make_update(3), weight=1)  # norm not measured
+
+        total = a + b + c
+
+        assert total.count == 3 and total.norms == NormHistogram.of([0.5, 40.0])
+        assert (b + a).norms == total.norms
+        assert c.norms == NormHistogram.zero() and PartialAggregate.zero().norms.total == 0
+
+    def test_norms_survive_the_bytes_round_trip(self) -> None:
+        total = PartialAggregate.from_update(make_update(1), weight=2, norm=0.5)
+        total = total + PartialAggregate.from_update(make_update(2), weight=3, norm=0.5)
+
+        data = total.to_bytes()
+        back = PartialAggregate.from_bytes(data)
+
+        assert back == total and back.norms.total == 2
+        assert back.to_bytes() == data
+
+    def test_without_norms_the_bytes_are_as_before(self) -> None:
+        partial = PartialAggregate.from_update(make_update(0), weight=2, metrics={"loss": 1.0})
+        _, meta = decode_tensors(partial.to_bytes())
+
+        header = json.loads(meta[META_KEY])
+
+        assert set(header) == {"format", "weight", "count", "dtypes", "metrics"}
+
+    @pytest.mark.parametrize(
+        ("norms", "message"),
+        [
+            ({"10": 3}, "3 norms counted for 2 updates"),
+            ({"10": -1}, "malformed partial metadata"),
+            ([1], "malformed partial metadata"),
+        ],
+    )
+    def test_bad_norms_metadata_is_refused(self, norms: object, message: str) -> None:
+        partial = PartialAggregate.from_update(make_update(0), weight=2, norm=1.0)
+        partial = partial + PartialAggregate.from_update(make_update(1), weight=2, norm=1.0)
+        tensors, meta = decode_tensors(partial.to_bytes())
+        header = json.loads(meta[META_KEY])
+        header["norms"] = norms
+
+        with pytest.raises(ValidationError, match=message):
+            PartialAggregate.from_bytes(encode_tensors(tensors, {META_KEY: json.dumps(header)}))
+
+    def test_constructor_refuses_more_norms_than_updates(self) -> None:
+        partial = PartialAggregate.from_update(make_update(0), weight=2)
+
+        with pytest.raises(ValidationError, match="2 norms counted for 1 updates"):
+            PartialAggregate(
+                sums=dict(partial.sums),
+                dtypes=dict(partial.dtypes),
+                weight=2.0,
+                count=1,
+                metrics={},
+                norms=NormHistogram.of([1.0, 2.0]),
+            )
+
+    def test_vectors_carry_the_dense_histogram_last(self) -> None:
+        a = PartialAggregate.from_update(make_update(5), weight=4, metrics={"loss": 0.2}, norm=1.0)
+        b = PartialAggregate.from_update(make_update(6), weight=9, metrics={"loss": 0.4}, norm=9.0)
+
+        va, vb = a.to_vectors(), b.to_vectors()
+        rebuilt = a.from_vectors([x + y for x, y in zip(va, vb, strict=True)])
+
+        assert [v.shape for v in va] == [(4,), (12,), (4,), (NUM_BINS,)]
+        assert rebuilt == a + b
+        with pytest.raises(ValidationError, match="expected 4 vectors, got 3"):
+            a.from_vectors(va[:3])

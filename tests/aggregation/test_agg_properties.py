@@ -2,7 +2,8 @@
 
 These are the laws the Prefect tree relies on: leaves, middle nodes and the root
 may group, order and serialise partials however the fan-out happens to go, and
-the root must still see the same sum (up to float64 rounding).
+the root must still see the same sum (up to float64 rounding). The norm histogram
+that partials carry for the adaptive bound is summed exactly, whatever the tree.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from aggregation.accumulator import Accumulator, sum_partials
+from aggregation.norms import NormHistogram
 from aggregation.partial import PartialAggregate
 from aggregation.tensors import TensorDict, TensorSpec
 
@@ -49,6 +51,11 @@ def cohorts(draw: st.DrawFn, min_size: int = 1, max_size: int = 12) -> list[Devi
             metrics["accuracy"] = draw(st.floats(0, 1))
         devices.append((update, weight, metrics))
     return devices
+
+
+def norm_of(update: TensorDict) -> float:
+    """The update's L2 norm over all tensors, as the guard would measure it."""
+    return float(np.sqrt(sum(np.sum(a.astype(np.float64) ** 2) for a in update.values())))
 
 
 def flat_reference(devices: list[Device]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -96,6 +103,7 @@ def assert_sum_close(
     for name, expected in reference.items():
         error = np.abs(got.sums[name] - expected)
         assert np.all(error <= rel_to_magnitude * scale[name] + 1e-300), name
+    assert got.norms == NormHistogram.of(norm_of(u) for u, _, _ in devices)  # exact: counts
     _, metrics = got.finalize()
     losses = [m["loss"] for _, _, m in devices]
     expected_loss = np.average(losses, weights=[w for _, w, _ in devices])
@@ -108,7 +116,9 @@ def test_random_tree_of_pure_partials_equals_flat_sum(
     devices: list[Device], data: st.DataObject
 ) -> None:
     # Prepare
-    leaves = [PartialAggregate.from_update(u, weight=w, metrics=m) for u, w, m in devices]
+    leaves = [
+        PartialAggregate.from_update(u, weight=w, metrics=m, norm=norm_of(u)) for u, w, m in devices
+    ]
 
     # Execute
     root = tree_sum(data, leaves)
@@ -134,7 +144,7 @@ def test_random_tree_of_accumulated_leaves_equals_flat_sum(
             block_elems=block_elems,
         )
         for update, weight, metrics in devices[start:stop]:
-            acc.add(update, weight=weight, metrics=metrics)
+            acc.add(update, weight=weight, metrics=metrics, norm=norm_of(update))
         leaves.append(acc.result())
         start = stop
 
@@ -150,7 +160,11 @@ def test_random_tree_of_accumulated_leaves_equals_flat_sum(
 def test_bytes_round_trip_bit_for_bit(devices: list[Device], data: st.DataObject) -> None:
     # Prepare
     partial = tree_sum(
-        data, [PartialAggregate.from_update(u, weight=w, metrics=m) for u, w, m in devices]
+        data,
+        [
+            PartialAggregate.from_update(u, weight=w, metrics=m, norm=norm_of(u))
+            for u, w, m in devices
+        ],
     )
 
     # Execute
@@ -159,6 +173,7 @@ def test_bytes_round_trip_bit_for_bit(devices: list[Device], data: st.DataObject
 
     # Assert
     assert back == partial
+    assert back.norms == partial.norms
     assert back.to_bytes() == data_bytes
     assert back.weight.hex() == partial.weight.hex()
     assert {k: (m.total.hex(), m.weight.hex()) for k, m in back.metrics.items()} == {
@@ -172,11 +187,13 @@ def test_bytes_round_trip_bit_for_bit(devices: list[Device], data: st.DataObject
 @PROPERTY_SETTINGS
 @given(devices=cohorts(min_size=2, max_size=6))
 def test_commutative_with_zero_identity(devices: list[Device]) -> None:
-    a = PartialAggregate.from_update(devices[0][0], weight=devices[0][1], metrics=devices[0][2])
-    b = PartialAggregate.from_update(devices[1][0], weight=devices[1][1], metrics=devices[1][2])
+    (ua, wa, ma), (ub, wb, mb) = devices[:2]
+    a = PartialAggregate.from_update(ua, weight=wa, metrics=ma, norm=norm_of(ua))
+    b = PartialAggregate.from_update(ub, weight=wb, metrics=mb, norm=norm_of(ub))
     zero = PartialAggregate.zero()
 
     assert (a + b).to_bytes() == (b + a).to_bytes()
+    assert (a + b).norms == (b + a).norms == a.norms + b.norms
     assert a + zero == a and zero + a == a
 
 
@@ -185,7 +202,7 @@ def test_commutative_with_zero_identity(devices: list[Device]) -> None:
 def test_summing_vectors_equals_summing_partials(devices: list[Device]) -> None:
     # Prepare: same structure for every partial (pfl's precondition)
     parts = [
-        PartialAggregate.from_update(u, weight=w, metrics={"loss": m["loss"]})
+        PartialAggregate.from_update(u, weight=w, metrics={"loss": m["loss"]}, norm=norm_of(u))
         for u, w, m in devices
     ]
 
@@ -201,6 +218,7 @@ def test_summing_vectors_equals_summing_partials(devices: list[Device]) -> None:
     assert rebuilt.count == object_sum.count and rebuilt.weight == object_sum.weight
     for name, arr in object_sum.sums.items():
         np.testing.assert_allclose(rebuilt.sums[name], arr, rtol=1e-12, atol=1e-9)
+    assert rebuilt.norms == object_sum.norms
     got, want = rebuilt.metrics["loss"], object_sum.metrics["loss"]
     assert got.weight == want.weight
     assert got.total == pytest.approx(want.total, rel=1e-12, abs=1e-12)
