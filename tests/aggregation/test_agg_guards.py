@@ -278,8 +278,8 @@ class TestClipTo:
 
         adaptive = clip_to(plain, 3.0, "adaptive-norm")
 
-        assert (explicit.scale, explicit.clip_reason) == (pytest.approx(0.5), "norm-bound")
-        assert (adaptive.scale, adaptive.clip_reason) == (pytest.approx(0.25), "adaptive-norm")
+        assert explicit.scale == pytest.approx(0.5) and explicit.clip_reason == "norm-bound"
+        assert adaptive.scale == pytest.approx(0.25) and adaptive.clip_reason == "adaptive-norm"
         assert adaptive.norm == plain.norm == pytest.approx(12.0)  # the norm as sent
         assert plain.clip_reason is None and {"norm-bound", "adaptive-norm"} == CLIP_REASONS
 
