@@ -50,9 +50,14 @@ def _import_file(path: Path, ref: str) -> ModuleType:
     sys.modules[name] = module  # dataclasses and pickling look modules up here
     try:
         spec.loader.exec_module(module)
-    except Exception:
+    except Exception as exc:
         sys.modules.pop(name, None)
-        raise
+        if isinstance(exc, ConfigError):  # a JobSpec refusing itself already says why
+            raise
+        raise ConfigError(
+            f"job {ref!r}: importing {path} failed with {type(exc).__name__}: {exc}; "
+            "fix the job file (the chained traceback shows the line)"
+        ) from exc
     return module
 
 
@@ -81,7 +86,15 @@ def get_job(name_or_ref: str) -> JobSpec:
         raise _unknown(name_or_ref, f"{target} has no attribute {attr!r}")
     value = getattr(module, attr)
     if callable(value) and not isinstance(value, JobSpec):
-        value = value()
+        try:
+            value = value()
+        except ConfigError:
+            raise
+        except Exception as exc:  # the user's factory
+            raise ConfigError(
+                f"job {name_or_ref!r}: calling {target}:{attr}() failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
     if not isinstance(value, JobSpec):
         raise _unknown(
             name_or_ref, f"{target}:{attr} is a {type(value).__name__}, not an edge.jobs.JobSpec"

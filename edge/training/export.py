@@ -35,7 +35,7 @@ from torch import nn
 from torch._decomp import get_decompositions
 
 from aggregation.tensors import TensorDict
-from edge.jobs.spec import JobSpec, LossFn
+from edge.jobs.spec import JobSpec, LossFn, TaskKind
 from edge.training.errors import ExportError
 from edge.training.et_runtime import (
     EdgeCompileConfig,
@@ -45,7 +45,7 @@ from edge.training.et_runtime import (
     registered_operators,
     to_edge,
 )
-from edge.training.state import model_from_state
+from edge.training.state import buffers_refusal, model_from_state
 from edge.training.wrapper import LossAndPredictions, network_name
 
 FQN_METHOD = "__et_training_fqn_forward"
@@ -143,6 +143,7 @@ def export_program(
     loss: LossFn,
     example: tuple[torch.Tensor, torch.Tensor],
     *,
+    task: TaskKind = "classification",
     decompose_maxpool_backward: bool = True,
 ) -> ExportedProgram:
     """Export ``module`` + ``loss`` as an ExecuTorch training program.
@@ -158,6 +159,9 @@ def export_program(
     example:
         ``(x, y)`` of the batch shape every training step will use; the program's
         shapes are static, so its batch size is ``x.shape[0]``.
+    task:
+        What the program's second output is: predicted classes (classification)
+        or the network's values (regression).
     decompose_maxpool_backward:
         Apply the max-pool backward workaround (default: True). False exists only
         so the regression test can show the upstream bug.
@@ -169,14 +173,10 @@ def export_program(
         error names it) or the program does not load.
     """
     started = time.perf_counter()
-    buffers = [name for name, _ in module.named_buffers()]
-    if buffers:
-        raise ExportError(
-            f"model has buffers {buffers[:5]}: on-device training programs only return "
-            "parameters, so buffer updates (e.g. BatchNorm running statistics) would be lost; "
-            "use a buffer-free normalisation such as GroupNorm/LayerNorm"
-        )
-    wrapper = LossAndPredictions(module, loss).train()
+    refusal = buffers_refusal(module)
+    if refusal is not None:
+        raise ExportError(refusal)
+    wrapper = LossAndPredictions(module, loss, task).train()
     try:
         et_program = _lower(wrapper, example, decompose_maxpool_backward)
     except Exception as exc:  # torch.export raises many unrelated types; name the step instead
@@ -217,10 +217,11 @@ def export_program(
 def example_tensors(
     job: JobSpec, batch_size: int, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The job's example batch as torch tensors (``float32`` features, ``int64`` labels)."""
+    """The job's example batch as torch tensors (``float32`` features, ``int64`` labels or
+    ``float32`` regression targets)."""
     x, y = job.make_example_batch(batch_size, seed)
     return torch.from_numpy(np.asarray(x, dtype=np.float32)), torch.from_numpy(
-        np.asarray(y, dtype=np.int64)
+        np.asarray(y, dtype=job.target_dtype)
     )
 
 
@@ -244,5 +245,9 @@ def export_job_program(
     module = model_from_state(job, state)
     example = example_tensors(job, batch_size or job.hyperparams.batch_size, seed)
     return export_program(
-        module, job.loss, example, decompose_maxpool_backward=decompose_maxpool_backward
+        module,
+        job.loss,
+        example,
+        task=job.task,
+        decompose_maxpool_backward=decompose_maxpool_backward,
     )

@@ -54,6 +54,22 @@ def check_state_matches(module: nn.Module, state: Mapping[str, np.ndarray], *, w
         )
 
 
+def buffers_refusal(module: nn.Module) -> str | None:
+    """Why ``module`` cannot be trained as a program, if it has buffers (else ``None``).
+
+    ExecuTorch training programs hand back parameters only, so buffer updates
+    would silently be lost on every phone.
+    """
+    buffers = [name for name, _ in module.named_buffers()]
+    if not buffers:
+        return None
+    return (
+        f"model has buffers {buffers[:5]}: on-device training programs only return "
+        "parameters, so buffer updates (e.g. BatchNorm running statistics) would be lost; "
+        "use a buffer-free normalisation such as GroupNorm/LayerNorm"
+    )
+
+
 def model_from_state(job: JobSpec, state: Mapping[str, np.ndarray]) -> nn.Module:
     """A fresh network of ``job`` holding ``state``'s weights."""
     module = job.build_model()
