@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from prefect import flow, get_run_logger
 from prefect.states import Completed, State
 
+from aggregation.clipping import NormBoundState
 from aggregation.strategies.config import StrategyConfig
 from aggregation.topology import Node, Tree, TreeShape, build_tree
 from edge.data.config import DatasetConfig
@@ -59,7 +60,10 @@ async def leaf_level(ctx: RunContext, opened: OpenedRound) -> LeafLevel:
     """Every leaf collects its devices' updates while the close task watches the count."""
     closing, *leaves = await asyncio.gather(
         close_when_due(ctx, opened),
-        *(collect_leaf(ctx, leaf, ref) for leaf, ref in opened.task_refs.items()),
+        *(
+            collect_leaf(ctx, leaf, ref, opened.norm_state)
+            for leaf, ref in opened.task_refs.items()
+        ),
     )
     return LeafLevel(closing=closing, leaves=leaves)
 
@@ -81,7 +85,14 @@ async def server_level(
 ) -> RootResult:
     """The root sums the top level, divides once and applies the server strategy."""
     total = await sum_node(ctx, rnd, root.name, root.level, [children[c] for c in root.children])
-    return await apply_strategy(ctx, rnd, total, commit.global_model, commit.server_state)
+    return await apply_strategy(
+        ctx,
+        rnd,
+        total,
+        commit.global_model,
+        commit.server_state,
+        NormBoundState.model_validate(commit.norm_bound or {}),
+    )
 
 
 # ---------------------------------------------------------------- one round
@@ -100,7 +111,7 @@ async def training_round(ctx: RunContext, tree: Tree, commit: CommitRecord) -> S
 
     # 2. dispatch: sample the cohort, write the leaves' tasks, open the round
     devices = await wait_for_devices(ctx)
-    opened = await open_round(ctx, rnd, devices, tree.leaves, commit.global_model, program)
+    opened = await open_round(ctx, rnd, devices, tree.leaves, commit, program)
 
     # 3. collect device updates at the leaves until the round closes
     level = await leaf_level.with_options(flow_run_name=f"{tag}-level-0-leaves")(ctx, opened)

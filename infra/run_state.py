@@ -9,7 +9,7 @@ pointer and starting at ``next_round``: no round is applied twice.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,6 +31,15 @@ class RoundReport(BaseModel):
     devices_selected: int
     devices_reported: int
     rejected: dict[str, int] = Field(default_factory=dict)
+    clipped: dict[str, int] = Field(
+        default_factory=dict, description="Updates scaled down to the norm bound, per reason."
+    )
+    median_norm: float | None = Field(
+        default=None, description="Median L2 norm of the round's accepted updates (pre-clip)."
+    )
+    norm_bound: float | None = Field(
+        default=None, description="Adaptive norm bound the next round starts from."
+    )
     duplicates: int = 0
     late: int = 0
     train_loss: float | None = None
@@ -62,6 +71,11 @@ class CommitRecord(BaseModel):
     next_round: int = Field(ge=0, description="The round a resumed run starts with.")
     global_model: ObjectRef
     server_state: ObjectRef | None = None
+    norm_bound: dict[str, Any] | None = Field(
+        default=None,
+        description="The adaptive norm bound's state (aggregation.clipping.NormBoundState); "
+        "None before the first committed round.",
+    )
     reports: list[ObjectRef] = Field(default_factory=list)
     updated_at: datetime
 

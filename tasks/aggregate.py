@@ -17,6 +17,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from aggregation.accumulator import sum_partials
+from aggregation.clipping import AdaptiveNormBound, NormBoundState
 from aggregation.partial import PartialAggregate
 from aggregation.tensors import TensorDict, decode_tensors, encode_tensors
 from infra.keys import global_model_key, partial_key, server_state_key
@@ -77,14 +78,16 @@ def _apply(
     root_partial: ObjectRef,
     global_model: ObjectRef,
     server_state: ObjectRef | None,
+    prior_norms: NormBoundState,
 ) -> RootResult:
     started = datetime.now(UTC)
     store = store_for(ctx.s3)
     total = load_partial(store, root_partial)
     metrics: dict[str, float] = {}
-    g_ref = s_ref = None
+    g_ref = s_ref = norm_state = None
     if total.count >= ctx.params.min_reports:  # below it the round is abandoned
         mean_update, metrics = total.finalize()
+        norm_state = AdaptiveNormBound().next_state(prior_norms, total.norms)
         g_ref, s_ref = _write_next_model(
             ctx,
             store,
@@ -103,6 +106,8 @@ def _apply(
         global_model=g_ref,
         server_state=s_ref,
         root_partial=root_partial,
+        median_norm=total.norms.quantile(0.5),
+        norm_state=norm_state,
         finished_at=time.time(),
     )
 
@@ -163,6 +168,13 @@ async def apply_strategy(
     root_partial: ObjectRef,
     global_model: ObjectRef,
     server_state: ObjectRef | None,
+    prior_norms: NormBoundState,
 ) -> RootResult:
-    """Divide the root's sum once, apply the strategy; abandon below ``min_reports``."""
-    return await asyncio.to_thread(_apply, ctx, rnd, root_partial, global_model, server_state)
+    """Divide the root's sum once, apply the strategy; abandon below ``min_reports``.
+
+    A committed round also moves the adaptive norm bound toward the median
+    norm of its updates (``aggregation.clipping``), for the next round.
+    """
+    return await asyncio.to_thread(
+        _apply, ctx, rnd, root_partial, global_model, server_state, prior_norms
+    )

@@ -21,6 +21,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 from prefect.logging import get_run_logger
 
+from aggregation.clipping import NormBoundState
 from aggregation.collector import LeafCollector
 from aggregation.guards import GuardConfig
 from edge.manifests import LeafTask
@@ -105,7 +106,9 @@ def _store_partial(ctx: RunContext, intake: LeafIntake, started: datetime) -> Ob
                 "devices": partial.count,
                 "weight": partial.weight,
                 "rejected": dict(intake.collector.rejected),
-                "norm_bound": ctx.params.norm_bound,
+                "clipped": dict(intake.collector.clipped),
+                "norm_bound": intake.collector.norm_bound,
+                "max_num_samples": t.max_num_samples,
             },
             started_at=started,
             flow_run_id=current_flow_run_id(),
@@ -115,8 +118,15 @@ def _store_partial(ctx: RunContext, intake: LeafIntake, started: datetime) -> Ob
 
 
 @task(name="collect-leaf", cache_policy=NONE, task_run_name="collect-{leaf}")
-async def collect_leaf(ctx: RunContext, leaf: str, task_ref: ObjectRef) -> LeafOutcome:
-    """Sum this leaf's device updates until the round closes; store the partial."""
+async def collect_leaf(
+    ctx: RunContext, leaf: str, task_ref: ObjectRef, norm_state: NormBoundState
+) -> LeafOutcome:
+    """Sum this leaf's device updates until the round closes; store the partial.
+
+    Updates are clipped to the adaptive norm bound carried in ``norm_state``
+    (round 0: a warm-up on the leaf's first updates), or to ``norm_bound`` when
+    the run sets one; claims above the task's ``max_num_samples`` are refused.
+    """
     started = datetime.now(UTC)
     store = store_for(ctx.s3)
     leaf_task = await asyncio.to_thread(_load_task, store, task_ref)
@@ -125,7 +135,8 @@ async def collect_leaf(ctx: RunContext, leaf: str, task_ref: ObjectRef) -> LeafO
         task_id=leaf_task.task_id,
         model_version=leaf_task.model_version,
         selected=frozenset(leaf_task.selected_device_ids),
-        guard=GuardConfig(max_norm=ctx.params.norm_bound),
+        guard=GuardConfig(max_norm=ctx.params.norm_bound, max_weight=leaf_task.max_num_samples),
+        norm_state=norm_state,
     )
     intake = LeafIntake(store=store, task=leaf_task, collector=collector)
     await _stream_until_closed(intake, store)
@@ -143,6 +154,8 @@ async def collect_leaf(ctx: RunContext, leaf: str, task_ref: ObjectRef) -> LeafO
         reported=len(collector.reported),
         rejected=dict(collector.rejected),
         rejection_examples=dict(collector.rejection_examples),
+        clipped=dict(collector.clipped),
+        norm_bound=collector.norm_bound,
         duplicates=collector.duplicates,
         batches=len(intake.batches),
         bytes_in=collector.bytes_in,

@@ -17,6 +17,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 from prefect.logging import get_run_logger
 
+from aggregation.clipping import NormBoundState
 from aggregation.tensors import decode_tensors, spec_of
 from edge import round_control
 from edge.data.partition import partition_indices
@@ -90,10 +91,11 @@ async def open_round(
     rnd: int,
     devices: list[str],
     leaves: Sequence[str],
-    global_model: ObjectRef,
+    commit: CommitRecord,
     program: ProgramExport | None,
 ) -> OpenedRound:
     """Plan the round, write every leaf's task, then point the gateways at it."""
+    global_model = commit.global_model
     started = time.time()
     store = store_for(ctx.s3)
 
@@ -109,6 +111,7 @@ async def open_round(
             tensor_spec=tensor_spec(store, global_model),
             now=datetime.now(UTC),
             max_num_samples=device_weight_cap(ctx, store),
+            norm_state=NormBoundState.model_validate(commit.norm_bound or {}),
         )
         refs = round_control.open_round(store, plan.tasks, plan.active)
         return OpenedRound(

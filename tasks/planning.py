@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from aggregation.clipping import NormBoundState
 from aggregation.cohort import pace_seconds, reports_needed, select_cohort
 from aggregation.strategies.base import round_hyperparams
 from edge.jobs import JobSpec
@@ -66,6 +67,7 @@ class _Round(BaseModel):
     registered: int
     target: int
     deadline: datetime
+    norm_state: NormBoundState
 
     @property
     def close_policy(self) -> ClosePolicy:
@@ -126,6 +128,7 @@ def plan_round(
     tensor_spec: Mapping[str, tuple[list[int], str]],
     now: datetime,
     max_num_samples: int | None = None,
+    norm_state: NormBoundState | None = None,
 ) -> RoundPlan:
     """Sample the cohort, route it to leaves, write each leaf's task and the open pointer."""
     selected = select_cohort(
@@ -169,4 +172,5 @@ def plan_round(
         registered=len(devices),
         target=reports_needed(cohort_size=params.cohort_size, selected=len(selected)),
         deadline=deadline,
+        norm_state=norm_state or NormBoundState(),
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 
+from aggregation.clipping import AdaptiveNormBound
 from infra.run_state import CommitRecord, RoundReport
 from infra.store import ObjectRef
 from tasks.results import RootResult, RoundResults
@@ -88,6 +89,9 @@ def build_round_report(
         devices_selected=opened.selected,
         devices_reported=root.devices,
         rejected=sum_counts(o.rejected for o in level.leaves),
+        clipped=sum_counts(o.clipped for o in level.leaves),
+        median_norm=root.median_norm,
+        norm_bound=AdaptiveNormBound().bound(root.norm_state) if root.norm_state else None,
         duplicates=sum(o.duplicates for o in level.leaves),
         late=late,
         train_loss=root.train_metrics.get("loss"),
@@ -117,6 +121,11 @@ def next_commit(
             "next_round": report.round + 1,
             "global_model": root.global_model or commit.global_model,
             "server_state": root.server_state or commit.server_state,
+            "norm_bound": (
+                root.norm_state.model_dump(mode="json")
+                if root.norm_state is not None
+                else commit.norm_bound
+            ),
             "reports": [*commit.reports, report_ref],
             "updated_at": report.finished_at,
         }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from aggregation.clipping import NormBoundState
 from infra.store import ObjectRef
 from tasks.planning import CloseReason, OpenedRound
 
@@ -43,6 +44,8 @@ class LeafOutcome(_Result):
     reported: int
     rejected: dict[str, int]
     rejection_examples: dict[str, str]
+    clipped: dict[str, int] = Field(default_factory=dict)
+    norm_bound: float | None = Field(default=None, description="The bound in force at the end.")
     duplicates: int
     batches: int
     bytes_in: int
@@ -73,6 +76,10 @@ class RootResult(_Result):
     global_model: ObjectRef | None = None
     server_state: ObjectRef | None = None
     root_partial: ObjectRef
+    median_norm: float | None = None
+    norm_state: NormBoundState | None = Field(
+        default=None, description="The adaptive bound's state for the next round (if committed)."
+    )
     finished_at: float
 
 

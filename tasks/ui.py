@@ -105,6 +105,7 @@ async def publish_round_artifacts(
         "devices selected": report.devices_selected,
         "devices reported": report.devices_reported,
         "rejected": ", ".join(f"{k}={v}" for k, v in sorted(report.rejected.items())) or "0",
+        "clipped": ", ".join(f"{k}={v}" for k, v in sorted(report.clipped.items())) or "0",
         "duplicates": report.duplicates,
         "late": report.late,
         "train loss": _fmt(report.train_loss),

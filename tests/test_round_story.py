@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from aggregation.clipping import NormBoundState
 from edge.jobs import get_job
 from edge.routing import leaf_for_device
 from flows.federated import federated_training
@@ -100,6 +101,7 @@ def _results(committed: bool = True) -> RoundResults:
         reported=3,
         rejected={"non-finite": 1},
         rejection_examples={},
+        clipped={"adaptive-norm": 1},
         duplicates=2,
         batches=2,
         bytes_in=500,
@@ -133,6 +135,7 @@ def _results(committed: bool = True) -> RoundResults:
             registered=40,
             target=6,
             deadline=NOW,
+            norm_state=NormBoundState(),
             started_at=t0 + 1.0,
             finished_at=t0 + 1.5,
         ),
@@ -146,6 +149,8 @@ def _results(committed: bool = True) -> RoundResults:
             train_metrics={"loss": 0.5, "accuracy": 0.75} if committed else {},
             global_model=ref("g3", 200) if committed else None,
             root_partial=ref("root"),
+            median_norm=0.5 if committed else None,
+            norm_state=NormBoundState(estimate=0.5, rounds=1) if committed else None,
             finished_at=t0 + 6.25,
         ),
         evaluation=Evaluation(
@@ -192,6 +197,8 @@ def test_round_report_sums_leaves_and_keeps_the_model_of_an_abandoned_round() ->
     )
     assert report.outcome == "committed" and report.reason == ""
     assert report.rejected == {"non-finite": 3, "stale-model": 1} and report.duplicates == 2
+    assert report.clipped == {"adaptive-norm": 2} and report.median_norm == 0.5
+    assert report.norm_bound == 4 * 0.5  # the next round's bound: 4x the median estimate
     assert report.devices_reported == 6 and report.devices_selected == 8 and report.late == 3
     assert report.bytes_in == 1000 and report.bytes_out == (200 + 1000) * 6
     assert report.test_accuracy == 0.8 and report.train_loss == 0.5
@@ -199,6 +206,7 @@ def test_round_report_sums_leaves_and_keeps_the_model_of_an_abandoned_round() ->
     after = next_commit(commit, report, _results().root, ref("report"))
     assert after.next_round == 3 and after.global_model == ref("g3", 200)
     assert after.reports == [ref("report")]
+    assert after.norm_bound == {"estimate": 0.5, "rounds": 1}
 
     abandoned = build_round_report(
         _results(committed=False),
@@ -213,6 +221,7 @@ def test_round_report_sums_leaves_and_keeps_the_model_of_an_abandoned_round() ->
     assert abandoned.global_model == ref("g2", 200) and abandoned.test_accuracy is None
     kept = next_commit(commit, abandoned, _results(False).root, ref("r"))
     assert kept.global_model == commit.global_model and kept.next_round == 3
+    assert kept.norm_bound == commit.norm_bound  # an abandoned round leaves the bound alone
 
 
 STRATEGY_FILE = """
