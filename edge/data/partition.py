@@ -148,7 +148,8 @@ def natural_owners(owners: np.ndarray, num_devices: int, seed: int, min_size: in
     A device's held-out examples are then the test examples of the same owner.
     """
     ids, _, chosen = _eligible_owners(owners, num_devices, seed, min_size)
-    return ids[chosen]
+    held: np.ndarray = ids[chosen]
+    return held
 
 
 def natural_partition(

@@ -90,6 +90,7 @@ def check_model(job: JobSpec) -> None:
 
 
 def _check_outputs(job: JobSpec, shape: tuple[int, ...]) -> None:
+    expected: tuple[int, ...]
     if job.task == "classification":
         expected = (_PROBE_BATCH, job.num_classes)
         fix = f"make the network end in num_classes={job.num_classes} logits"
