@@ -253,7 +253,13 @@ class DeviceRecord(BaseModel):
 def close_grace_seconds(
     manifest_cache_seconds: float, group_commit_max_wait_ms: int, *, put_margin: float = 2.0
 ) -> float:
-    """How long the flow should wait after closing a round before listing its updates.
+    """Superseded by the gateways' close fence: a flow that lists after closing needs no wait.
+
+    Gateways now acknowledge an upload only after re-reading the job's
+    ``ActiveRound`` (uncached) after the batch PUT (docs/gateway.md, "The close
+    fence"), so every acknowledged update is listed by a flow that writes
+    ``closed`` and then lists. What follows is the old timing bound, kept only
+    while callers move off it.
 
     A gateway may still accept an upload until its cached ``ActiveRound``
     expires (``manifest_cache_seconds``); the accepted update then waits up to

@@ -11,6 +11,15 @@ the batch is acknowledged only when the PUT has returned, so an acknowledged
 update is in S3 even if the gateway is killed the next instant. If the PUT
 fails every waiter gets a 503 and retries; nothing half-written is acknowledged.
 
+**The close fence.** After the PUT has returned, and before anyone is
+acknowledged, the committer calls ``fence(context)``: the gateway re-reads the
+job's ``ActiveRound`` from S3, uncached, and acknowledges the batch only if
+that round of that run is still open. Otherwise every device of the batch gets
+``409 late`` (``details.reason = "round_closed_during_write"``). Because S3 is
+linearisable per key and lists are strongly consistent, a flow that writes
+``closed`` and *then* lists the round's updates sees every acknowledged batch,
+with no grace period to tune (the argument is in docs/gateway.md).
+
 The lineage record of a batch is written after the acknowledgements: it
 describes the batch but is not needed to aggregate it, so devices do not wait
 for it.
@@ -23,6 +32,7 @@ import itertools
 import logging
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -40,6 +50,18 @@ from infra.lineage import make_record, write_lineage
 from infra.store import ObjectRef, ObjectStore
 
 log = logging.getLogger("canopy.gateway.batcher")
+
+Fence = Callable[[BatchContext], Awaitable[None]]
+"""Raises a ``ProtocolError`` (409 late, or 503) when a written batch must not be acknowledged."""
+
+
+def _store_failed() -> ProtocolError:
+    return ProtocolError(
+        503,
+        ErrorCode.STORE_UNAVAILABLE,
+        "the gateway could not store the update; upload it again",
+        retry_after=2.0,
+    )
 
 
 @dataclass
@@ -64,8 +86,10 @@ class GroupCommitter:
         gateway_id: str,
         max_updates: int,
         max_wait_seconds: float,
+        fence: Fence | None = None,
     ) -> None:
         self._store = store
+        self._fence = fence
         self._executor = executor
         self._metrics = metrics
         self._gateway_id = gateway_id
@@ -132,15 +156,43 @@ class GroupCommitter:
         except Exception as exc:  # any store failure (boto, network) must become a 503, not a crash
             log.error("batch %s: write of %d updates failed: %s", key, len(updates), exc)
             self._metrics.batch_failures.inc()
-            self._settle(batch, error=exc)
+            self._settle(batch, error=_store_failed)
             return
         finally:
             self._write_returned(ctx)
         self._metrics.batch_writes.inc()
         self._metrics.batch_size.observe(len(updates))
         self._metrics.batch_write_seconds.observe(time.perf_counter() - started)
-        self._settle(batch, key=key)
+        refusal = await self._fenced(ctx, key, len(updates))
+        self._settle(batch, key=key, error=refusal)
         await self._write_lineage(batch, ref, started_at)
+
+    async def _fenced(
+        self, ctx: BatchContext, key: str, count: int
+    ) -> Callable[[], ProtocolError] | None:
+        """None when the batch may be acknowledged; else what each of its devices is told."""
+        if self._fence is None:
+            return None
+        try:
+            await self._fence(ctx)
+        except ProtocolError as exc:
+            if exc.status == 409:
+                log.warning("batch %s: round closed during the write; %d not acked", key, count)
+                self._metrics.batch_fenced.inc()
+                self._metrics.late_results.labels(job=ctx.job).inc(count)
+            refusal = exc
+        except Exception as exc:  # the fence could not be read: nobody may be acknowledged
+            log.error("batch %s: close fence not readable: %s", key, exc)
+            refusal = _store_failed()
+        else:
+            return None
+        return lambda: ProtocolError(
+            refusal.status,
+            refusal.code,
+            refusal.message,
+            details=refusal.details,
+            retry_after=refusal.retry_after,
+        )
 
     def _write_returned(self, context: BatchContext) -> None:
         self._writing[context] -= 1
@@ -158,7 +210,14 @@ class GroupCommitter:
             metadata={"gateway-id": self._gateway_id, "updates": str(count)},
         )
 
-    def _settle(self, batch: _OpenBatch, *, key: str = "", error: Exception | None = None) -> None:
+    def _settle(
+        self,
+        batch: _OpenBatch,
+        *,
+        key: str = "",
+        error: Callable[[], ProtocolError] | None = None,
+    ) -> None:
+        """Acknowledge every waiting device, or give each its own copy of the refusal."""
         for _, future in batch.items:
             self.pending -= 1
             self._metrics.pending_updates.dec()
@@ -167,14 +226,7 @@ class GroupCommitter:
             if error is None:
                 future.set_result(key)
             else:
-                future.set_exception(
-                    ProtocolError(
-                        503,
-                        ErrorCode.STORE_UNAVAILABLE,
-                        "the gateway could not store the update; upload it again",
-                        retry_after=2.0,
-                    )
-                )
+                future.set_exception(error())
 
     async def _write_lineage(self, batch: _OpenBatch, ref: ObjectRef, started: datetime) -> None:
         ctx = batch.context

@@ -74,6 +74,11 @@ class GatewayMetrics:
         self.batch_failures = Counter(
             "canopy_gateway_batch_failures", "Update batch writes that failed.", registry=r
         )
+        self.batch_fenced = Counter(
+            "canopy_gateway_batch_fenced",
+            "Update batches written but not acknowledged: the round closed during the write.",
+            registry=r,
+        )
         self.batch_size = Histogram(
             "canopy_gateway_batch_updates",
             "Device updates per group-committed batch.",

@@ -27,6 +27,7 @@ from edge.gateway.tuning import GatewayTuning
 from edge.manifests import ActiveRound, LeafTask, device_key
 from edge.protocol import ErrorCode, ProtocolError
 from edge.routing import leaf_for_device
+from edge.update_batch import BatchContext
 from infra.errors import ObjectNotFoundError
 from infra.keys import active_job_key
 from infra.store import ObjectRef, ObjectStore, get_json
@@ -109,6 +110,35 @@ class RoundDirectory:
             return _parse(ActiveRound, payload, key)
 
         return await self._active.get(job, load)
+
+    async def confirm_open(self, context: BatchContext) -> None:
+        """The close fence: 409 ``late`` unless S3 says this run's round is open *now*.
+
+        Read uncached, after the batch PUT returned (the ordering is the point; see
+        docs/gateway.md). What it read also refreshes the cache, so the door turns
+        later uploads of a closed round away at once instead of after the cache period.
+        """
+        key = active_job_key(context.job)
+        try:
+            payload = await self.calls.run(get_json, self.calls.store, key)
+        except ObjectNotFoundError:
+            active = None
+        else:
+            active = _parse(ActiveRound, payload, key)
+        self._active.put(context.job, active)
+        if (
+            active is None
+            or active.status != "open"
+            or (active.run_id, active.round) != (context.run_id, context.round)
+        ):
+            raise ProtocolError(
+                409,
+                ErrorCode.LATE,
+                f"round {context.round} of run {context.run_id!r} closed while the update was "
+                "being stored, so it is not acknowledged (it may or may not be aggregated). "
+                "Do not upload it again; poll for the current task.",
+                details={"reason": "round_closed_during_write"},
+            )
 
     async def leaf_view(self, active: ActiveRound, leaf: str) -> LeafView:
         key = active.leaf_manifest_keys[leaf]

@@ -91,6 +91,7 @@ class GatewayService:
             gateway_id=self.gateway_id,
             max_updates=settings.group_commit_max_updates,
             max_wait_seconds=settings.group_commit_max_wait_ms / 1000.0,
+            fence=self.rounds.confirm_open,
         )
         self.uploads = UploadDesk(
             self.rounds,

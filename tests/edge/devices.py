@@ -116,3 +116,18 @@ def error(response: httpx.Response) -> tuple[int, str]:
 
 def batches(store: S3ObjectStore, leaf: str, rnd: int = 0) -> list[str]:
     return store.list_keys(updates_prefix(JOB, RUN, rnd, leaf))
+
+
+async def enrol_async(client: httpx.AsyncClient, device_id: str, job: str = JOB) -> str:
+    """Enrol ``device_id`` for ``job`` with runtime pytorch; its token."""
+    response = await client.post(
+        "/v1/enrol",
+        json={
+            "device_id": device_id,
+            "enrolment_secret": SECRET,
+            "jobs": [job],
+            "runtimes": ["pytorch"],
+        },
+    )
+    assert response.status_code == 200, response.text
+    return str(response.json()["token"])

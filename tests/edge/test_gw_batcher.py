@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from edge.gateway.batcher import GroupCommitter
+from edge.gateway.batcher import Fence, GroupCommitter
 from edge.gateway.metrics import GatewayMetrics
 from edge.protocol import ErrorCode, ProtocolError
 from edge.update_batch import BatchContext, DeviceUpdate, decode_update_batch
@@ -55,15 +55,20 @@ def update(i: int) -> DeviceUpdate:
 
 
 def committer(
-    store: MemoryObjectStore, executor: ThreadPoolExecutor, **kw: float
+    store: MemoryObjectStore,
+    executor: ThreadPoolExecutor,
+    fence: Fence | None = None,
+    metrics: GatewayMetrics | None = None,
+    **kw: float,
 ) -> GroupCommitter:
     return GroupCommitter(
         store,
         executor,
-        GatewayMetrics(),
+        metrics or GatewayMetrics(),
         gateway_id="gw-t",
         max_updates=int(kw.get("max_updates", 64)),
         max_wait_seconds=kw.get("max_wait", 0.01),
+        fence=fence,
     )
 
 
@@ -125,3 +130,52 @@ async def test_drain_writes_open_batches_at_shutdown() -> None:
     assert key.startswith("j/r/round-00000/updates/leaf-0/gw-t-")
     [stored] = decode_update_batch(store.get(key).data, key)
     assert stored.device_id == "d0"
+
+
+async def test_the_fence_is_read_after_the_put_and_decides_the_acknowledgement() -> None:
+    store = SlowStore(delay=0.05)
+    seen_at_fence: list[list[str]] = []
+    open_rounds = {0}
+
+    async def fence(ctx: BatchContext) -> None:
+        seen_at_fence.append(store.list_keys("j/r/"))  # the batch must already be in S3
+        if ctx.round not in open_rounds:
+            raise ProtocolError(409, ErrorCode.LATE, "closed", details={"reason": "closed"})
+
+    metrics = GatewayMetrics()
+    with ThreadPoolExecutor(2) as executor:
+        batcher = committer(store, executor, fence=fence, metrics=metrics)
+        acked = await asyncio.gather(*(batcher.commit(CTX, GLOBAL, update(i)) for i in range(3)))
+        open_rounds.clear()  # the flow closed round 0
+        refused = await asyncio.gather(
+            *(batcher.commit(CTX, GLOBAL, update(i)) for i in range(3, 5)),
+            return_exceptions=True,
+        )
+
+    assert len(set(acked)) == 1 and seen_at_fence[0] == [acked[0]]
+    assert len(seen_at_fence[1]) == 2  # the refused batch was written, then fenced
+    assert [(r.status, r.code) for r in refused if isinstance(r, ProtocolError)] == [
+        (409, ErrorCode.LATE),
+        (409, ErrorCode.LATE),
+    ]
+    assert refused[0] is not refused[1]  # each device gets its own exception
+    sample = metrics.registry.get_sample_value
+    assert sample("canopy_gateway_batch_fenced_total") == 1
+    assert sample("canopy_gateway_late_results_total", {"job": "j"}) == 2
+    assert batcher.pending == 0
+
+
+async def test_an_unreadable_fence_acknowledges_nobody() -> None:
+    async def fence(ctx: BatchContext) -> None:
+        raise StoreError("s3 is down for GETs")
+
+    with ThreadPoolExecutor(2) as executor:
+        batcher = committer(SlowStore(delay=0.0), executor, fence=fence)
+        results = await asyncio.gather(
+            *(batcher.commit(CTX, GLOBAL, update(i)) for i in range(2)), return_exceptions=True
+        )
+
+    assert [(r.status, r.code) for r in results if isinstance(r, ProtocolError)] == [
+        (503, ErrorCode.STORE_UNAVAILABLE),
+        (503, ErrorCode.STORE_UNAVAILABLE),
+    ]

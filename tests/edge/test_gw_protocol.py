@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 import numpy as np
@@ -20,7 +22,7 @@ from edge.manifests import DeviceRecord, LeafTask, device_key
 from edge.routing import leaf_for_device
 from edge.update_batch import decode_update_batch
 from infra.lineage import read_lineage
-from infra.store import S3ObjectStore, get_json, put_json
+from infra.store import ObjectRef, S3ObjectStore, get_json, put_json
 from tests.edge.devices import (
     JOB,
     LEAVES,
@@ -30,6 +32,7 @@ from tests.edge.devices import (
     Device,
     batches,
     devices_on,
+    enrol_async,
     error,
     gateway_settings,
     update_like,
@@ -705,3 +708,123 @@ def test_a_task_caps_the_weight_a_device_may_claim(
     assert error(over_hard_cap) == (422, "bad_num_samples")
     [stored] = decode_update_batch(s3_store.get(batches(s3_store, "leaf-0")[0]).data, "b")
     assert stored.num_samples == 100
+
+
+# --- the close fence: an acknowledgement is a promise the flow can rely on ------------------
+
+
+class ClosingStore:
+    """The test's S3 store; right after the first update batch lands, the round is closed.
+
+    That is the race the fence exists for: the flow writes ``closed`` between a
+    gateway's batch PUT and its acknowledgement.
+    """
+
+    def __init__(self, store: S3ObjectStore) -> None:
+        self._store = store
+        self.bucket = store.bucket
+        self.closed = False
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+    def put_bytes(self, key: str, data: bytes, **kw: Any) -> ObjectRef:
+        ref = self._store.put_bytes(key, data, **kw)
+        if "/updates/" in key and not self.closed:
+            self.closed = True
+            set_round_status(self._store, read_active(self._store, JOB), "closed")
+        return ref
+
+
+def test_a_round_closed_during_the_batch_write_acknowledges_nobody(
+    s3_store: S3ObjectStore,
+) -> None:
+    ids = devices_on("leaf-0", 3)
+    store = ClosingStore(s3_store)
+    settings = gateway_settings(manifest_cache_seconds=30.0, group_commit_max_wait_ms=200)
+    with (
+        GatewayThread(settings, store, gateway_id="gw-fence") as gw,  # type: ignore[arg-type]
+        httpx.Client(base_url=gw.url, timeout=10) as client,
+    ):
+        devices = [Device(client, d) for d in ids]
+        for d in devices:
+            d.enrol()
+        write_round(s3_store, job=JOB, run_id=RUN, rnd=0, leaves=LEAVES, selected=ids, state=STATE)
+        offers = [d.offer() for d in devices]
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(lambda i: devices[i].upload(offers[i]), range(3)))
+        # The gateway cached "open" for 30 s, but the fence read the truth: the door knows too.
+        after = devices[0].upload(offers[0])
+        metrics = client.get("/metrics").text
+
+    assert [error(a) for a in answers] == [(409, "late")] * 3
+    assert {a.json()["details"]["reason"] for a in answers} == {"round_closed_during_write"}
+    assert error(after) == (409, "late") and after.json()["details"]["reason"] == "round_closed"
+    [key] = batches(s3_store, "leaf-0")  # written, listed by the flow or not: never promised
+    assert len(decode_update_batch(s3_store.get(key).data, key)) == 3
+    assert "canopy_gateway_batch_fenced_total 1.0" in metrics
+    assert f'canopy_gateway_late_results_total{{job="{JOB}"}} 4.0' in metrics
+
+
+async def test_close_then_list_finds_every_acknowledged_update(s3_store: S3ObjectStore) -> None:
+    """The flow's side of the fence: write ``closed``, list at once, miss nothing acknowledged.
+
+    Uploads straddle the close; the gateway caches manifests for a whole second
+    and waits 100 ms to group commits, so without the fence some acknowledged
+    updates would land after the list.
+    """
+    ids = devices_on("leaf-0", 24) + devices_on("leaf-1", 24)
+    settings = gateway_settings(manifest_cache_seconds=1.0, group_commit_max_wait_ms=100)
+    with GatewayThread(settings, s3_store, gateway_id="gw-race") as gw:
+        async with httpx.AsyncClient(base_url=gw.url, timeout=20) as client:
+            tokens = {d: await enrol_async(client, d) for d in ids}
+            await asyncio.to_thread(
+                write_round,
+                s3_store,
+                job=JOB,
+                run_id=RUN,
+                rnd=0,
+                leaves=LEAVES,
+                selected=ids,
+                state=STATE,
+            )
+
+            async def play(i: int, d: str) -> tuple[str, httpx.Response]:
+                auth = {"Authorization": f"Bearer {tokens[d]}"}
+                answer = await client.get(f"/v1/jobs/{JOB}/devices/{d}/task", headers=auth)
+                offer = answer.json()["task"]
+                await asyncio.sleep(0.015 * i)  # uploads spread over ~0.7 s
+                response = await client.post(
+                    offer["upload_url"],
+                    content=encode_tensors(update_like(1.0)),
+                    headers={
+                        **auth,
+                        "Content-Type": "application/octet-stream",
+                        "X-Canopy-Model-Version": offer["model_version"],
+                        "X-Canopy-Num-Samples": "5",
+                    },
+                )
+                if response.status_code == 200 and len(acked_so_far) < 8:
+                    acked_so_far.append(d)
+                    if len(acked_so_far) == 8:
+                        some_acked.set()
+                return d, response
+
+            def close_then_list() -> set[str]:
+                set_round_status(s3_store, read_active(s3_store, JOB), "closed")
+                keys = [k for leaf in LEAVES for k in batches(s3_store, leaf)]
+                return {
+                    u.device_id for k in keys for u in decode_update_batch(s3_store.get(k).data, k)
+                }
+
+            acked_so_far: list[str] = []
+            some_acked = asyncio.Event()
+            uploads = asyncio.gather(*(play(i, d) for i, d in enumerate(ids)))
+            await asyncio.wait_for(some_acked.wait(), timeout=20)
+            listed = await asyncio.to_thread(close_then_list)
+            answers = dict(await uploads)
+
+    acked = {d for d, r in answers.items() if r.status_code == 200}
+    late = {d for d, r in answers.items() if r.status_code == 409}
+    assert acked and late and acked | late == set(ids)
+    assert acked <= listed  # 0 acknowledged updates missed, with no grace sleep
