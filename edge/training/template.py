@@ -98,6 +98,6 @@ def verify_patched(job: JobSpec, pte: bytes, state: TensorDict) -> None:
     program = TrainingProgram(pte)
     x, y = job.make_example_batch(program.batch_size, 0)
     program.forward_backward(
-        np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64)
+        np.asarray(x, dtype=np.float32), np.asarray(y, dtype=job.target_dtype)
     )  # parameters become visible after the first pass; no optimizer step is taken
     check_program_holds(program, state)
