@@ -29,14 +29,19 @@ def gateway(
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     """Run one stateless edge gateway worker (S3 and secrets from CANOPY_* env vars)."""
-    from edge.gateway.server import serve  # uvicorn and boto3 load only for this command
+    from edge.gateway.server import UnsafeGatewayConfig, check_exposure, serve  # uvicorn, boto3
 
     if (certfile is None) != (keyfile is None):
         raise typer.BadParameter("HTTPS needs both --certfile and --keyfile")
+    settings = GatewaySettings()
+    try:
+        check_exposure(host, settings)
+    except UnsafeGatewayConfig as exc:
+        raise typer.BadParameter(str(exc), param_hint="--host") from exc
     serve(
         host=host,
         port=port,
-        gateway_settings=GatewaySettings(),
+        gateway_settings=settings,
         s3_settings=S3Settings(),
         certfile=str(certfile) if certfile else None,
         keyfile=str(keyfile) if keyfile else None,

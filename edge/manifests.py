@@ -41,8 +41,10 @@ TaskStatus = Literal["open", "closed"]
 KIND_ACTIVE_ROUND = "active-round"
 KIND_LEAF_TASK = "leaf-task"
 KIND_DEVICE_RECORD = "device-record"
+KIND_DEVICE_IDENTITY = "device-identity"
 
 DEVICES_PREFIX = "devices/"
+IDENTITIES_PREFIX = "identities/"
 
 MAX_NUM_SAMPLES = 1_000_000_000
 """Hard cap on the sample count (aggregation weight) any device may claim for an update."""
@@ -60,6 +62,16 @@ def device_key(job: str, device_id: str) -> str:
     and the device id is the key's last segment (listing is enough to sample).
     """
     return f"{registry_prefix(job)}{check_segment(device_id, 'device id')}.json"
+
+
+def identity_key(device_id: str) -> str:
+    """Where the key a device id is bound to lives: ``identities/{device_id}.json``.
+
+    One per device id, not per job: the token a device gets is valid for every
+    job, so the binding must be too (a per-job binding would let anyone enrol a
+    known id for a job it never joined and act as that device everywhere).
+    """
+    return f"{IDENTITIES_PREFIX}{check_segment(device_id, 'device id')}.json"
 
 
 def make_task_id(job: str, run_id: str, rnd: int, leaf: str) -> str:
@@ -248,6 +260,33 @@ class DeviceRecord(BaseModel):
     @classmethod
     def _segment(cls, value: str) -> str:
         return check_segment(value, "device id or job")
+
+
+class DeviceIdentity(BaseModel):
+    """The key a device id is bound to: trust on first use, proved at every enrolment.
+
+    Written by the gateway that enrolled the id first; never rewritten by a
+    gateway. An operator resets a device that lost its key (a reinstalled app)
+    by deleting the object; its next enrolment binds the new key.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    device_id: str
+    algorithm: Literal["ed25519"] = "ed25519"
+    public_key: str = Field(description="Raw 32-byte public key, base64url without padding.")
+    bound_at: datetime
+    gateway_id: str
+
+    @field_validator("device_id")
+    @classmethod
+    def _segment(cls, value: str) -> str:
+        return check_segment(value, "device id")
+
+    @field_validator("bound_at")
+    @classmethod
+    def _tz(cls, value: datetime) -> datetime:
+        return _aware(value, "bound_at")
 
 
 def close_grace_seconds(

@@ -42,6 +42,11 @@ MAX_ENROL_JOBS = 16
 MAX_SECRET_CHARS = 512
 MAX_FREE_TEXT_CHARS = 64
 MAX_TASK_ID_CHARS = 256
+MAX_CHALLENGE_CHARS = 512
+CHALLENGE_TTL_SECONDS = 120
+ENROLMENT_PROOF_PREFIX = "canopy-enrol-v1"
+PUBLIC_KEY_PATTERN = r"^[A-Za-z0-9_-]{43}$"  # 32 bytes, base64url, no padding
+SIGNATURE_PATTERN = r"^[A-Za-z0-9_-]{86}$"  # 64 bytes, base64url, no padding
 
 MAX_ID_CHARS = 128
 # Ids become S3 key segments (``infra.keys.check_segment``): 1 to 128 letters, digits,
@@ -67,6 +72,9 @@ class ErrorCode(StrEnum):
 
     BAD_REQUEST = "bad_request"  # [400/422] malformed JSON, path or query
     BAD_ENROLMENT_SECRET = "bad_enrolment_secret"  # [401]
+    BAD_CHALLENGE = "bad_challenge"  # [401] malformed, forged, expired or another device's
+    BAD_DEVICE_SIGNATURE = "bad_device_signature"  # [401] signature does not verify
+    DEVICE_KEY_MISMATCH = "device_key_mismatch"  # [403] the id is bound to another key
     MISSING_TOKEN = "missing_token"  # [401] no "Authorization: Bearer ..." header
     BAD_TOKEN = "bad_token"  # [401] malformed or forged token
     TOKEN_EXPIRED = "token_expired"  # [401] enrol again
@@ -156,6 +164,51 @@ class EnrolRequest(BaseModel):
     )
     platform: str | None = Field(default=None, max_length=MAX_FREE_TEXT_CHARS)
     app_version: str | None = Field(default=None, max_length=MAX_FREE_TEXT_CHARS)
+    public_key: str = Field(
+        pattern=PUBLIC_KEY_PATTERN,
+        description=(
+            "The device's Ed25519 public key (32 bytes, base64url without padding). The first "
+            "enrolment of a device id binds the id to it; every later one must be signed by it."
+        ),
+    )
+    challenge: str = Field(
+        min_length=1,
+        max_length=MAX_CHALLENGE_CHARS,
+        description="A fresh challenge from POST /v1/enrol/challenge for this device id.",
+    )
+    signature: str = Field(
+        pattern=SIGNATURE_PATTERN,
+        description=(
+            "Ed25519 signature (64 bytes, base64url without padding) of "
+            "enrolment_proof(device_id, challenge) with the device's private key."
+        ),
+    )
+
+
+class ChallengeRequest(BaseModel):
+    """Body of ``POST /v1/enrol/challenge``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device_id: str = Field(pattern=ID_PATTERN, max_length=MAX_ID_CHARS)
+
+
+class ChallengeResponse(BaseModel):
+    """A challenge the device signs to prove that it holds its key (any gateway verifies it)."""
+
+    device_id: str
+    challenge: str
+    expires_at: datetime
+
+
+def enrolment_proof(device_id: str, challenge: str) -> bytes:
+    """The bytes a device signs to enrol: a fixed prefix, its id and the challenge.
+
+    The prefix keeps these signatures useless for anything else; the id and the
+    challenge (bound to that id, expiring) keep them useless for another device
+    or, after a minute or two, for anyone.
+    """
+    return f"{ENROLMENT_PROOF_PREFIX}\n{device_id}\n{challenge}".encode()
 
 
 class EnrolResponse(BaseModel):
@@ -265,6 +318,10 @@ class Health(BaseModel):
 
 def enrol_path() -> str:
     return f"{API_PREFIX}/enrol"
+
+
+def challenge_path() -> str:
+    return f"{API_PREFIX}/enrol/challenge"
 
 
 def task_path(job: str, device_id: str) -> str:

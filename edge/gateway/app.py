@@ -44,6 +44,8 @@ from edge.protocol import (
     HEADER_SHA256,
     MAX_JSON_BODY_BYTES,
     MAX_TASK_ID_CHARS,
+    ChallengeRequest,
+    ChallengeResponse,
     EnrolRequest,
     EnrolResponse,
     ErrorCode,
@@ -125,9 +127,27 @@ def create_app(
     budget = BodyBudget(max(service.tuning.body_budget_bytes, settings.max_body_bytes))
 
     @app.post(
+        f"{API_PREFIX}/enrol/challenge",
+        response_model=ChallengeResponse,
+        responses=error_responses(413, 422),
+        openapi_extra=json_body("ChallengeRequest"),
+        summary="Get a challenge to sign with the device's key (the first step of enrolment)",
+    )
+    async def challenge(request: Request) -> ChallengeResponse:
+        body = await read_body(request, MAX_JSON_BODY_BYTES, budget)
+        budget.give(len(body))
+        try:
+            asked = ChallengeRequest.model_validate_json(body)
+        except ValueError as exc:
+            raise ProtocolError(
+                422, ErrorCode.BAD_REQUEST, f"invalid challenge request: {_short(exc)}"
+            ) from exc
+        return service.challenge(asked)
+
+    @app.post(
         f"{API_PREFIX}/enrol",
         response_model=EnrolResponse,
-        responses=error_responses(401, 413, 422, 503),
+        responses=error_responses(401, 403, 413, 422, 503),
         openapi_extra=json_body("EnrolRequest"),
         summary="Enrol a device and get its token",
     )

@@ -18,6 +18,11 @@ class GatewayMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.enrolments = Counter("canopy_gateway_enrolments", "Devices enrolled.", registry=r)
+        self.identity_mismatches = Counter(
+            "canopy_gateway_identity_mismatches",
+            "Enrolments refused: the device id is bound to another key.",
+            registry=r,
+        )
         self.poll_answers = Counter(
             "canopy_gateway_poll_answers",
             "Answers to task polls, by answer (task, retry reason, no_job, done).",

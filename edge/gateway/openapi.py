@@ -22,6 +22,7 @@ from edge.protocol import (
     MAX_ID_CHARS,
     MAX_TASK_ID_CHARS,
     UPDATE_CONTENT_TYPES,
+    ChallengeRequest,
     EnrolRequest,
     ErrorBody,
 )
@@ -116,7 +117,7 @@ def binary_body() -> dict[str, Any]:
 
 
 def install_openapi(app: FastAPI) -> None:
-    """Add the schemas of bodies read by hand (enrolment) to the generated OpenAPI."""
+    """Add the schemas of bodies read by hand (enrolment, challenge) to the generated OpenAPI."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -135,9 +136,10 @@ def install_openapi(app: FastAPI) -> None:
                 }
             }
             components = schema["components"].setdefault("schemas", {})
-            extra = EnrolRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-            components.update(extra.pop("$defs", {}))
-            components["EnrolRequest"] = extra
+            for model in (EnrolRequest, ChallengeRequest):
+                extra = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(extra.pop("$defs", {}))
+                components[model.__name__] = extra
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -10,22 +10,23 @@ device the same answer, and a killed gateway loses nothing it acknowledged.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 from edge.gateway.batcher import GroupCommitter
+from edge.gateway.enrolment import EnrolmentDesk
 from edge.gateway.metrics import GatewayMetrics
 from edge.gateway.rounds import RoundDirectory, StoreCalls
-from edge.gateway.tokens import TokenClaims, issue_token, verify_token
+from edge.gateway.tokens import TokenClaims, verify_token
 from edge.gateway.tuning import GatewayTuning
 from edge.gateway.uploads import UploadDesk
-from edge.manifests import KIND_DEVICE_RECORD, DeviceRecord, LeafTask, Runtime, device_key
+from edge.manifests import LeafTask, Runtime
 from edge.protocol import (
     ArtifactInfo,
+    ChallengeRequest,
+    ChallengeResponse,
     DoneAnswer,
     EnrolRequest,
     EnrolResponse,
@@ -43,7 +44,7 @@ from edge.protocol import (
 from edge.routing import leaf_for_device
 from infra.keys import check_segment
 from infra.settings import GatewaySettings
-from infra.store import ObjectRef, ObjectStore, put_json
+from infra.store import ObjectRef, ObjectStore
 
 PollResult = TaskAnswer | RetryAnswer | NoJobAnswer | DoneAnswer
 
@@ -93,6 +94,14 @@ class GatewayService:
             max_wait_seconds=settings.group_commit_max_wait_ms / 1000.0,
             fence=self.rounds.confirm_open,
         )
+        self.enrolment = EnrolmentDesk(
+            settings,
+            self.calls,
+            self.rounds,
+            metrics,
+            gateway_id=self.gateway_id,
+            tuning=self.tuning,
+        )
         self.uploads = UploadDesk(
             self.rounds,
             self.committer,
@@ -109,40 +118,11 @@ class GatewayService:
 
     # --- enrolment and authentication ------------------------------------------------
 
+    def challenge(self, request: ChallengeRequest) -> ChallengeResponse:
+        return self.enrolment.challenge(request)
+
     async def enrol(self, request: EnrolRequest) -> EnrolResponse:
-        expected = self.settings.enrolment_secret.get_secret_value().encode()
-        if not secrets.compare_digest(request.enrolment_secret.encode(), expected):
-            raise ProtocolError(401, ErrorCode.BAD_ENROLMENT_SECRET, "enrolment secret is wrong")
-        now = datetime.now(UTC)
-        runtimes = sorted(set(request.runtimes))
-        for job in sorted(set(request.jobs)):
-            record = DeviceRecord(
-                device_id=request.device_id,
-                job=job,
-                runtimes=runtimes,
-                platform=request.platform,
-                app_version=request.app_version,
-                enrolled_at=now,
-                gateway_id=self.gateway_id,
-            )
-            key = device_key(job, request.device_id)
-            await self.calls.run(
-                functools.partial(put_json, self.store, key, record, kind=KIND_DEVICE_RECORD)
-            )
-            self.rounds.remember_enrolled(job, request.device_id)
-        token, expires = issue_token(
-            self._secret,
-            request.device_id,
-            tuple(runtimes),
-            now=int(now.timestamp()),
-            ttl=self.settings.token_ttl_seconds,
-        )
-        self.metrics.enrolments.inc()
-        return EnrolResponse(
-            device_id=request.device_id,
-            token=token,
-            expires_at=datetime.fromtimestamp(expires, UTC),
-        )
+        return await self.enrolment.enrol(request)
 
     def authenticate(self, authorization: str | None, device_id: str) -> TokenClaims:
         """The token's claims, if it is valid and was issued to ``device_id``."""

@@ -1,6 +1,7 @@
 """A device's side of the protocol over httpx, as a phone app would implement it.
 
-Only the public HTTP surface is used: enrol, poll, download, upload. A device
+Only the public HTTP surface is used: enrol (challenge, signature with the
+device's own key, enrolment), poll, download, upload. A device
 has a home gateway (its index modulo the number of gateways) and fails over to
 the next one when its gateway stops answering; routing makes that safe, since
 every gateway gives a device the same leaf and task.
@@ -27,9 +28,11 @@ from edge.protocol import (
     TaskAnswer,
     TaskOffer,
     UploadReceipt,
+    challenge_path,
     enrol_path,
     task_path,
 )
+from edge.simulator.identity import DeviceKey
 
 _POLL_ANSWER: TypeAdapter[TaskAnswer | RetryAnswer | NoJobAnswer | DoneAnswer] = TypeAdapter(
     PollAnswer
@@ -120,9 +123,11 @@ class DeviceClient:
         job: str,
         runtimes: Sequence[str],
         enrolment_secret: str,
+        key: DeviceKey | None = None,
     ) -> None:
         self.pool = pool
         self.device_id = device_id
+        self.key = key or DeviceKey.derive(device_id)
         self.gateway = home
         self.job = job
         self.runtimes = list(runtimes)
@@ -147,6 +152,11 @@ class DeviceClient:
         raise TransportFailure(f"no gateway answered {method} {url}: {last}")
 
     async def enrol(self) -> None:
+        """Ask for a challenge, sign it with the device's key, enrol (see protocol.md, 1)."""
+        asked = await self._request("POST", challenge_path(), json={"device_id": self.device_id})
+        if asked.status_code != 200:
+            raise _error(asked)
+        challenge = str(asked.json()["challenge"])
         response = await self._request(
             "POST",
             enrol_path(),
@@ -156,6 +166,9 @@ class DeviceClient:
                 "jobs": [self.job],
                 "runtimes": self.runtimes,
                 "platform": "canopy-simulator",
+                "public_key": self.key.public_key,
+                "challenge": challenge,
+                "signature": self.key.sign(self.device_id, challenge),
             },
         )
         if response.status_code != 200:

@@ -14,6 +14,7 @@ import numpy as np
 
 from aggregation.tensors import TensorDict, encode_tensors
 from edge.routing import leaf_for_device
+from edge.simulator.identity import DeviceKey
 from infra.keys import updates_prefix
 from infra.settings import GatewaySettings
 from infra.store import S3ObjectStore
@@ -37,31 +38,69 @@ def gateway_settings(**overrides: object) -> GatewaySettings:
     return GatewaySettings(**values)  # type: ignore[arg-type]
 
 
+def enrol_body(
+    device_id: str,
+    key: DeviceKey,
+    challenge: str,
+    *,
+    jobs: list[str],
+    runtimes: list[str],
+    secret: str = SECRET,
+) -> dict[str, object]:
+    """The JSON of ``POST /v1/enrol``, signed with ``key``."""
+    return {
+        "device_id": device_id,
+        "enrolment_secret": secret,
+        "jobs": jobs,
+        "runtimes": runtimes,
+        "public_key": key.public_key,
+        "challenge": challenge,
+        "signature": key.sign(device_id, challenge),
+    }
+
+
+def key_for(device_id: str) -> DeviceKey:
+    """The key a test device with this id holds (the same in every test and gateway)."""
+    return DeviceKey.derive(f"tests:{device_id}")
+
+
 class Device:
     """A minimal device speaking the protocol, for driving the gateway in tests."""
 
     def __init__(
-        self, client: httpx.Client, device_id: str, runtimes: tuple[str, ...] = ("pytorch",)
+        self,
+        client: httpx.Client,
+        device_id: str,
+        runtimes: tuple[str, ...] = ("pytorch",),
+        key: DeviceKey | None = None,
     ):
         self.client = client
         self.device_id = device_id
         self.runtimes = runtimes
+        self.key = key or key_for(device_id)
         self.token = ""
 
     @property
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
 
-    def enrol(self, job: str = JOB) -> httpx.Response:
-        response = self.client.post(
-            "/v1/enrol",
-            json={
-                "device_id": self.device_id,
-                "enrolment_secret": SECRET,
-                "jobs": [job],
-                "runtimes": list(self.runtimes),
-            },
+    def challenge(self) -> httpx.Response:
+        return self.client.post("/v1/enrol/challenge", json={"device_id": self.device_id})
+
+    def enrol(self, job: str = JOB, *, secret: str = SECRET) -> httpx.Response:
+        """Ask for a challenge, sign it, enrol; the first failing answer, or the enrolment."""
+        asked = self.challenge()
+        if asked.status_code != 200:
+            return asked
+        body = enrol_body(
+            self.device_id,
+            self.key,
+            asked.json()["challenge"],
+            jobs=[job],
+            runtimes=list(self.runtimes),
+            secret=secret,
         )
+        response = self.client.post("/v1/enrol", json=body)
         if response.status_code == 200:
             self.token = response.json()["token"]
         return response
@@ -119,15 +158,16 @@ def batches(store: S3ObjectStore, leaf: str, rnd: int = 0) -> list[str]:
 
 
 async def enrol_async(client: httpx.AsyncClient, device_id: str, job: str = JOB) -> str:
-    """Enrol ``device_id`` for ``job`` with runtime pytorch; its token."""
-    response = await client.post(
-        "/v1/enrol",
-        json={
-            "device_id": device_id,
-            "enrolment_secret": SECRET,
-            "jobs": [job],
-            "runtimes": ["pytorch"],
-        },
+    """Enrol ``device_id`` (its test key) for ``job`` with runtime pytorch; its token."""
+    asked = await client.post("/v1/enrol/challenge", json={"device_id": device_id})
+    assert asked.status_code == 200, asked.text
+    body = enrol_body(
+        device_id,
+        key_for(device_id),
+        asked.json()["challenge"],
+        jobs=[job],
+        runtimes=["pytorch"],
     )
+    response = await client.post("/v1/enrol", json=body)
     assert response.status_code == 200, response.text
     return str(response.json()["token"])

@@ -22,6 +22,7 @@ from edge.update_batch import decode_update_batch
 from infra.keys import updates_prefix
 from infra.settings import GatewaySettings, S3Settings
 from infra.store import S3ObjectStore
+from tests.edge.devices import Device
 from tests.support.harness import GatewayProcess, GatewayThread, write_round
 
 JOB, RUN = "cluster-test", "run-1"
@@ -31,17 +32,10 @@ STATE: TensorDict = {"w": np.zeros((8,), np.float32)}
 
 
 def enrol(client: httpx.Client, device_id: str) -> dict[str, str]:
-    response = client.post(
-        "/v1/enrol",
-        json={
-            "device_id": device_id,
-            "enrolment_secret": SECRET,
-            "jobs": [JOB],
-            "runtimes": ["pytorch"],
-        },
-    )
+    device = Device(client, device_id)
+    response = device.enrol(JOB, secret=SECRET)
     response.raise_for_status()
-    return {"Authorization": f"Bearer {response.json()['token']}"}
+    return device.auth
 
 
 def upload(

@@ -6,12 +6,15 @@ round flow; everything the device does follows the page.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from pathlib import Path
 
 import httpx
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from safetensors.numpy import load, save
 
 from edge.protocol import ErrorCode
@@ -22,6 +25,10 @@ from infra.store import S3ObjectStore
 from tests.support.harness import GatewayThread, write_round
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
+
+
+def b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
 def test_a_device_written_from_the_protocol_page(s3_store: S3ObjectStore) -> None:
@@ -40,7 +47,12 @@ def test_a_device_written_from_the_protocol_page(s3_store: S3ObjectStore) -> Non
         GatewayThread(GatewaySettings(), s3_store) as gw,
         httpx.Client(base_url=gw.url, timeout=10) as http,
     ):
-        # 1. Enrol.
+        # 1. Enrol: a key of the device's own, a challenge, its signature, the enrolment.
+        key = Ed25519PrivateKey.generate()
+        public_key = b64(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+        asked = http.post("/v1/enrol/challenge", json={"device_id": me})
+        challenge = asked.json()["challenge"]
+        signature = b64(key.sign(f"canopy-enrol-v1\n{me}\n{challenge}".encode()))
         enrolled = http.post(
             "/v1/enrol",
             json={
@@ -49,6 +61,9 @@ def test_a_device_written_from_the_protocol_page(s3_store: S3ObjectStore) -> Non
                 "jobs": ["hello-mobile"],
                 "runtimes": ["executorch"],
                 "platform": "android-14",
+                "public_key": public_key,
+                "challenge": challenge,
+                "signature": signature,
             },
         )
         auth = {"Authorization": f"Bearer {enrolled.json()['token']}"}
@@ -76,6 +91,7 @@ def test_a_device_written_from_the_protocol_page(s3_store: S3ObjectStore) -> Non
         )
         after = http.get(f"/v1/jobs/hello-mobile/devices/{me}/task", headers=auth).json()
 
+    assert asked.status_code == 200 and asked.json()["device_id"] == me
     assert enrolled.status_code == 200 and enrolled.json()["token_type"] == "Bearer"
     assert answer["status"] == "task" and task["runtime"] == "executorch"
     assert task["model"]["format"] == "safetensors" and task["model"] == task["weights"]
@@ -98,7 +114,12 @@ def test_every_error_code_and_endpoint_is_documented() -> None:
 
     missing = [code.value for code in ErrorCode if f"`{code.value}`" not in page]
     assert missing == []
-    for path in ("/v1/enrol", "/v1/jobs/{job}/devices/{device_id}/task", "/openapi.json"):
+    for path in (
+        "/v1/enrol",
+        "/v1/enrol/challenge",
+        "/v1/jobs/{job}/devices/{device_id}/task",
+        "/openapi.json",
+    ):
         assert path in page
     for header in ("X-Canopy-Sha256", "X-Canopy-Model-Version", "X-Canopy-Num-Samples"):
         assert header in page

@@ -22,9 +22,20 @@ from aggregation.tensors import TensorSpec, encode_tensors
 from edge.gateway.update_check import SAFETENSORS_DTYPES, decode_and_check
 from edge.manifests import DeviceRecord, device_key
 from edge.protocol import ID_PATTERN, MAX_ID_CHARS, EnrolRequest, ProtocolError, valid_id
+from edge.simulator.identity import DeviceKey
 from infra.keys import check_segment
 from infra.store import S3ObjectStore
-from tests.edge.devices import JOB, LEAVES, RUN, STATE, Device, devices_on, error, update_like
+from tests.edge.devices import (
+    JOB,
+    LEAVES,
+    RUN,
+    STATE,
+    Device,
+    devices_on,
+    enrol_body,
+    error,
+    update_like,
+)
 from tests.support.harness import GatewayThread, write_round
 
 SPECS = {"w": TensorSpec((4, 3), "float32"), "b": TensorSpec((3,), "float32")}
@@ -135,8 +146,9 @@ def test_id_rule_equals_the_key_segment_rule(value: str) -> None:
 @given(st.from_regex(ID_PATTERN, fullmatch=True).filter(lambda v: len(v) <= MAX_ID_CHARS))
 @settings(max_examples=300, deadline=None)
 def test_every_id_the_pattern_allows_makes_a_registry_record(value: str) -> None:
+    key = DeviceKey.derive(value)
     request = EnrolRequest.model_validate(
-        {"device_id": value, "enrolment_secret": "s", "jobs": [value], "runtimes": ["pytorch"]}
+        enrol_body(value, key, "c1.x.y", jobs=[value], runtimes=["pytorch"])
     )
     record = DeviceRecord.model_validate(
         {

@@ -27,7 +27,6 @@ from tests.edge.devices import (
     JOB,
     LEAVES,
     RUN,
-    SECRET,
     STATE,
     Device,
     batches,
@@ -165,27 +164,11 @@ def test_authentication_failures(s3_store: S3ObjectStore, client: httpx.Client) 
     not_bearer = client.get(url, headers={"Authorization": "Basic abc"})
     forged = client.get(url, headers={"Authorization": f"Bearer {alice.token[:-3]}xyz"})
     someone_else = client.get(f"/v1/jobs/{JOB}/devices/bob/task", headers=alice.auth)
-    wrong_secret = client.post(
-        "/v1/enrol",
-        json={
-            "device_id": "bob",
-            "enrolment_secret": "guess",
-            "jobs": [JOB],
-            "runtimes": ["pytorch"],
-        },
-    )
+    wrong_secret = bob.enrol(secret="guess")
     bad_body = client.post(
         "/v1/enrol", content=b"{not json", headers={"Content-Type": "application/json"}
     )
-    bad_id = client.post(
-        "/v1/enrol",
-        json={
-            "device_id": "../etc",
-            "enrolment_secret": SECRET,
-            "jobs": [JOB],
-            "runtimes": ["pytorch"],
-        },
-    )
+    bad_id = Device(client, "../etc").enrol()
     # bob enrols for another job only: his token is valid but he is unknown to JOB.
     bob.enrol(job="other-job")
     unknown = bob.poll()
@@ -443,18 +426,7 @@ async def test_concurrent_uploads_share_batches(s3_store: S3ObjectStore) -> None
     ids = devices_on("leaf-0", 20)
     with GatewayThread(settings, s3_store, gateway_id="gw-batch") as gw:
         async with httpx.AsyncClient(base_url=gw.url, timeout=20) as client:
-            tokens = {}
-            for d in ids:
-                r = await client.post(
-                    "/v1/enrol",
-                    json={
-                        "device_id": d,
-                        "enrolment_secret": SECRET,
-                        "jobs": [JOB],
-                        "runtimes": ["pytorch"],
-                    },
-                )
-                tokens[d] = r.json()["token"]
+            tokens = {d: await enrol_async(client, d) for d in ids}
             await asyncio.to_thread(
                 write_round,
                 s3_store,
@@ -594,16 +566,7 @@ async def test_memory_budget_turns_excess_uploads_away_with_503(s3_store: S3Obje
         async with httpx.AsyncClient(base_url=gw.url, timeout=20) as client:
 
             async def prepare(device: str) -> tuple[dict[str, str], dict[str, str]]:
-                r = await client.post(
-                    "/v1/enrol",
-                    json={
-                        "device_id": device,
-                        "enrolment_secret": SECRET,
-                        "jobs": [JOB],
-                        "runtimes": ["pytorch"],
-                    },
-                )
-                auth = {"Authorization": f"Bearer {r.json()['token']}"}
+                auth = {"Authorization": f"Bearer {await enrol_async(client, device)}"}
                 offer = (
                     await client.get(f"/v1/jobs/{JOB}/devices/{device}/task", headers=auth)
                 ).json()["task"]
