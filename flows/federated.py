@@ -37,10 +37,10 @@ from tasks.collect import close_when_due, collect_leaf
 from tasks.context import RunContext
 from tasks.dispatch import mark_done, open_round, wait_for_devices
 from tasks.gateways import late_counts, late_since
-from tasks.models import ensure_initial_model, evaluate_model
+from tasks.models import check_job, create_initial_model, evaluate_model, load_commit
 from tasks.params import TrainingParams
 from tasks.planning import OpenedRound
-from tasks.programs import export_program
+from tasks.programs import export_program, export_template
 from tasks.reporting import round_lines
 from tasks.results import LeafLevel, RootResult, RoundResults
 from tasks.rounds import commit_round, load_reports
@@ -196,9 +196,14 @@ async def federated_training(
     ctx = RunContext(params=params, s3=S3Settings(), gateway=GatewaySettings())
     layout = build_tree(params.tree)
 
-    with run_cache():  # program template and evaluation data live as long as this run
-        commit = await ensure_initial_model(ctx)
-        if commit.next_round > 0:
+    with run_cache():  # job, program template and evaluation data live as long as this run
+        commit = await load_commit(ctx)
+        if commit is None:  # a new run: nothing is written for a job that fails its checks
+            source = await check_job(ctx)
+            if params.runtime == "executorch":
+                await export_template(ctx)
+            commit = await create_initial_model(ctx, source)
+        elif commit.next_round > 0:
             get_run_logger().info(
                 "resuming %s run %s at round %d", job, params.run_id, commit.next_round
             )

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from prefect.runtime import flow_run
 
 from edge.jobs import JobSpec, get_job
+from edge.jobs.registry import JobSource, job_source
 from infra.settings import GatewaySettings, S3Settings
 from infra.store import S3ObjectStore
 from tasks.params import TrainingParams
+from tasks.run_cache import current_cache
 
 
 @dataclass(frozen=True)
@@ -30,15 +32,25 @@ class RunContext:
 
     @property
     def job(self) -> str:
-        return self.params.job
+        """The job's declared name: what S3 keys, gateways and reports use.
+
+        ``params.job`` is what the user gave (a built-in name, ``module:ATTR`` or
+        ``path/to/file.py:ATTR``); it is resolved once per run and never used as a key.
+        """
+        return self.job_spec().name
 
     @property
     def run_id(self) -> str:
         return self.params.run_id
 
     def job_spec(self) -> JobSpec:
-        """The job's spec (built-ins are constants; a user's file is imported once per process)."""
-        return get_job(self.params.job)
+        """The job's spec, resolved from its reference once per run."""
+        ref = self.params.job
+        return current_cache().job(ref, lambda: get_job(ref))
+
+    def job_source(self) -> JobSource:
+        """Where the job's code lives (file and sha256), for lineage records."""
+        return job_source(self.params.job, self.job_spec())
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,4 +1,4 @@
-"""Tasks around the global model: create the run's first one, evaluate each new one.
+"""Tasks around the global model: check the job, create the run's first model, evaluate.
 
 Each writes its output to S3 with its lineage record beside it and returns only
 references. The CPU-bound work (initialisation, evaluation) runs in a worker
@@ -14,14 +14,15 @@ from datetime import UTC, datetime
 from prefect import task
 from prefect.cache_policies import NONE
 
-from aggregation.tensors import encode_tensors
+from aggregation.tensors import TensorDict, encode_tensors
 from edge.data.dataset import Dataset
 from edge.training.evaluate import evaluate
 from edge.training.state import initial_state
-from infra.keys import evaluation_key, global_model_key
+from edge.training.validate import validate_job
+from infra.keys import check_segment, evaluation_key, global_model_key
 from infra.outputs import Output, Provenance, put_with_lineage
 from infra.run_state import CommitRecord, read_commit, write_commit
-from infra.store import ObjectRef, ObjectStore
+from infra.store import ObjectRef, ObjectStore, sha256_hex
 from tasks.aggregate import load_tensors
 from tasks.context import RunContext, current_flow_run_id, store_for
 from tasks.results import Evaluation
@@ -29,27 +30,63 @@ from tasks.run_cache import current_cache
 from tasks.ui import emit_lineage_events
 
 
-def _ensure_initial(ctx: RunContext) -> CommitRecord:
-    store = store_for(ctx.s3)
-    commit = read_commit(store, ctx.job, ctx.run_id)
-    if commit is not None:
-        return commit
-    started = datetime.now(UTC)
+def initial_model(ctx: RunContext) -> tuple[TensorDict, Output]:
+    """The run's seeded initial weights and the object they are stored as (deterministic)."""
     state = initial_state(ctx.job_spec(), seed=ctx.params.seed)
     meta = {"job": ctx.job, "run-id": ctx.run_id, "round": "0"}
+    key = global_model_key(ctx.job, ctx.run_id, 0)
+    return state, Output(key, encode_tensors(state, meta), kind="model", metadata=meta)
+
+
+def planned_ref(store: ObjectStore, output: Output) -> ObjectRef:
+    """The reference ``output`` will have once stored (its bytes fix the sha256)."""
+    return ObjectRef(
+        bucket=store.bucket, key=output.key, sha256=sha256_hex(output.data), size=len(output.data)
+    )
+
+
+@task(name="read-commit", cache_policy=NONE, retries=2, retry_delay_seconds=[1, 3])
+async def load_commit(ctx: RunContext) -> CommitRecord | None:
+    """The run's commit pointer, or None for a new run."""
+    return await asyncio.to_thread(read_commit, store_for(ctx.s3), ctx.job, ctx.run_id)
+
+
+def _check(ctx: RunContext) -> dict[str, str | None]:
+    job = ctx.job_spec()
+    check_segment(job.name, f"job {ctx.params.job!r} declares name")
+    scheme = ctx.params.partition or job.partition
+    validate_job(
+        job,
+        run_dataset(ctx, store_for(ctx.s3)),
+        scheme=scheme,
+        num_devices=ctx.params.num_devices,
+        seed=ctx.params.seed,
+    )
+    return ctx.job_source().lineage()
+
+
+@task(name="check-job", cache_policy=NONE)
+async def check_job(ctx: RunContext) -> dict[str, str | None]:
+    """Refuse a bad job before anything is written: model, data, shapes, partition.
+
+    Returns where the job's code lives (reference, file, sha256) for lineage.
+    """
+    return await asyncio.to_thread(_check, ctx)
+
+
+def _create_initial(ctx: RunContext, source: dict[str, str | None]) -> CommitRecord:
+    started = datetime.now(UTC)
+    store = store_for(ctx.s3)
+    _, output = initial_model(ctx)
     ref = put_with_lineage(
         store,
-        Output(
-            global_model_key(ctx.job, ctx.run_id, 0),
-            encode_tensors(state, meta),
-            kind="model",
-            metadata=meta,
-        ),
+        output,
         Provenance(
             kind="initial-model",
             inputs=[],
             parameters={
                 "job": ctx.job,
+                **source,
                 "seed": ctx.params.seed,
                 "params": ctx.params.model_dump(mode="json"),
             },
@@ -65,10 +102,10 @@ def _ensure_initial(ctx: RunContext) -> CommitRecord:
     return commit
 
 
-@task(name="ensure-initial-model", cache_policy=NONE, retries=2, retry_delay_seconds=[1, 3])
-async def ensure_initial_model(ctx: RunContext) -> CommitRecord:
-    """The run's commit pointer; on a new run, create the seeded initial model first."""
-    return await asyncio.to_thread(_ensure_initial, ctx)
+@task(name="create-initial-model", cache_policy=NONE, retries=2, retry_delay_seconds=[1, 3])
+async def create_initial_model(ctx: RunContext, source: dict[str, str | None]) -> CommitRecord:
+    """A new run's seeded initial model, then its commit pointer (round 0 next)."""
+    return await asyncio.to_thread(_create_initial, ctx, source)
 
 
 def run_dataset(ctx: RunContext, store: ObjectStore) -> Dataset:

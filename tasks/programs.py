@@ -28,6 +28,7 @@ from infra.outputs import Output, Provenance, put_with_lineage
 from infra.store import ObjectRef, ObjectStore, get_json, put_json
 from tasks.aggregate import load_tensors
 from tasks.context import RunContext, current_flow_run_id, store_for
+from tasks.models import initial_model, planned_ref
 from tasks.params import local_hyperparams
 from tasks.results import ProgramExport
 from tasks.run_cache import current_cache
@@ -59,7 +60,7 @@ def _full_export(
         batch_size=local_hyperparams(ctx.params, job).batch_size,
         seed=ctx.params.seed,
         flow_run_id=current_flow_run_id(),
-        parameters={"run_id": ctx.run_id, **extra},
+        parameters={"run_id": ctx.run_id, **ctx.job_source().lineage(), **extra},
         observers=[emit_lineage_events],
     )
     if published is None:
@@ -122,6 +123,7 @@ def _export(ctx: RunContext, rnd: int, model: ObjectRef) -> ProgramExport:
                 "method": "template-weights-patched",
                 "template_sha256": template_ref.sha256,
                 "verified": "weights-equal",
+                **ctx.job_source().lineage(),
             },
             started_at=started,
             flow_run_id=current_flow_run_id(),
@@ -141,3 +143,28 @@ async def export_program(ctx: RunContext, rnd: int, global_model: ObjectRef) -> 
         "export-program: %s (%d bytes, %s)", export.ref.uri, export.ref.size, export.method
     )
     return export
+
+
+def _export_template(ctx: RunContext) -> ObjectRef | None:
+    from edge.training.errors import ExportError
+
+    store = store_for(ctx.s3)
+    state, output = initial_model(ctx)
+    try:  # the initial model is stored only after its program exports and passes parity
+        found = _template(ctx, store, state, planned_ref(store, output))
+    except ExportError as exc:
+        raise ConfigError(
+            f"job {ctx.params.job!r} cannot train on ExecuTorch devices: {exc}; fix the model, "
+            "or run it with runtime=pytorch"
+        ) from exc
+    return found[1] if found is not None else None
+
+
+@task(name="export-template", cache_policy=NONE)
+async def export_template(ctx: RunContext) -> ObjectRef | None:
+    """A new ExecuTorch run's program template, from the initial model, before it is stored.
+
+    Unsupported operators and parity failures stop the run here, before any
+    model is written; round 0 then patches its weights into this template.
+    """
+    return await asyncio.to_thread(_export_template, ctx)

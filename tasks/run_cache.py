@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the template module loads ExecuTorch, which PyTorch runs never need
     from edge.data.dataset import Dataset
+    from edge.jobs import JobSpec
     from edge.training.template import ProgramTemplate
 
 
@@ -30,6 +31,7 @@ class RunCache:
     templates: dict[tuple[str, str], ProgramTemplate] = field(default_factory=dict)
     datasets: dict[tuple[str, str], Dataset] = field(default_factory=dict)
     weight_caps: dict[str, int] = field(default_factory=dict)
+    jobs: dict[str, JobSpec] = field(default_factory=dict)
 
     def template(
         self, key: str, sha256: str, load: Callable[[], ProgramTemplate]
@@ -42,6 +44,12 @@ class RunCache:
         if (job, config_json) not in self.datasets:
             self.datasets[(job, config_json)] = load()
         return self.datasets[(job, config_json)]
+
+    def job(self, reference: str, load: Callable[[], JobSpec]) -> JobSpec:
+        """A job resolved once per run: a user's file is imported once, not per key."""
+        if reference not in self.jobs:
+            self.jobs[reference] = load()
+        return self.jobs[reference]
 
     def weight_cap(self, partition_json: str, compute: Callable[[], int]) -> int:
         if partition_json not in self.weight_caps:

@@ -105,7 +105,11 @@ def test_nothing_outside_flows_imports_flows() -> None:
 @pytest.mark.parametrize(
     ("path", "source", "expected"),
     [
-        ("infra/x.py", "from edge.jobs import get_job\n", ["infra/x.py: imports edge.jobs.get_job"]),  # noqa: E501
+        (
+            "infra/x.py",
+            "from edge.jobs import get_job\n",
+            ["infra/x.py: imports edge.jobs.get_job"],
+        ),
         ("infra/x.py", "def f():\n    import tasks.params\n", ["infra/x.py: imports tasks.params"]),
         (
             "infra/x.py",

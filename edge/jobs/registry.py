@@ -10,6 +10,7 @@ import hashlib
 import importlib
 import importlib.util
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -100,3 +101,37 @@ def get_job(name_or_ref: str) -> JobSpec:
             name_or_ref, f"{target}:{attr} is a {type(value).__name__}, not an edge.jobs.JobSpec"
         )
     return value
+
+
+@dataclass(frozen=True)
+class JobSource:
+    """Where a job's code lives, so a model can be traced to the code that defined it."""
+
+    reference: str  # what the user gave: a built-in name, module:ATTR or file.py:ATTR
+    name: str  # the spec's declared name: what keys, gateways and reports use
+    path: str | None  # the file (or module file) that defines it; None for built-ins
+    sha256: str | None  # of that file's bytes
+
+    def lineage(self) -> dict[str, str | None]:
+        return {
+            "job_reference": self.reference,
+            "job_name": self.name,
+            "job_file": self.path,
+            "job_file_sha256": self.sha256,
+        }
+
+
+def job_source(name_or_ref: str, spec: JobSpec) -> JobSource:
+    """The source of ``spec``, resolved from ``name_or_ref`` (built-ins have no file)."""
+    if name_or_ref in BUILTIN_JOBS:
+        return JobSource(reference=name_or_ref, name=spec.name, path=None, sha256=None)
+    target = name_or_ref.rpartition(":")[0]
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        path: Path | None = Path(target).resolve()
+    else:
+        module_file = getattr(sys.modules.get(target), "__file__", None)
+        path = Path(module_file) if module_file else None
+    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path and path.is_file() else None
+    return JobSource(
+        reference=name_or_ref, name=spec.name, path=str(path) if path else None, sha256=digest
+    )

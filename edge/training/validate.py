@@ -11,6 +11,7 @@ program (seconds for LeNet) and is separate for that reason.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,10 +20,12 @@ from edge.data.errors import PartitionError
 from edge.data.partition import PartitionScheme, partition_indices
 from edge.jobs.spec import JobSpec
 from edge.training.errors import ExportError
-from edge.training.export import ProgramInfo, export_job_program
 from edge.training.inputs import check_local_data
 from edge.training.state import buffers_refusal, initial_state
 from infra.errors import ConfigError, ValidationError
+
+if TYPE_CHECKING:
+    from edge.training.export import ProgramInfo
 
 _PROBE_BATCH = 2
 
@@ -154,8 +157,11 @@ def check_exportable(
 ) -> ProgramInfo | None:
     """Export the job's initial model once: unsupported operators fail here, by name.
 
-    Returns the program's facts (``None`` for closed-form jobs). Costs one export.
+    Returns the program's facts (``None`` for closed-form jobs). Costs one export,
+    and ExecuTorch's import, which the cheap checks above never pay.
     """
+    from edge.training.export import export_job_program
+
     try:
         exported = export_job_program(job, initial_state(job, seed), batch_size=batch_size)
     except ExportError as exc:
