@@ -47,6 +47,15 @@ class RoundReport(BaseModel):
     test_loss: float | None = None
     test_accuracy: float | None = None
     eval_dataset: str | None = None
+    train_metrics: dict[str, float] = Field(
+        default_factory=dict,
+        description="The job's metrics averaged over reporting devices (weighted by samples).",
+    )
+    test_metrics: dict[str, float] = Field(
+        default_factory=dict,
+        description="The job's metrics of the new global model on held-out data: accuracy and "
+        "loss for classification, mse, mae and loss for regression.",
+    )
     bytes_in: int = 0
     bytes_out: int = 0
     duration_s: float

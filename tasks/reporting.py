@@ -99,6 +99,8 @@ def build_round_report(
         test_loss=metrics.get("loss"),
         test_accuracy=metrics.get("accuracy"),
         eval_dataset=evaluation.dataset if evaluation is not None else None,
+        train_metrics=dict(root.train_metrics),
+        test_metrics=dict(metrics),
         bytes_in=sum(o.bytes_in for o in level.leaves),
         bytes_out=bytes_out(
             program.ref if program is not None else None, commit.global_model, root.devices

@@ -141,24 +141,25 @@ def summary_markdown(job: str, run_id: str, reports: Sequence[RoundReport]) -> s
     with no file server and no S3 credentials in the browser.
     """
     dataset = next((r.eval_dataset for r in reports if r.eval_dataset), "n/a")
-    acc = [r.test_accuracy for r in reports]
-    loss = [r.test_loss for r in reports]
     rounds = [r.round for r in reports]
+    series = {
+        f"test {name}": [test_metrics_of(r).get(name) for r in reports]
+        for name in metric_names(reports)
+    }
     lines = [f"# {job} / {run_id}", "", f"Evaluated on **{dataset}**.", ""]
-    if any(v is not None for v in acc + loss):
+    if any(v is not None for values in series.values() for v in values):
         svg = line_chart_svg(
-            {"test accuracy": acc, "test loss": loss},
+            series,
             x=rounds,
-            title=f"{job} / {run_id}: test accuracy and loss by round",
+            title=f"{job} / {run_id}: {', '.join(series)} by round",
             formats={"test accuracy": lambda v: f"{100 * v:.0f}%"},
         )
-        lines += [
-            f"![test accuracy and loss by round]({svg_data_uri(svg)})",
-            "",
-            f"test accuracy `{sparkline(acc)}` {_pct(_last(acc))} · "
-            f"test loss `{sparkline(loss)}` {_fmt(_last(loss))}",
-            "",
-        ]
+        shown = " · ".join(
+            f"{label} `{sparkline(values)}` "
+            + (_pct(_last(values)) if label == "test accuracy" else _fmt(_last(values)))
+            for label, values in series.items()
+        )
+        lines += [f"![{', '.join(series)} by round]({svg_data_uri(svg)})", "", shown, ""]
     lines += [
         "| round | outcome | reported | train loss | test loss | test accuracy |",
         "|---:|---|---:|---:|---:|---:|",
@@ -178,6 +179,25 @@ async def publish_job_summary(job: str, run_id: str, reports: Sequence[RoundRepo
         key=artifact_key(job, run_id, "summary"),
         description=f"Accuracy and loss per round of {job} run {run_id}",
     )
+
+
+def metric_names(reports: Sequence[RoundReport]) -> list[str]:
+    """The job's test metrics across a run, accuracy first, then in first-seen order.
+
+    Older reports (before ``test_metrics`` existed) contribute accuracy and loss.
+    """
+    names: dict[str, None] = {}
+    for r in reports:
+        names.update(dict.fromkeys(test_metrics_of(r)))
+    return sorted(names, key=lambda n: (n != "accuracy", list(names).index(n)))
+
+
+def test_metrics_of(report: RoundReport) -> dict[str, float]:
+    """A report's test metrics; reports written before ``test_metrics`` had two fields."""
+    if report.test_metrics:
+        return report.test_metrics
+    legacy = {"accuracy": report.test_accuracy, "loss": report.test_loss}
+    return {k: v for k, v in legacy.items() if v is not None}
 
 
 def _last(values: Sequence[float | None]) -> float | None:

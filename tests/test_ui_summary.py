@@ -46,3 +46,21 @@ def test_summary_without_metrics_has_no_chart_and_keys_are_valid() -> None:
     md = summary_markdown("hello-mobile", "r1", [report(0, None, None)])
     assert "data:image" not in md and "| 0 | abandoned |" in md
     assert artifact_key("Hello_Mobile", "run.1", "summary") == "hello-mobile-run-1-summary"
+
+
+def test_a_regression_job_charts_its_own_metrics() -> None:
+    reports = [
+        report(r, None, None).model_copy(
+            update={
+                "outcome": "committed",
+                "test_metrics": {"loss": 1.0 / (r + 1), "mse": 2.0 / (r + 1), "mae": 0.5},
+            }
+        )
+        for r in range(3)
+    ]
+    md = summary_markdown("rings", "r1", reports)
+    found = re.search(r"base64,([A-Za-z0-9+/=]+)\)", md)
+    assert found
+    svg = base64.b64decode(found.group(1)).decode()
+    assert "test mse" in svg and "test mae" in svg and "test accuracy" not in svg
+    assert "test mse `" in md and "0.6667" in md
