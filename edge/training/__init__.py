@@ -21,6 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 # name -> module that defines it
 _EXPORTS: dict[str, str] = {
+    "evaluate_sums": "edge.training.evaluate",
+    "ExecuTorchStep": "edge.training.executorch_trainer",
+    "train_locally": "edge.training.loop",
+    "PyTorchStep": "edge.training.pytorch_trainer",
+    "LocalStep": "edge.training.trainer",
+    "StepFactory": "edge.training.trainer",
     "ExportError": "edge.training.errors",
     "ParityError": "edge.training.errors",
     "ProgramError": "edge.training.errors",
@@ -52,22 +58,27 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "DeviceTrainer",
+    "ExecuTorchStep",
     "ExecuTorchTrainer",
     "ExportError",
     "ExportedProgram",
+    "LocalStep",
     "ParityError",
     "ParityReport",
     "ProgramError",
     "ProgramInfo",
     "PublishedProgram",
+    "PyTorchStep",
     "PyTorchTrainer",
     "RoundModel",
+    "StepFactory",
     "TrainResult",
     "TrainingError",
     "TrainingProgram",
     "VerifiedProgram",
     "check_parity",
     "evaluate",
+    "evaluate_sums",
     "export_job_program",
     "export_program",
     "export_verified",
@@ -77,6 +88,7 @@ __all__ = [
     "publish_program",
     "state_dict_to_tensors",
     "tensors_to_state_dict",
+    "train_locally",
     "validate_program_bytes",
 ]
 
@@ -96,15 +108,15 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from edge.training.errors import ExportError, ParityError, ProgramError, TrainingError
-    from edge.training.evaluate import evaluate
-    from edge.training.executorch_trainer import ExecuTorchTrainer
+    from edge.training.evaluate import evaluate, evaluate_sums
+    from edge.training.executorch_trainer import ExecuTorchStep, ExecuTorchTrainer
     from edge.training.export import (
         ExportedProgram,
         ProgramInfo,
         export_job_program,
         export_program,
     )
-    from edge.training.loop import DeviceTrainer
+    from edge.training.loop import DeviceTrainer, train_locally
     from edge.training.parity import ParityReport, check_parity
     from edge.training.program import TrainingProgram, validate_program_bytes
     from edge.training.publish import (
@@ -113,7 +125,7 @@ if TYPE_CHECKING:
         export_verified,
         publish_program,
     )
-    from edge.training.pytorch_trainer import PyTorchTrainer
+    from edge.training.pytorch_trainer import PyTorchStep, PyTorchTrainer
     from edge.training.runtimes import get_trainer
     from edge.training.state import (
         initial_state,
@@ -121,4 +133,4 @@ if TYPE_CHECKING:
         state_dict_to_tensors,
         tensors_to_state_dict,
     )
-    from edge.training.trainer import RoundModel, TrainResult
+    from edge.training.trainer import LocalStep, RoundModel, StepFactory, TrainResult
