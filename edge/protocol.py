@@ -364,7 +364,8 @@ def parse_metrics(value: str | None) -> dict[str, float]:
     """``X-Canopy-Metrics``: optional JSON object of finite numbers (training loss etc.)."""
     if value is None or not value.strip():
         return {}
-    if len(value.encode()) > MAX_METRICS_HEADER_BYTES:
+    # Header values arrive decoded as latin-1, one character per byte on the wire.
+    if len(value.encode("latin-1", "replace")) > MAX_METRICS_HEADER_BYTES:
         raise ProtocolError(
             422, ErrorCode.BAD_METRICS, f"{HEADER_METRICS} is over {MAX_METRICS_HEADER_BYTES} bytes"
         )

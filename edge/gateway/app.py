@@ -222,7 +222,7 @@ def create_app(
         response_model=UploadReceipt,
         responses=error_responses(401, 403, 409, 413, 415, 422, 503),
         openapi_extra={
-            **binary_body(),
+            **binary_body(settings.max_body_bytes),
             "security": BEARER,
             "parameters": [*path_params("job", "device_id", "task_id"), *UPLOAD_HEADERS],
         },

@@ -20,6 +20,11 @@ from edge.protocol import (
     HEADER_NUM_SAMPLES,
     ID_PATTERN,
     MAX_ID_CHARS,
+    MAX_JSON_BODY_BYTES,
+    MAX_METRIC_NAME,
+    MAX_METRICS,
+    MAX_METRICS_HEADER_BYTES,
+    MAX_NUM_SAMPLES,
     MAX_TASK_ID_CHARS,
     UPDATE_CONTENT_TYPES,
     ChallengeRequest,
@@ -40,22 +45,34 @@ UPLOAD_HEADERS = [
         "name": HEADER_MODEL_VERSION,
         "in": "header",
         "required": True,
-        "description": "The offer's model_version (sha256 of the global model).",
-        "schema": {"type": "string"},
+        "description": "The offer's model_version (sha256 of the global model); not empty.",
+        "schema": {"type": "string", "minLength": 1, "pattern": r"\S"},
     },
     {
         "name": HEADER_NUM_SAMPLES,
         "in": "header",
         "required": True,
-        "description": "Local training examples, 1..1e9 (the aggregation weight).",
-        "schema": {"type": "integer", "minimum": 1},
+        "description": (
+            f"Local training examples, 1 to {MAX_NUM_SAMPLES:,} (the aggregation weight), and "
+            "at most the offer's max_num_samples (422 too_many_samples beyond it)."
+        ),
+        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_NUM_SAMPLES},
     },
     {
         "name": HEADER_METRICS,
         "in": "header",
         "required": False,
-        "description": 'JSON object of finite numbers, e.g. {"loss": 0.4} (<= 4 KiB).',
-        "schema": {"type": "string"},
+        "description": (
+            f'JSON object of finite numbers, e.g. {{"loss": 0.4}}: at most {MAX_METRICS} '
+            f"entries, names of at most {MAX_METRIC_NAME} characters, "
+            f"{MAX_METRICS_HEADER_BYTES} bytes in all."
+        ),
+        "schema": {
+            "type": "string",
+            "maxLength": MAX_METRICS_HEADER_BYTES,
+            "x-max-entries": MAX_METRICS,
+            "x-max-name-chars": MAX_METRIC_NAME,
+        },
     },
 ]
 
@@ -95,19 +112,27 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 def json_body(schema: str) -> dict[str, Any]:
+    """A JSON request body read by hand, with its size limit (413 beyond it)."""
     return {
         "requestBody": {
             "required": True,
+            "description": f"At most {MAX_JSON_BODY_BYTES} bytes (413 body_too_large beyond).",
+            "x-max-body-bytes": MAX_JSON_BODY_BYTES,
             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
         }
     }
 
 
-def binary_body() -> dict[str, Any]:
+def binary_body(max_body_bytes: int) -> dict[str, Any]:
+    """The raw safetensors upload body, with this gateway's size limit."""
     return {
         "requestBody": {
             "required": True,
-            "description": "The update (trained minus global parameters) as safetensors bytes.",
+            "description": (
+                "The update (trained minus global parameters) as safetensors bytes, at most "
+                f"{max_body_bytes} bytes on this gateway (413 body_too_large beyond)."
+            ),
+            "x-max-body-bytes": max_body_bytes,
             "content": {
                 content_type: {"schema": {"type": "string", "format": "binary"}}
                 for content_type in UPDATE_CONTENT_TYPES
