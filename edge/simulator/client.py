@@ -43,15 +43,42 @@ class TransportFailure(Exception):
     """No gateway answered (connection refused, reset, timeout)."""
 
 
-class ErrorAnswer(Exception):
-    """A gateway answered with an error body."""
+# 4xx answers that mean "not now" rather than "never": throttling and timeouts.
+TRANSIENT_STATUSES = frozenset({408, 425, 429})
+# Refusals that only mean the round moved on under the device: it polls again.
+ROUND_MOVED_ON = frozenset({"task_not_current", "not_selected", "late"})
 
-    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None):
-        super().__init__(f"HTTP {status} {code}: {message}")
+
+class ErrorAnswer(Exception):
+    """A gateway answered with an error body (``operation``: what the device was doing)."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        retry_after: float | None = None,
+        operation: str = "request",
+    ):
+        super().__init__(f"{operation}: HTTP {status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
         self.retry_after = retry_after
+        self.operation = operation
+
+    @property
+    def permanent(self) -> bool:
+        """Asking again cannot help: a 4xx that is neither throttling nor a round change.
+
+        Tokens that expired are renewed before an answer gets here (``_authorised``),
+        so a 401 or 404 that still arrives is a configuration problem too.
+        """
+        return (
+            400 <= self.status < 500
+            and self.status not in TRANSIENT_STATUSES
+            and self.code not in ROUND_MOVED_ON
+        )
 
 
 @dataclass(frozen=True)
@@ -101,14 +128,15 @@ class GatewayPool:
             await client.aclose()
 
 
-def _error(response: httpx.Response) -> ErrorAnswer:
+def _error(response: httpx.Response, operation: str = "request") -> ErrorAnswer:
     try:
         body = response.json()
         code, message = str(body.get("code", "unknown")), str(body.get("message", ""))
         retry = body.get("retry_after_seconds")
     except (ValueError, AttributeError):
         code, message, retry = "unknown", response.text[:200], None
-    return ErrorAnswer(response.status_code, code, message, float(retry) if retry else None)
+    retry_after = float(retry) if isinstance(retry, int | float) and retry else None
+    return ErrorAnswer(response.status_code, code, message, retry_after, operation)
 
 
 class DeviceClient:
@@ -155,7 +183,7 @@ class DeviceClient:
         """Ask for a challenge, sign it with the device's key, enrol (see protocol.md, 1)."""
         asked = await self._request("POST", challenge_path(), json={"device_id": self.device_id})
         if asked.status_code != 200:
-            raise _error(asked)
+            raise _error(asked, "enrolment challenge")
         challenge = str(asked.json()["challenge"])
         response = await self._request(
             "POST",
@@ -172,7 +200,7 @@ class DeviceClient:
             },
         )
         if response.status_code != 200:
-            raise _error(response)
+            raise _error(response, "enrolment")
         self._token = response.json()["token"]
 
     def _auth(self) -> dict[str, str]:
@@ -196,20 +224,22 @@ class DeviceClient:
     async def poll(self) -> TaskAnswer | RetryAnswer | NoJobAnswer | DoneAnswer:
         response = await self._authorised("GET", task_path(self.job, self.device_id))
         if response.status_code != 200:
-            raise _error(response)
+            raise _error(response, "poll")
         try:
             return _POLL_ANSWER.validate_json(response.content)
         except ValidationError as exc:
-            raise ErrorAnswer(200, "unreadable_answer", str(exc)[:200]) from exc
+            raise ErrorAnswer(200, "unreadable_answer", str(exc)[:200], None, "poll") from exc
 
     async def download(self, url: str, sha256: str) -> bytes:
         """The artifact at ``url``, refused unless its bytes hash to ``sha256``."""
         response = await self._authorised("GET", url)
         if response.status_code != 200:
-            raise _error(response)
+            raise _error(response, "download")
         data = response.content
         if hashlib.sha256(data).hexdigest() != sha256:
-            raise ErrorAnswer(200, "corrupt_download", f"{url} does not match its sha256")
+            raise ErrorAnswer(
+                200, "corrupt_download", f"{url} does not match its sha256", None, "download"
+            )
         return data
 
     async def upload(
@@ -229,5 +259,5 @@ class DeviceClient:
         if response.status_code == 200:
             receipt = UploadReceipt.model_validate_json(response.content)
             return UploadOutcome(200, "duplicate" if receipt.duplicate else "accepted")
-        error = _error(response)
+        error = _error(response, "upload")
         return UploadOutcome(error.status, error.code, error.retry_after)

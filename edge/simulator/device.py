@@ -13,7 +13,12 @@ import logging
 from concurrent.futures.process import BrokenProcessPool
 
 from edge.protocol import DoneAnswer, TaskAnswer, TaskOffer
-from edge.simulator.client import DeviceClient, ErrorAnswer, TransportFailure
+from edge.simulator.client import (
+    TRANSIENT_STATUSES,
+    DeviceClient,
+    ErrorAnswer,
+    TransportFailure,
+)
 from edge.simulator.fleet import Fleet, RuntimeChoice
 from edge.simulator.profiles import DeviceProfile
 from edge.simulator.work import FatalTrainingError, TrainReply, TrainRequest, train_in_worker
@@ -98,8 +103,8 @@ async def _upload(fleet: Fleet, client: DeviceClient, offer: TaskOffer, reply: T
             s.duplicates += 1
         elif outcome.code == "late":
             s.late += 1
-        elif outcome.status == 503:
-            await fleet.sleep(outcome.retry_after or 1.0)
+        elif outcome.status in TRANSIENT_STATUSES or outcome.status >= 500:
+            await fleet.sleep(outcome.retry_after or 1.0)  # not stored: upload again
             continue
         else:
             fleet.rejections[outcome.code] += 1
@@ -152,6 +157,14 @@ async def run_device(fleet: Fleet, client: DeviceClient, profile: DeviceProfile)
             await fleet.sleep(backoff)
             backoff = min(backoff * 2, 15.0)
         except ErrorAnswer as exc:
+            if exc.permanent:  # the same request would be refused forever: say so and stop
+                fleet.finish(
+                    "fatal",
+                    f"device {profile.device_id}: {exc.operation} refused with HTTP "
+                    f"{exc.status} {exc.code}: {exc.message} (not retryable; check the "
+                    "enrolment secret, the job and the gateway URLs)",
+                )
+                return
             fleet.rejections[exc.code] += 1
             await fleet.sleep(exc.retry_after or backoff)
             backoff = min(backoff * 2, 15.0)

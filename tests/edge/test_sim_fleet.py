@@ -34,7 +34,13 @@ from edge.update_batch import DeviceUpdate, decode_update_batch
 from infra.keys import updates_prefix
 from infra.settings import GatewaySettings, S3Settings
 from infra.store import S3ObjectStore
-from tests.support.harness import GatewayProcess, read_active, set_round_status, write_round
+from tests.support.harness import (
+    GatewayProcess,
+    free_port,
+    read_active,
+    set_round_status,
+    write_round,
+)
 
 JOB = "hello-mobile"
 DEVICES, ROUNDS, PER_ROUND = 24, 2, 10
@@ -111,8 +117,8 @@ class StandInFlow(threading.Thread):
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"round {rnd}: reports did not arrive")
                     time.sleep(0.2)
+                # Close, then list: the gateways' close fence makes that complete, no sleep.
                 set_round_status(self.store, read_active(self.store, JOB), "closed")
-                time.sleep(0.3)  # uploads racing the close would be refused as late
                 # Sorted: the float sum must not depend on the order uploads arrived in.
                 self.reports[rnd] = sorted(self.stored(rnd), key=lambda u: u.device_id)
                 total = sum(u.num_samples for u in self.reports[rnd])
@@ -237,3 +243,52 @@ async def test_unknown_job_stops_the_simulation(
 
     assert summary.stop_reason == "fatal"
     assert summary.fatal_error is not None and "no-such-job" in summary.fatal_error
+
+
+@pytest.mark.parametrize(
+    ("secret", "status_code"),
+    [
+        ("not-the-fleet-secret", "HTTP 401 bad_enrolment_secret"),
+        ("x" * 600, "HTTP 422 bad_request"),
+    ],
+)
+async def test_a_permanent_refusal_stops_the_simulation_with_its_reason(
+    s3_settings: S3Settings, pool: ProcessPoolExecutor, secret: str, status_code: str
+) -> None:
+    with GatewayProcess(s3_settings, GatewaySettings()) as gw:
+        started = time.monotonic()
+        summary = await run_simulation(
+            SimulationConfig(
+                job=JOB,
+                devices=4,
+                gateways=[gw.url],
+                progress=False,
+                max_seconds=60,
+                enrolment_secret=secret,
+            ),
+            pool=pool,
+        )
+        elapsed = time.monotonic() - started
+
+    assert summary.stop_reason == "fatal" and summary.enrolled == 0 and summary.polls == 0
+    assert summary.fatal_error is not None and status_code in summary.fatal_error
+    assert "not retryable" in summary.fatal_error and "enrolment" in summary.fatal_error
+    assert elapsed < 20  # not 350 tries in 51 s
+
+
+async def test_an_unreachable_gateway_is_retried_until_the_time_is_up(
+    pool: ProcessPoolExecutor,
+) -> None:
+    summary = await run_simulation(
+        SimulationConfig(
+            job=JOB,
+            devices=2,
+            gateways=[f"http://127.0.0.1:{free_port()}"],
+            progress=False,
+            max_seconds=3,
+        ),
+        pool=pool,
+    )
+
+    assert summary.stop_reason == "max_seconds" and summary.fatal_error is None
+    assert 2 <= summary.transport_errors <= 10  # backing off (1 s, 2 s, ...), not hammering
