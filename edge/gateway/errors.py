@@ -7,6 +7,7 @@ exceptions are mapped too, so a device never has to parse HTML or guess.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,7 +21,7 @@ log = logging.getLogger("canopy.gateway")
 
 
 def error_response(
-    exc: ProtocolError, metrics: GatewayMetrics, headers: dict[str, str] | None = None
+    exc: ProtocolError, metrics: GatewayMetrics, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
     metrics.errors.labels(status=str(exc.status), code=exc.code.value).inc()
     headers = dict(headers or {})

@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from edge.manifests import MAX_NUM_SAMPLES
 from edge.protocol import (
     HEADER_METRICS,
     HEADER_MODEL_VERSION,
@@ -24,7 +25,6 @@ from edge.protocol import (
     MAX_METRIC_NAME,
     MAX_METRICS,
     MAX_METRICS_HEADER_BYTES,
-    MAX_NUM_SAMPLES,
     MAX_TASK_ID_CHARS,
     UPDATE_CONTENT_TYPES,
     ChallengeRequest,
@@ -39,7 +39,7 @@ RANGE_HEADER = {
     "description": "bytes=START-[END] or bytes=-SUFFIX, to resume a download (206).",
     "schema": {"type": "string"},
 }
-BEARER = [{"deviceToken": []}]
+BEARER: list[dict[str, list[str]]] = [{"deviceToken": []}]
 UPLOAD_HEADERS = [
     {
         "name": HEADER_MODEL_VERSION,

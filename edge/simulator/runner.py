@@ -16,8 +16,10 @@ import multiprocessing
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 
 from rich.console import Console
 from rich.live import Live
@@ -107,29 +109,34 @@ async def run_simulation(
         max_connections=config.max_connections,
         timeout=config.request_timeout,
     )
-    clients = [
-        DeviceClient(
-            gateways,
-            device_id=p.device_id,
-            home=p.index,
-            job=config.job,
-            runtimes=runtimes_for(config.runtime),
-            enrolment_secret=config.enrolment_secret,
-        )
-        for p in profiles
-    ]
     console = Console(stderr=True) if config.progress else None
     # Workers import the training stack (seconds, for ExecuTorch) while devices enrol
     # and poll, not when the first device trains; an unknown job stops the run early.
-    fleet.warming = asyncio.ensure_future(_warm(fleet))
+    names: list[str] = []
+    fleet.warming = asyncio.ensure_future(_warm(fleet, names))
     handling_signals = _stop_on_signals(fleet)
-    devices = [
-        asyncio.ensure_future(run_device(fleet, c, p))
-        for c, p in zip(clients, profiles, strict=True)
-    ]
     watcher = asyncio.ensure_future(_watch(fleet, started, console))
+    clients: list[DeviceClient] = []
+    devices: list[asyncio.Future[None]] = []
     try:
-        await _until_stopped(fleet, devices)
+        job = await _protocol_job(fleet, names)
+        if job is not None:  # None: the job cannot be loaded (fatal) or the run was stopped
+            clients = [
+                DeviceClient(
+                    gateways,
+                    device_id=p.device_id,
+                    home=p.index,
+                    job=job,
+                    runtimes=runtimes_for(config.runtime),
+                    enrolment_secret=config.enrolment_secret,
+                )
+                for p in profiles
+            ]
+            devices = [
+                asyncio.ensure_future(run_device(fleet, c, p))
+                for c, p in zip(clients, profiles, strict=True)
+            ]
+            await _until_stopped(fleet, devices)
     finally:
         fleet.stop.set()
         # Sleeping devices wake up by themselves; the rest are mid-request or queued
@@ -174,21 +181,59 @@ def _restore_signals() -> None:
             loop.remove_signal_handler(sig)
 
 
-async def _warm(fleet: Fleet) -> None:
-    """Import the training stack in every worker; an unknown job or dataset stops the run."""
+async def _warm(fleet: Fleet, names: list[str]) -> None:
+    """Import the training stack in every worker; an unknown job or dataset stops the run.
+
+    ``names`` receives the job's declared name as each worker resolved it.
+    """
     loop = asyncio.get_running_loop()
     jobs = [
         loop.run_in_executor(fleet.pool, warm_worker, fleet.config.job)
         for _ in range(fleet.config.workers)
     ]
     try:
-        await asyncio.gather(*jobs)
+        names.extend(await asyncio.gather(*jobs))
     except (FatalTrainingError, BrokenProcessPool) as exc:
         fleet.finish("fatal", f"cannot train {fleet.config.job}: {exc}")
 
 
-async def _until_stopped(fleet: Fleet, devices: list[asyncio.Future[None]]) -> None:
+def declared_name(reference: str) -> str | None:
+    """The job's name when ``reference`` already is one, else None (it must be imported).
+
+    Job names are key segments and never contain ``:``, while ``module:ATTR`` and
+    ``file.py:ATTR`` references always do; so a built-in name is known here without
+    importing the job, which would import torch into this networking-only process.
+    """
+    return None if ":" in reference else reference
+
+
+async def _protocol_job(fleet: Fleet, names: list[str]) -> str | None:
+    """The job's declared name, which devices enrol and poll under (a gateway routes
+    by name; the reference is what workers import).
+
+    For a ``module:ATTR`` or ``file.py:ATTR`` reference that means waiting for the
+    warm-up, whose workers import the job. None when the warm-up failed (the run
+    is already finished as fatal) or the run was stopped first.
+    """
+    name = declared_name(fleet.config.job)
+    if name is not None:
+        return name
+    assert fleet.warming is not None
+    stopped = asyncio.ensure_future(fleet.stop.wait())
+    await asyncio.wait({fleet.warming, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if fleet.stop.is_set() or not names:
+        return None
+    if len(set(names)) != 1:  # the file changed between the workers' imports
+        fleet.finish("fatal", f"{fleet.config.job} resolved to different names {sorted(names)}")
+        return None
+    log.info("job %s is %s", fleet.config.job, names[0])
+    return names[0]
+
+
+async def _until_stopped(fleet: Fleet, devices: Sequence[asyncio.Future[None]]) -> None:
     stop = asyncio.ensure_future(fleet.stop.wait())
     everyone = asyncio.gather(*devices, return_exceptions=True)
-    await asyncio.wait({stop, everyone}, return_when=asyncio.FIRST_COMPLETED)
+    waiting: set[asyncio.Future[Any]] = {stop, everyone}
+    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     stop.cancel()

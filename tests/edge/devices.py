@@ -111,7 +111,8 @@ class Device:
     def offer(self) -> dict[str, object]:
         answer = self.poll().json()
         assert answer["status"] == "task", answer
-        return answer["task"]
+        task: dict[str, object] = answer["task"]
+        return task
 
     def upload(
         self,
@@ -138,7 +139,7 @@ def update_like(value: float) -> TensorDict:
 
 
 def devices_on(leaf: str, count: int, prefix: str = "dev") -> list[str]:
-    found = []
+    found: list[str] = []
     i = 0
     while len(found) < count:
         if leaf_for_device(f"{prefix}-{i}", LEAVES) == leaf:

@@ -48,11 +48,11 @@ def test_a_device_written_from_the_protocol_page(s3_store: S3ObjectStore) -> Non
         httpx.Client(base_url=gw.url, timeout=10) as http,
     ):
         # 1. Enrol: a key of the device's own, a challenge, its signature, the enrolment.
-        key = Ed25519PrivateKey.generate()
-        public_key = b64(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+        own_key = Ed25519PrivateKey.generate()
+        public_key = b64(own_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
         asked = http.post("/v1/enrol/challenge", json={"device_id": me})
         challenge = asked.json()["challenge"]
-        signature = b64(key.sign(f"canopy-enrol-v1\n{me}\n{challenge}".encode()))
+        signature = b64(own_key.sign(f"canopy-enrol-v1\n{me}\n{challenge}".encode()))
         enrolled = http.post(
             "/v1/enrol",
             json={

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import httpx
 import numpy as np
@@ -271,11 +272,11 @@ def test_openapi_fuzzing_with_a_valid_token_finds_no_5xx(
     offer = device.offer()
     real = {"job": JOB, "device_id": me, "task_id": str(offer["task_id"])}
     schema = schemathesis.openapi.from_dict(client.get("/openapi.json").json())
-    operations = [result.ok() for result in schema.get_all_operations()]
+    operations = [result.ok() for result in schema.get_all_operations()]  # type: ignore[union-attr]
     modes = [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE]
     seen: dict[str, set[int]] = {}
 
-    def fuzz(operation: schemathesis.APIOperation) -> None:
+    def fuzz(operation: schemathesis.APIOperation[Any, Any, Any, Any]) -> None:
         cases = st.one_of(*(operation.as_strategy(generation_mode=mode) for mode in modes))
 
         @settings(
@@ -285,7 +286,7 @@ def test_openapi_fuzzing_with_a_valid_token_finds_no_5xx(
             database=None,
         )
         @given(case=cases, pin=st.booleans())
-        def one(case: schemathesis.Case, pin: bool) -> None:
+        def one(case: schemathesis.Case[Any], pin: bool) -> None:
             headers = dict(case.headers or {})
             headers.setdefault("Authorization", device.auth["Authorization"])
             if pin and isinstance(case.path_parameters, dict):
