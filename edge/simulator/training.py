@@ -10,12 +10,18 @@ as the safetensors it will upload.
 Each worker builds a job's dataset once and reuses it for every device it
 trains (``device_partition`` caches the partition per dataset), so a device's
 data is a pure function of the task's data hint and the device index.
+
+Requests carry the job's *reference* (a built-in name, ``module:ATTR`` or
+``path/to/file.py:ATTR``), never its declared name: only the reference can be
+loaded. A job file is imported once per worker and again only when the file
+changes, so a long-lived simulator (``canopy up``) follows an edited job.
 """
 
 from __future__ import annotations
 
 import functools
 import time
+from pathlib import Path
 
 import torch
 
@@ -33,18 +39,43 @@ _HYPERPARAMS = frozenset(TrainHyperparams.model_fields)
 _FATAL = (ConfigError, DatasetUnavailableError)
 
 
-def resolve_job(name: str) -> str:
-    """The job's canonical name; an unknown job is fatal for the whole simulation."""
+def resolve_job(reference: str) -> str:
+    """The job's declared name (what devices enrol and poll under); an unknown or
+    broken job is fatal for the whole simulation."""
     torch.set_num_threads(1)
     try:
-        return get_job(name).name
+        return _job(reference).name
     except _FATAL as exc:
         raise FatalTrainingError(str(exc)) from None
 
 
+def _file_stamp(reference: str) -> tuple[int, int] | None:
+    """(mtime, size) of a ``file.py:ATTR`` job's file: changes when the user edits it."""
+    target = reference.rpartition(":")[0]
+    if not (target.endswith(".py") or "/" in target or "\\" in target):
+        return None  # a built-in name or an importable module: imported once
+    try:
+        stat = Path(target).stat()
+    except OSError:
+        return None  # get_job says the file is missing
+    return stat.st_mtime_ns, stat.st_size
+
+
+@functools.lru_cache(maxsize=8)
+def _load(reference: str, stamp: tuple[int, int] | None) -> JobSpec:
+    del stamp  # part of the cache key only
+    return get_job(reference)
+
+
+def _job(reference: str) -> JobSpec:
+    """The spec of ``reference``, imported once per version of its file (not per device)."""
+    return _load(reference, _file_stamp(reference))
+
+
 @functools.lru_cache(maxsize=4)
-def _dataset(job_name: str, config_json: str) -> Dataset:
-    job = get_job(job_name)
+def _load_dataset(reference: str, stamp: tuple[int, int] | None, config_json: str) -> Dataset:
+    """The job's dataset, built once per worker, version of the job file and config."""
+    job = _load(reference, stamp)
     return job.dataset(DatasetConfig.model_validate_json(config_json), store=None)
 
 
@@ -69,10 +100,11 @@ def train_device(request: TrainRequest) -> TrainReply:
     """Train one device's partition from the downloaded model; runs in a worker process."""
     started = time.perf_counter()
     try:
-        job = get_job(request.job)
+        stamp = _file_stamp(request.job)  # once: the spec and its data from one version
+        job = _load(request.job, stamp)
         scheme, partitions, seed, config_json = _partition_of(job, request)
         partition = request.device_index % partitions
-        dataset = _dataset(job.name, config_json)
+        dataset = _load_dataset(request.job, stamp, config_json)
         x, y = device_partition(dataset, scheme, partition, partitions, seed)
     except _FATAL as exc:  # the same for every device: no point in going on
         raise FatalTrainingError(f"{request.job}: {exc}") from None
