@@ -131,30 +131,21 @@ async def training_round(ctx: RunContext, tree: Tree, commit: CommitRecord) -> S
     if root.global_model is not None:
         evaluation = await evaluate_model(ctx, rnd, root.global_model)
 
-    # 6. commit: the report, then the pointer; then show it
+    # 6. commit: the report, then the pointer (the UI is updated off the critical path)
     results = RoundResults(
         program=program, opened=opened, level=level, root=root, evaluation=evaluation
     )
     new_commit, report = await commit_round(
         ctx, commit, results, late=await late_since(ctx, late_before)
     )
-    await publish_round(ctx, report, new_commit)
-    get_run_logger().info(
-        "round %d %s: %d/%d reported, test accuracy %s, %.1fs",
-        rnd,
-        report.outcome,
-        report.devices_reported,
-        report.devices_selected,
-        "-" if report.test_accuracy is None else f"{100 * report.test_accuracy:.1f}%",
-        report.duration_s,
-    )
+    get_run_logger().info(round_lines([report])[0])
     return round_state(report, new_commit)
 
 
 def round_state(report: RoundReport, commit: CommitRecord) -> State:
     """A committed round completes; an abandoned one completes under the name ``Abandoned``."""
     name = "Completed" if report.outcome == "committed" else "Abandoned"
-    return Completed(name=name, message=report.reason or None, data=commit)
+    return Completed(name=name, message=report.reason or None, data=(commit, report))
 
 
 # ---------------------------------------------------------------- the job
@@ -207,11 +198,15 @@ async def federated_training(
             get_run_logger().info(
                 "resuming %s run %s at round %d", job, params.run_id, commit.next_round
             )
+        publishing: list[asyncio.Task[None]] = []
         while commit.next_round < params.rounds:
             state = await training_round.with_options(
                 flow_run_name=f"round-{commit.next_round:04d}"
             )(ctx, layout, commit, return_state=True)
-            commit = await state.result()  # type: ignore[misc]
+            commit, report = await state.result()  # type: ignore[misc]
+            # the round's artifacts are drawn while the next round runs
+            publishing.append(asyncio.ensure_future(publish_round(ctx, report, commit)))
+        await asyncio.gather(*publishing)
 
     reports = await load_reports(ctx, commit)
     await publish_summary(ctx, reports)

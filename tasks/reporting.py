@@ -134,13 +134,41 @@ def next_commit(
     )
 
 
+def metric_names(reports: Sequence[RoundReport]) -> list[str]:
+    """The job's test metrics across a run, accuracy first, then in first-seen order.
+
+    Older reports (before ``test_metrics`` existed) contribute accuracy and loss.
+    """
+    names: dict[str, None] = {}
+    for r in reports:
+        names.update(dict.fromkeys(test_metrics_of(r)))
+    return sorted(names, key=lambda n: (n != "accuracy", list(names).index(n)))
+
+
+def test_metrics_of(report: RoundReport) -> dict[str, float]:
+    """A report's test metrics; reports written before ``test_metrics`` had two fields."""
+    if report.test_metrics:
+        return report.test_metrics
+    legacy = {"accuracy": report.test_accuracy, "loss": report.test_loss}
+    return {k: v for k, v in legacy.items() if v is not None}
+
+
 def round_lines(reports: Sequence[RoundReport]) -> list[str]:
-    """One line per round for the flow's log: outcome, reports and test accuracy."""
+    """One line per round for the flow's log: outcome, reports and the job's main test metric."""
     lines = []
     for r in reports:
-        acc = "-" if r.test_accuracy is None else f"{100 * r.test_accuracy:.1f}%"
+        metrics = test_metrics_of(r)
+        main = next((n for n in ("accuracy", "mse", "mae") if n in metrics), "loss")
+        value = metrics.get(main)
+        shown = (
+            "-"
+            if value is None
+            else f"{100 * value:.1f}%"
+            if main == "accuracy"
+            else f"{value:.4g}"
+        )
         lines.append(
             f"round {r.round:>4}  {r.outcome:<9}  reported {r.devices_reported:>3}  "
-            f"test accuracy {acc:>6} ({r.eval_dataset})"
+            f"test {main} {shown:>6} ({r.eval_dataset})  {r.duration_s:.1f}s"
         )
     return lines

@@ -34,6 +34,7 @@ from infra.run_state import CommitRecord, RoundReport, read_reports
 from infra.settings import S3Settings
 from infra.store import ObjectRef
 from tasks.context import RunContext, store_for
+from tasks.reporting import metric_names, test_metrics_of
 
 
 def artifact_key(*parts: str) -> str:
@@ -179,25 +180,6 @@ async def publish_job_summary(job: str, run_id: str, reports: Sequence[RoundRepo
         key=artifact_key(job, run_id, "summary"),
         description=f"Accuracy and loss per round of {job} run {run_id}",
     )
-
-
-def metric_names(reports: Sequence[RoundReport]) -> list[str]:
-    """The job's test metrics across a run, accuracy first, then in first-seen order.
-
-    Older reports (before ``test_metrics`` existed) contribute accuracy and loss.
-    """
-    names: dict[str, None] = {}
-    for r in reports:
-        names.update(dict.fromkeys(test_metrics_of(r)))
-    return sorted(names, key=lambda n: (n != "accuracy", list(names).index(n)))
-
-
-def test_metrics_of(report: RoundReport) -> dict[str, float]:
-    """A report's test metrics; reports written before ``test_metrics`` had two fields."""
-    if report.test_metrics:
-        return report.test_metrics
-    legacy = {"accuracy": report.test_accuracy, "loss": report.test_loss}
-    return {k: v for k, v in legacy.items() if v is not None}
 
 
 def _last(values: Sequence[float | None]) -> float | None:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 from infra.run_state import RoundReport
 from infra.store import ObjectRef
+from tasks.reporting import round_lines
 from tasks.ui import artifact_key, summary_markdown
 
 MODEL = ObjectRef(bucket="b", key="m", sha256="0" * 64, size=1)
@@ -64,3 +65,13 @@ def test_a_regression_job_charts_its_own_metrics() -> None:
     svg = base64.b64decode(found.group(1)).decode()
     assert "test mse" in svg and "test mae" in svg and "test accuracy" not in svg
     assert "test mse `" in md and "0.6667" in md
+
+
+def test_round_lines_name_the_jobs_main_metric() -> None:
+    classification = report(3, 0.275, 2.0)
+    regression = report(4, None, None).model_copy(
+        update={"outcome": "committed", "test_metrics": {"loss": 0.2, "mse": 0.125, "mae": 0.3}}
+    )
+    first, second = round_lines([classification, regression])
+    assert first.startswith("round    3  committed") and "test accuracy  27.5%" in first
+    assert "test mse  0.125" in second
