@@ -75,6 +75,7 @@ from benchmarks._stack import (  # noqa: E402
     parse_ts,
 )
 
+SLOW_CALL_S = 0.15  # API calls at least this slow are shown in round timelines
 PHASES = ("export", "dispatch", "devices", "close-and-collect", "aggregate", "evaluate")
 
 
@@ -345,19 +346,25 @@ class CanopyRun:
 
 
 class Bench:
-    """The stack, its observers and the runs made on it."""
+    """The stack, its observers, one simulator per job, and the runs made on them."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.root = Path(tempfile.mkdtemp(prefix="canopy-round-speed-"))
         self.stack = BenchStack(self.root)
-        self.extra_roots: dict[str, int] = {}
+        self.sims: dict[str, Simulator] = {}
+        self.flow_in_process = False
         self.sampler = PssSampler(self._roots)
         self.watcher: PointerWatcher | None = None
         self.http: HttpLog | None = None
 
     def _roots(self) -> dict[str, int]:
-        return {**self.stack.pids(), **self.extra_roots}
+        """What the stack is right now: services, running simulators, the flow's process."""
+        roots = dict(self.stack.pids())
+        roots.update({f"simulator {job}": sim.pid for job, sim in self.sims.items() if sim.running})
+        if self.flow_in_process:
+            roots["flow (benchmark process)"] = os.getpid()
+        return roots
 
     def start(self) -> None:
         self.stack.start()
@@ -372,19 +379,45 @@ class Bench:
         self.sampler.__exit__()
         if self.watcher is not None:
             self.watcher.__exit__()
+        for sim in self.sims.values():
+            sim.stop()
         self.stack.stop()
 
+    def simulator(self, job: str, devices: int) -> Simulator:
+        """The job's simulator, started and warmed on first use, running (not paused)."""
+        sim = self.sims.get(job)
+        if sim is not None and sim.devices != devices:
+            sim.stop()
+            sim = None
+        if sim is None:
+            sim = Simulator(self.stack, job, devices, max_seconds=3600.0)
+            self.sims[job] = sim
+            warm = sim.wait_warm()
+            print(f"  (simulator for {job}: {devices} devices, warm after {warm:.0f}s)")
+        sim.resume()
+        return sim
+
+    def pause_simulators(self) -> None:
+        for sim in self.sims.values():
+            sim.pause()
+
+    def plain(self, w: Workload, rounds: int) -> list[PlainRound]:
+        """The plain loop with the simulators stopped, so only the idle servers run beside it."""
+        self.pause_simulators()
+        return plain_fedavg(w, rounds)
+
     def canopy(self, w: Workload, rounds: int, phase: str) -> CanopyRun:
-        """The flow in this process, the simulator in its own, on the shared stack."""
+        """The flow in this process, the job's simulator in its own, on the shared stack."""
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         from flows.federated import federated_training
 
         assert self.watcher is not None and self.http is not None
         run_id = f"rs-{uuid.uuid4().hex[:8]}"
-        sim = Simulator(self.stack, w.job, w.devices, max_seconds=self.args.max_run_seconds)
+        self.pause_simulators()
+        self.simulator(w.job, w.devices)
         self.sampler.phase = phase
-        self.extra_roots.update({"flow (benchmark process)": os.getpid(), "simulator": sim.pid})
+        self.flow_in_process = True
         started = time.time()
         try:
             with temporary_settings(updates={PREFECT_API_URL: self.stack.api}):
@@ -392,8 +425,8 @@ class Bench:
         finally:
             ended = time.time()
             self.sampler.phase = "idle"
-            sim.stop()
-            self.extra_roots.clear()
+            self.flow_in_process = False
+            self.pause_simulators()
         run = CanopyRun(w, run_id, started, ended, list(reports))
         run.http = self.http.between(started, ended)
         run.pointer = {
@@ -533,8 +566,13 @@ def timeline(run: CanopyRun, rnd: int) -> list[tuple[float, float | None, str]]:
         if (seen := run.pointer.get((rnd, status))) is not None:
             items.append((seen - base, None, f"pointer says {status} (seen in S3)"))
     report = next((r for r in run.reports if r.round == rnd), None)
+    end = parse_ts(flow.get("end_time")) or run.ended
     if report is not None:
         items.append((report.finished_at.timestamp() - base, None, "report finished_at (commit)"))
+    for c in run.http:  # the API calls that stall a round: slow ones and refused ones
+        if base <= c.at <= end and (c.seconds >= SLOW_CALL_S or not 200 <= c.status < 300):
+            what = f"    API {c.method} {c.path} -> {c.status or 'no answer'}"
+            items.append((c.at - base, c.at + c.seconds - base, what))
     return sorted(items, key=lambda x: x[0])
 
 
@@ -694,7 +732,7 @@ def lenet_section(bench: Bench, args: argparse.Namespace) -> tuple[float, float,
     runs: list[CanopyRun] = []
     plain_acc: list[float | None] = []
     for pair in range(args.pairs):
-        plain = plain_fedavg(w, args.rounds)
+        plain = bench.plain(w, args.rounds)
         p = [r.seconds for r in plain if r.round >= 1]
         plain_all += p
         plain_acc = [r.test_accuracy for r in plain]
@@ -711,7 +749,7 @@ def lenet_section(bench: Bench, args: argparse.Namespace) -> tuple[float, float,
         print(
             f"  canopy #{pair + 1}: rounds {' '.join(f'{x:.2f}' for x in c)} s commit->commit "
             f"(median {median(c):.2f}; report duration_s median {median(run.durations()):.2f}; "
-            f"round 0 took {run.committed()[0].duration_s:.1f}s)"
+            f"round 0 took {min(run.reports, key=lambda r: r.round).duration_s:.1f}s)"
         )
         pair_ratios.append(median(c) / median(p))
     plain_med, canopy_med = median(plain_all), median(canopy_all)
@@ -752,7 +790,7 @@ def hello_section(bench: Bench, args: argparse.Namespace) -> None:
         runs: list[CanopyRun] = []
         for cohort in cohorts:
             w = hello(depth, cohort, devices, args.over_selection)
-            plain = median([r.seconds for r in plain_fedavg(w, args.hello_rounds)[1:]])
+            plain = median([r.seconds for r in bench.plain(w, args.hello_rounds)[1:]])
             run = bench.canopy(w, args.hello_rounds, phase="hello-mobile, flow in-process")
             bench.read_back(run)
             runs.append(run)
@@ -777,80 +815,72 @@ def hello_section(bench: Bench, args: argparse.Namespace) -> None:
 
 
 def deploy_section(bench: Bench, args: argparse.Namespace) -> None:
+    assert bench.watcher is not None
+    w = lenet(args.runtime, args.over_selection, args.tree_depth)
+    name = "cifar10-mobile-pt" if args.runtime == "pytorch" else "cifar10-mobile"
+    print(f"\n== deployment: prefect deployment run federated-training/{name} -> round 0 open")
+    bench.pause_simulators()
+    bench.sampler.phase = "runner start"
+    runner_s = bench.stack.start_runner([name])
+    bench.sampler.phase = "idle"
+    print(f"  runner (python -m flows.serve) registered its deployments in {runner_s:.1f}s")
+    bench.simulator(w.job, w.devices)  # as under `canopy up`: the phones are already polling
+    for i in range(args.deploy_runs):
+        bench.sampler.phase = f"deployment run ({w.label}, runner + flow subprocess)"
+        try:
+            deploy_once(bench, args, w, name, i)
+        finally:
+            bench.sampler.phase = "idle"
+    bench.pause_simulators()
+
+
+def deploy_once(bench: Bench, args: argparse.Namespace, w: Workload, name: str, i: int) -> None:
     from infra.run_state import read_commit, read_reports
     from infra.settings import S3Settings
     from infra.store import S3ObjectStore
 
     assert bench.watcher is not None
-    w = lenet(args.runtime, args.over_selection, args.tree_depth)
-    name = "cifar10-mobile-pt" if args.runtime == "pytorch" else "cifar10-mobile"
-    print(f"\n== deployment: prefect deployment run federated-training/{name} -> round 0 open")
-    bench.sampler.phase = "runner start"
-    runner_s = bench.stack.start_runner([name])
-    print(f"  runner (python -m flows.serve) registered its deployments in {runner_s:.1f}s")
-    sim = Simulator(bench.stack, w.job, w.devices, max_seconds=args.max_run_seconds)
-    bench.extra_roots["simulator"] = sim.pid
-    try:
-        time.sleep(args.sim_warmup)  # as under `canopy up`: the phones are already polling
-        run_id = f"rs-deploy-{uuid.uuid4().hex[:6]}"
-        params = w.flow_params(args.deploy_rounds, run_id)
-        bench.sampler.phase = f"deployment run ({w.label}, runner + flow subprocess)"
-        t0 = time.time()
-        cli = subprocess.run(
-            [
-                str(Path(sys.executable).parent / "prefect"),
-                "deployment",
-                "run",
-                f"federated-training/{name}",
-                "--params",
-                json.dumps(params),
-            ],
-            env=bench.stack.child_env(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        t_cli = time.time()
-        found = re.search(
-            r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", cli.stdout
-        )
-        if cli.returncode != 0 or found is None:
-            print(f"  deployment run failed: {cli.stdout[-2000:]} {cli.stderr[-2000:]}")
-            return
-        flow_run_id = found.group(0)
-        opened = bench.watcher.wait_for(run_id, 0, "open", timeout=args.max_run_seconds)
-        api = PrefectApi(bench.stack.api)
-        deadline = time.monotonic() + args.max_run_seconds
-        state = ""
-        while time.monotonic() < deadline:
-            state = api.flow_run(flow_run_id)["state_type"]
-            if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-                break
-            time.sleep(1.0)
-    finally:
-        bench.sampler.phase = "idle"
-        sim.stop()
-        bench.extra_roots.clear()
-    states = api.states(flow_run_id)
+    api = PrefectApi(bench.stack.api)
+    run_id = f"rs-deploy-{uuid.uuid4().hex[:6]}"
+    params = w.flow_params(args.deploy_rounds, run_id)
+    cmd = [str(Path(sys.executable).parent / "prefect"), "deployment", "run"]
+    cmd += [f"federated-training/{name}", "--params", json.dumps(params)]
+    t0 = time.time()
+    cli = subprocess.run(
+        cmd, env=bench.stack.child_env(), capture_output=True, text=True, timeout=120, check=False
+    )
+    t_cli = time.time()
+    found = re.search(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", cli.stdout)
+    if cli.returncode != 0 or found is None:
+        print(f"  deployment run failed: {cli.stdout[-2000:]} {cli.stderr[-2000:]}")
+        return
+    flow_run_id = found.group(0)
+    opened = bench.watcher.wait_for(run_id, 0, "open", timeout=args.max_seconds)
+    deadline = time.monotonic() + args.max_seconds
+    state = ""
+    while time.monotonic() < deadline:
+        state = api.flow_run(flow_run_id)["state_type"]
+        if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            break
+        time.sleep(1.0)
     first: dict[str, float] = {}
-    for s in states:
-        first.setdefault(s["type"], parse_ts(s["timestamp"]) or 0.0)
+    for st in api.states(flow_run_id):
+        first.setdefault(st["type"], parse_ts(st["timestamp"]) or 0.0)
     if opened is None:
         print(f"  round 0 never opened (flow run ended {state}); see {bench.root}/runner.log")
         return
     created = parse_ts(api.flow_run(flow_run_id)["created"]) or t0
     pending, running = first.get("PENDING"), first.get("RUNNING")
-    print(f"  deployment run -> round 0 open: {opened - t0:.1f}s (flow run ended {state})")
+    print(f"  run #{i + 1}: deployment run -> round 0 open {opened - t0:.1f}s (flow run {state})")
     print(
-        f"      CLI start-up and create: {created - t0:.2f}s (CLI returned after {t_cli - t0:.2f}s)"
+        f"      CLI start-up to flow run created: {created - t0:.2f}s (CLI exits {t_cli - t0:.2f}s)"
     )
     if pending is not None:
-        print(f"      scheduled -> pending (runner poll): {pending - created:.2f}s")
+        print(f"      scheduled -> pending (the runner's poll): {pending - created:.2f}s")
     if pending is not None and running is not None:
-        print(f"      pending -> running (subprocess, import, engine): {running - pending:.2f}s")
+        print(f"      pending -> running (subprocess, imports, engine): {running - pending:.2f}s")
     if running is not None:
-        print(f"      running -> round 0 open: {opened - running:.2f}s")
+        print(f"      running -> round 0 open (in the flow): {opened - running:.2f}s")
     store = S3ObjectStore(S3Settings())
     commit = read_commit(store, w.job, run_id)
     if commit is not None:
@@ -858,9 +888,8 @@ def deploy_section(bench: Bench, args: argparse.Namespace) -> None:
         done = {r.round: r.finished_at.timestamp() for r in reports}
         periods = [done[r] - done[r - 1] for r in sorted(done) if r >= 1]
         print(
-            f"      rounds in the deployment run: "
-            f"{' '.join(f'{r.duration_s:.2f}' for r in reports)} s duration_s; commit->commit "
-            f"{' '.join(f'{p:.2f}' for p in periods)} s"
+            f"      its rounds: duration_s {' '.join(f'{r.duration_s:.2f}' for r in reports)}; "
+            f"commit->commit {' '.join(f'{p:.2f}' for p in periods)}"
         )
 
 
@@ -900,8 +929,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hello-depths", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--hello-devices", type=int, default=40)
     parser.add_argument("--deploy-rounds", type=int, default=2)
-    parser.add_argument("--sim-warmup", type=float, default=8.0)
-    parser.add_argument("--max-run-seconds", type=float, default=300.0)
+    parser.add_argument("--deploy-runs", type=int, default=1)
+    parser.add_argument(
+        "--max-seconds", type=float, default=300.0, help="Give up on a run after this long."
+    )
     parser.add_argument("--skip-lenet", action="store_true")
     parser.add_argument("--skip-hello", action="store_true")
     parser.add_argument("--skip-deploy", action="store_true")
