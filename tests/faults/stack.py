@@ -1,0 +1,286 @@
+"""The stack the fault tests run against: real parts, with taps and fault proxies between them.
+
+    simulator process ──HTTP──> tap ──> gateway (thread or process) ──S3──> [fault proxy] ──> moto
+    flow (this process or a subprocess) ─────────────────────────────S3──> [fault proxy] ──> moto
+    the test's own store ────────────────────────────────────────────S3──────────────────> moto
+
+Each gateway has a tap in front of it (a ``FaultyProxy`` without faults whose
+observer is the ``ReceiptLedger``): the device-facing URLs are the taps', so
+every receipt a device gets is on record. A tap whose gateway died resets its
+connections, which is what a device of a dead gateway sees, and the simulator
+fails over. Gateways and the flow reach S3 through ``gateway_s3`` and
+``flow_s3`` (each through its own fault proxy when the test asks for faults);
+the test judges through ``store``, which talks to moto directly, so a fault
+never bends the verdict.
+
+``benchmarks/faults.py`` drives the same classes at a larger scale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+
+from edge.jobs.hello import VECTOR_SIZE
+from edge.simulator.profiles import DeviceProfile, make_profiles
+from infra.keys import active_job_key, registry_prefix, updates_prefix
+from infra.run_state import RoundReport
+from infra.settings import S3Settings
+from infra.store import S3ObjectStore
+from tests.faults.accounting import ReceiptLedger
+from tests.support.faulty_s3 import FaultyProxy
+from tests.support.harness import (
+    GatewayProcess,
+    GatewayThread,
+    read_active,
+    set_round_status,
+    settings_env,
+    write_round,
+)
+
+
+class StackError(AssertionError):
+    """A stack part did not do what the test waited for (it never hangs instead)."""
+
+
+def fail(message: str) -> NoReturn:
+    raise StackError(message)
+
+
+REPO = Path(__file__).resolve().parents[2]
+JOB = "hello-mobile"
+MANIFEST_CACHE_S = "0.2"
+
+# A flow in a subprocess: it imports first (torch and Prefect cost seconds), then
+# waits for its parameters on stdin, so a test can start it early and launch it
+# the moment the stack is ready.
+_FLOW_CODE = (
+    "import asyncio, json, sys\n"
+    "from flows.federated import federated_training\n"
+    "print('ready', flush=True)\n"
+    "params = json.loads(sys.stdin.readline())\n"
+    "asyncio.run(federated_training(**params))\n"
+)
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str, poll: float = 0.05) -> None:
+    """Poll ``check`` until true; fail the test (never hang) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            fail(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(poll)
+
+
+@dataclass
+class Simulator:
+    """The device simulator process and its summary file."""
+
+    proc: subprocess.Popen[bytes]
+    summary_path: Path
+    log: Path
+    profiles: list[DeviceProfile]
+
+    def finish(self, timeout: float = 90.0) -> dict[str, Any]:
+        """Wait for it to stop by itself (job done, or --max-seconds) and read its summary."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            fail(f"simulator still running after {timeout:g}s: {self.tail()}")
+        assert self.proc.returncode == 0, self.tail()
+        return json.loads(self.summary_path.read_text())
+
+    def stop(self, timeout: float = 30.0) -> dict[str, Any]:
+        """SIGTERM (a clean stop with a summary), for simulators told to keep polling."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.finish(timeout)
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
+
+@dataclass
+class FlowProcess:
+    """``federated_training`` in a subprocess, imported ahead and started on demand."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+    launched: bool = False
+
+    def launch(self, params: dict[str, Any], ready_timeout: float = 120.0) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        deadline = time.monotonic() + ready_timeout
+        line = b""
+        while b"ready" not in line:  # the import finished
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                fail(f"flow process not ready: {self.tail()}")
+            line = self.proc.stdout.readline()
+        self.proc.stdin.write((json.dumps(params) + "\n").encode())
+        self.proc.stdin.flush()
+        self.launched = True
+
+    def kill(self) -> None:
+        """SIGKILL: the flow dies wherever it is, as a crashed runner would."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            fail(f"flow process still running after {timeout:g}s: {self.tail()}")
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
+
+
+@dataclass
+class FaultStack:
+    """Everything one fault test runs against (see the module docstring)."""
+
+    s3: S3Settings
+    store: S3ObjectStore
+    gateway_s3: S3Settings
+    flow_s3: S3Settings
+    s3_proxies: dict[str, FaultyProxy]
+    gateways: list[GatewayProcess | GatewayThread]
+    taps: list[FaultyProxy]
+    ledger: ReceiptLedger
+    tmp: Path
+    _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def device_urls(self) -> list[str]:
+        return [tap.url for tap in self.taps]
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """A flow child's environment: this one, plus the flow's S3 and the gateways' cache."""
+        return {
+            **os.environ,
+            **settings_env(self.flow_s3),
+            "CANOPY_GATEWAY_MANIFEST_CACHE_SECONDS": MANIFEST_CACHE_S,
+            **extra,
+        }
+
+    def simulate(
+        self, devices: int, *, seed: int, max_seconds: float = 150, **flags: Any
+    ) -> Simulator:
+        """Start ``python -m edge.simulator`` against the taps (one training worker)."""
+        summary = self.tmp / f"sim-{seed}.json"
+        log = self.tmp / f"sim-{seed}.log"
+        args = [sys.executable, "-m", "edge.simulator", "--job", JOB, "--devices", str(devices)]
+        args += ["--seed", str(seed), "--gateway", ",".join(self.device_urls), "--quiet"]
+        args += ["--max-seconds", str(max_seconds), "--summary-json", str(summary)]
+        args += ["--runtime", "pytorch", "--workers", "1"]
+        for name, value in flags.items():
+            flag = f"--{name.replace('_', '-')}"
+            args += [flag] if value is True else [flag, str(value)]
+        with log.open("wb") as out:
+            proc = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        self._procs.append(proc)
+        profiles = make_profiles(
+            seed,
+            devices,
+            dropout=float(flags.get("dropout", 0.05)),
+            slow_fraction=float(flags.get("slow_fraction", 0.2)),
+            offline_fraction=float(flags.get("offline_fraction", 0.1)),
+        )
+        return Simulator(proc, summary, log, profiles)
+
+    def flow_process(self, name: str, **env: str) -> FlowProcess:
+        """A flow subprocess that imports now and runs when ``launch`` is called."""
+        log = self.tmp / f"flow-{name}.log"
+        with log.open("ab") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _FLOW_CODE],
+                cwd=REPO,
+                env=self.env(**env),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+            )
+        self._procs.append(proc)
+        return FlowProcess(proc, log)
+
+    def enrolled(self) -> int:
+        return len(self.store.list_keys(registry_prefix(JOB)))
+
+    def wait_enrolled(self, devices: int, timeout: float = 90.0) -> None:
+        """Block until the whole fleet is in the registry, so every run samples the same."""
+        wait_for(lambda: self.enrolled() >= devices, timeout, f"{devices} devices to enrol", 0.2)
+
+    def warm_up(self, sim: Simulator, timeout: float = 180.0) -> None:
+        """Wait until the whole fleet is enrolled and the simulator's worker can train.
+
+        The simulator's training worker imports torch and ExecuTorch when it
+        starts (seconds, tens of them on a loaded machine), and the first
+        device to train waits for that. A test whose round deadlines are a few
+        seconds must not measure this, so a throwaway round (its own run id,
+        one device asked) is opened as the flow would open one, and closed
+        once that device's upload is in S3 (a fast device that the simulator's
+        seed keeps online and in, in round 0). Enrolling every device first
+        also makes every later run sample its cohorts from the same registry.
+        """
+        self.wait_enrolled(len(sim.profiles))
+        first = next(
+            p.device_id
+            for p in sim.profiles
+            if p.speed_class == "fast" and p.online(0) and not p.drops_out(0)
+        )
+        run_id = f"warm-up-{uuid.uuid4().hex[:6]}"
+        write_round(
+            self.store,
+            job=JOB,
+            run_id=run_id,
+            rnd=0,
+            leaves=["leaf-0"],
+            selected=[first],
+            state={"vector": np.zeros(VECTOR_SIZE, dtype=np.float32)},
+            runtime="pytorch",
+            deadline_seconds=timeout,
+        )
+        wait_for(
+            lambda: bool(self.store.list_keys(updates_prefix(JOB, run_id, 0, "leaf-0"))),
+            timeout,
+            "the warm-up round's upload",
+            0.2,
+        )
+        set_round_status(self.store, read_active(self.store, JOB), "closed")
+
+    def active(self) -> dict[str, Any] | None:
+        key = active_job_key(JOB)
+        if self.store.head(key) is None:
+            return None
+        return json.loads(self.store.get(key).data)
+
+    def close(self) -> None:
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=10)
+
+
+def run_flow(**params: Any) -> list[RoundReport]:
+    """The ``federated-training`` flow in this process, against PREFECT_API_URL."""
+    from flows.federated import federated_training
+
+    return asyncio.run(federated_training(**params))
