@@ -4,7 +4,10 @@ Thousands of devices poll the same manifest. ``TtlCache`` keeps each value for
 a short time and, more importantly, lets concurrent misses share one load
 ("single flight"), so a burst of 5,000 polls costs one S3 GET, not 5,000.
 ``BytesCache`` holds model artifacts by sha256 (content-addressed, so entries
-never go stale) within a byte budget.
+never go stale) within a byte budget. ``FreshReads`` is the opposite of a
+cache: every caller gets a value loaded by a read that *started after it
+asked*, but callers who ask while one read is running share the next one, so a
+burst of callers costs at most two loads in a row, not one each.
 
 Loads run as their own tasks and callers await them through ``asyncio.shield``:
 a device that hangs up mid-request cancels only its own wait, never the load
@@ -14,6 +17,8 @@ other devices are waiting for.
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
@@ -102,3 +107,40 @@ class BytesCache:
         while self._size > self._max:
             _, evicted = self._items.popitem(last=False)
             self._size -= len(evicted)
+
+
+class FreshReads(Generic[K, V]):
+    """Loads that start after the caller asked, shared by everyone who asked meanwhile.
+
+    The close fence needs a read of the round's control object that began after
+    the caller's batch PUT returned; any such read will do. A read already
+    running began too early for a newcomer, who waits for it to end and then
+    starts (or joins) the next one. So at most one load per key runs at a time,
+    and a caller waits for at most two.
+    """
+
+    def __init__(self) -> None:
+        self._ticks = itertools.count()
+        self._running: dict[K, tuple[int, asyncio.Task[V]]] = {}
+
+    async def read(self, key: K, loader: Callable[[], Awaitable[V]]) -> V:
+        asked = next(self._ticks)
+        while True:
+            running = self._running.get(key)
+            if running is None:
+                started = next(self._ticks)
+                task = asyncio.ensure_future(loader())
+                self._running[key] = (started, task)
+                task.add_done_callback(functools.partial(self._finished, key))
+                return await asyncio.shield(task)
+            started, task = running
+            if started > asked:  # began after we asked: its answer is fresh enough
+                return await asyncio.shield(task)
+            await asyncio.wait([task])  # began too early; the next one is ours
+
+    def _finished(self, key: K, task: asyncio.Task[V]) -> None:
+        running = self._running.get(key)
+        if running is not None and running[1] is task:
+            del self._running[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: the waiters re-raise it themselves

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import pydantic
 
 from aggregation.tensors import TensorSpec
-from edge.gateway.cache import BytesCache, TtlCache
+from edge.gateway.cache import BytesCache, FreshReads, TtlCache
 from edge.gateway.tuning import GatewayTuning
 from edge.manifests import ActiveRound, LeafTask, device_key
 from edge.protocol import ErrorCode, ProtocolError
@@ -94,6 +94,7 @@ class RoundDirectory:
             max_entries=200_000,
         )
         self._artifacts = BytesCache(tuning.artifact_cache_bytes)
+        self._fence_reads: FreshReads[str, ActiveRound | None] = FreshReads()
 
     async def active_round(self, job: str) -> ActiveRound | None:
         """The job's ActiveRound, or None when no run of it was ever opened."""
@@ -114,17 +115,22 @@ class RoundDirectory:
     async def confirm_open(self, context: BatchContext) -> None:
         """The close fence: 409 ``late`` unless S3 says this run's round is open *now*.
 
-        Read uncached, after the batch PUT returned (the ordering is the point; see
-        docs/gateway.md). What it read also refreshes the cache, so the door turns
+        Read uncached, by a GET that starts after the batch PUT returned (the ordering
+        is the point; see docs/gateway.md). Batches whose PUTs return while such a GET
+        runs share the next one (``FreshReads``), so the fence costs at most one GET
+        at a time per job. What it read also refreshes the cache, so the door turns
         later uploads of a closed round away at once instead of after the cache period.
         """
         key = active_job_key(context.job)
-        try:
-            payload = await self.calls.run(get_json, self.calls.store, key)
-        except ObjectNotFoundError:
-            active = None
-        else:
-            active = _parse(ActiveRound, payload, key)
+
+        async def load() -> ActiveRound | None:
+            try:
+                payload = await self.calls.run(get_json, self.calls.store, key)
+            except ObjectNotFoundError:
+                return None
+            return _parse(ActiveRound, payload, key)
+
+        active = await self._fence_reads.read(context.job, load)
         self._active.put(context.job, active)
         if (
             active is None

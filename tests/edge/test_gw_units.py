@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregation.tensors import TensorSpec, encode_tensors
-from edge.gateway.cache import BytesCache, TtlCache
+from edge.gateway.cache import BytesCache, FreshReads, TtlCache
 from edge.gateway.tokens import issue_token, verify_token
 from edge.manifests import (
     ActiveRound,
@@ -372,3 +372,41 @@ async def test_failed_loads_are_not_cached_and_bytes_cache_respects_budget() -> 
     await cache.get("b", other)  # evicts "a": 120 bytes would exceed the budget
     assert await cache.get("a", flaky) == b"x" * 60
     assert attempts == 3
+
+
+async def test_fresh_reads_start_after_the_caller_asked_and_are_shared() -> None:
+    reads = FreshReads[str, int]()
+    started: list[int] = []
+    gate = asyncio.Event()
+
+    async def load() -> int:
+        started.append(len(started))
+        await gate.wait()
+        return len(started)  # which read answered
+
+    first = asyncio.ensure_future(reads.read("job", load))
+    await asyncio.sleep(0)  # read 1 is running now
+    late = [asyncio.ensure_future(reads.read("job", load)) for _ in range(5)]
+    await asyncio.sleep(0)
+    gate.set()
+    answers = await asyncio.gather(first, *late)
+
+    assert answers[0] == 1  # the read it started
+    assert answers[1:] == [2] * 5  # read 1 began too early for them; they shared read 2
+    assert started == [0, 1]  # two loads for six callers
+
+
+async def test_a_failed_fresh_read_fails_its_callers_and_is_not_reused() -> None:
+    reads = FreshReads[str, int]()
+    calls = 0
+
+    async def load() -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("s3 is down")
+        return calls
+
+    with pytest.raises(RuntimeError):
+        await reads.read("job", load)
+    assert await reads.read("job", load) == 2
