@@ -287,24 +287,3 @@ class DeviceIdentity(BaseModel):
     @classmethod
     def _tz(cls, value: datetime) -> datetime:
         return _aware(value, "bound_at")
-
-
-def close_grace_seconds(
-    manifest_cache_seconds: float, group_commit_max_wait_ms: int, *, put_margin: float = 2.0
-) -> float:
-    """Superseded by the gateways' close fence: a flow that lists after closing needs no wait.
-
-    Gateways now acknowledge an upload only after re-reading the job's
-    ``ActiveRound`` (uncached) after the batch PUT (docs/gateway.md, "The close
-    fence"), so every acknowledged update is listed by a flow that writes
-    ``closed`` and then lists. What follows is the old timing bound, kept only
-    while callers move off it.
-
-    A gateway may still accept an upload until its cached ``ActiveRound``
-    expires (``manifest_cache_seconds``); the accepted update then waits up to
-    ``group_commit_max_wait_ms`` for its batch, plus one S3 PUT. Uploads after a
-    task's ``deadline`` are refused regardless of caching, so a flow that closes
-    exactly at the deadline only needs the group-commit part. ``put_margin``
-    covers a slow PUT (2 s by default; loopback and in-region S3 need far less).
-    """
-    return manifest_cache_seconds + group_commit_max_wait_ms / 1000.0 + put_margin

@@ -19,8 +19,8 @@ from edge.manifests import (
     ActiveRound,
     DataHint,
     LeafTask,
-    close_grace_seconds,
     device_key,
+    identity_key,
     make_task_id,
     registry_prefix,
 )
@@ -176,10 +176,10 @@ def test_active_round_needs_a_manifest_per_leaf() -> None:
         )
 
 
-def test_registry_keys_and_grace() -> None:
+def test_registry_and_identity_keys() -> None:
     assert device_key("hello-mobile", "sim-0-00001") == "devices/hello-mobile/sim-0-00001.json"
     assert registry_prefix("hello-mobile") == "devices/hello-mobile/"
-    assert close_grace_seconds(0.5, 50) == pytest.approx(2.55)
+    assert identity_key("sim-0-00001") == "identities/sim-0-00001.json"
     with pytest.raises(ValueError, match="device id"):
         device_key("j", "a/b")
 
