@@ -19,9 +19,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+# Eager, because the submodule has the function's name: once anything imports
+# edge.training.evaluate, Python binds the package attribute to the module, and a
+# lazy lookup would never run. It loads torch only, not ExecuTorch.
+from edge.training.evaluate import evaluate, evaluate_sums
+
 # name -> module that defines it
 _EXPORTS: dict[str, str] = {
-    "evaluate_sums": "edge.training.evaluate",
     "ExecuTorchStep": "edge.training.executorch_trainer",
     "train_locally": "edge.training.loop",
     "PyTorchStep": "edge.training.pytorch_trainer",
@@ -31,7 +35,6 @@ _EXPORTS: dict[str, str] = {
     "ParityError": "edge.training.errors",
     "ProgramError": "edge.training.errors",
     "TrainingError": "edge.training.errors",
-    "evaluate": "edge.training.evaluate",
     "ExecuTorchTrainer": "edge.training.executorch_trainer",
     "ExportedProgram": "edge.training.export",
     "ProgramInfo": "edge.training.export",
@@ -108,7 +111,6 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from edge.training.errors import ExportError, ParityError, ProgramError, TrainingError
-    from edge.training.evaluate import evaluate, evaluate_sums
     from edge.training.executorch_trainer import ExecuTorchStep, ExecuTorchTrainer
     from edge.training.export import (
         ExportedProgram,
