@@ -5,6 +5,12 @@ until each answers its health check, and records pids, ports and log paths in
 one folder (``.canopy/stack`` by default). ``canopy down`` reads that record and
 stops exactly those process groups with SIGTERM (a process started in the
 background ignores SIGINT), then SIGKILL for any that linger.
+
+Jobs are given as references (a built-in name, ``module:ATTR`` or
+``path/to/file.py:ATTR``) and checked before anything starts; each gets a
+simulator named after the job's declared name. ``canopy deploy`` adds a
+deployment for a user's job to the stack's ``deployments.yaml``, which the
+stack's runner serves (see ``flows.serve``).
 """
 
 from __future__ import annotations
@@ -22,9 +28,18 @@ from pathlib import Path
 
 import httpx
 
+from edge.jobs import get_job
+from edge.jobs.spec import JobSpec
 from edge.simulator.fleet import SimulationConfig
-from flows.deployments import load_deployment_specs
-from infra.errors import CanopyError
+from flows.deployments import (
+    DeploymentSpec,
+    canonical_reference,
+    load_deployment_specs,
+    load_user_deployments,
+    record_user_deployments,
+    user_deployments_path,
+)
+from infra.errors import CanopyError, ConfigError
 from infra.health import NotHealthyError, Process, wait_http_ok, wait_until
 from infra.prefect_server import (
     PREFECT_SERVER_TUNING,
@@ -81,11 +96,21 @@ class ServiceRecord:
     url: str | None = None
 
 
+@dataclass(frozen=True)
+class SimulatedJob:
+    """A job the stack simulates phones for: what the user named and what it declares."""
+
+    reference: str  # built-in name, module:ATTR, or an absolute /path/file.py:ATTR
+    name: str  # the spec's name: what devices enrol under, and the simulator's service name
+
+
 @dataclass
 class StackRecord:
     root: str
     env: dict[str, str]
     services: list[ServiceRecord] = field(default_factory=list)
+    jobs: list[SimulatedJob] = field(default_factory=list)
+    devices: int | None = None  # simulated phones per job (``canopy deploy``'s default)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
@@ -97,6 +122,8 @@ class StackRecord:
             root=raw["root"],
             env=raw["env"],
             services=[ServiceRecord(**s) for s in raw["services"]],
+            jobs=[SimulatedJob(**j) for j in raw.get("jobs", [])],
+            devices=raw.get("devices"),
         )
 
 
@@ -120,6 +147,30 @@ def stack_env(root: Path, ports: StackPorts) -> dict[str, str]:
 
 def record_path(root: Path) -> Path:
     return root / "stack.json"
+
+
+def resolve_job(reference: str) -> tuple[str, JobSpec]:
+    """(canonical reference, spec) of a job reference; a bad one is a ``StackError``
+    naming the job and the fix, raised before any service starts."""
+    canonical = canonical_reference(reference)
+    try:
+        return canonical, get_job(canonical)
+    except ConfigError as exc:
+        raise StackError(str(exc)) from exc
+
+
+def simulated_jobs(references: tuple[str, ...]) -> list[SimulatedJob]:
+    """The jobs to simulate, resolved; two references declaring one name are refused."""
+    jobs: dict[str, SimulatedJob] = {}
+    for reference in references:
+        canonical, spec = resolve_job(reference)
+        if spec.name in jobs and jobs[spec.name].reference != canonical:
+            raise StackError(
+                f"jobs {jobs[spec.name].reference!r} and {reference!r} both declare the name "
+                f"{spec.name!r}; devices enrol by name, so simulate only one of them"
+            )
+        jobs[spec.name] = SimulatedJob(reference=canonical, name=spec.name)
+    return list(jobs.values())
 
 
 def _deployments_ready(api_url: str, names: list[str], since: datetime) -> Callable[[], bool]:
@@ -165,9 +216,28 @@ def check_ports(ports: StackPorts, host: str = "127.0.0.1") -> None:
                 ) from exc
 
 
-def deployment_names() -> list[str]:
-    """Deployment names declared in prefect.yaml (the one source of truth)."""
-    return [spec.name for spec in load_deployment_specs()]
+def deployment_names(root: Path | None = None) -> list[str]:
+    """Deployment names declared in prefect.yaml, and with ``root`` the stack's user ones."""
+    names = [spec.name for spec in load_deployment_specs()]
+    if root is not None:
+        names += [spec.name for spec in user_deployments(root)]
+    return names
+
+
+def user_deployments(root: Path) -> list[DeploymentSpec]:
+    """The deployments ``canopy deploy`` recorded for the stack in ``root``."""
+    try:
+        return load_user_deployments(user_deployments_path(root.resolve()))
+    except (ConfigError, ValueError) as exc:  # ValueError: YAML and pydantic errors
+        raise StackError(
+            f"{user_deployments_path(root)}: {exc}; fix or delete the file "
+            "(it holds what `canopy deploy` registered)"
+        ) from exc
+
+
+def all_deployment_specs(root: Path) -> list[DeploymentSpec]:
+    """prefect.yaml's deployments, then the stack's user deployments."""
+    return [*load_deployment_specs(), *user_deployments(root)]
 
 
 def up(
@@ -192,9 +262,11 @@ def up(
             "pip install -e '.[local]'"
         )
     check_ports(ports)
+    simulated = simulated_jobs(jobs)  # a bad job reference fails before anything starts
+    names = deployment_names(root)  # and so does a broken deployments.yaml
     env = stack_env(root, ports)
     child_env = {**os.environ, **env}
-    record = StackRecord(root=str(root), env=env)
+    record = StackRecord(root=str(root), env=env, jobs=simulated, devices=fleet.devices)
     py = sys.executable
     host = "127.0.0.1"
 
@@ -238,11 +310,13 @@ def up(
             wait_http_ok(f"{url}/healthz", proc, timeout=60.0, what=what)
 
         since = datetime.now(UTC)
-        proc, what = launch("runner", [py, "-m", "flows.serve"], None)
-        wait_until(_deployments_ready(api, deployment_names(), since), 120.0, what, proc)
+        serve = [py, "-m", "flows.serve", "--user-deployments", str(user_deployments_path(root))]
+        proc, what = launch("runner", serve, None)
+        wait_until(_deployments_ready(api, names, since), 120.0, what, proc)
 
-        for job in jobs:
-            launch(f"simulator-{job}", simulator_command(job, gateway_urls, fleet), None)
+        for job in simulated:
+            command = simulator_command(job.reference, gateway_urls, fleet)
+            launch(f"simulator-{job.name}", command, None)
     except NotHealthyError as exc:
         down(root, log=lambda _msg: None)
         raise StackError(str(exc)) from exc
@@ -253,7 +327,8 @@ def up(
 
 
 def simulator_command(job: str, gateway_urls: list[str], fleet: SimulatedFleet) -> list[str]:
-    """``canopy simulate`` for one job, polling forever (a local stack outlives runs)."""
+    """``canopy simulate`` for one job reference, polling forever (a local stack outlives
+    runs)."""
     return [
         sys.executable,
         "-m",
@@ -290,3 +365,48 @@ def down(root: Path, *, timeout_s: float = 15.0, log: Callable[[str], None] = pr
             log(f"  stopped {service.name} (pid {service.pid})")
     path.unlink()
     return stopped
+
+
+def running_record(root: Path) -> StackRecord | None:
+    """The record of the stack running from ``root``, or None when none is."""
+    path = record_path(root.resolve())
+    if not path.exists():
+        return None
+    record = StackRecord.load(path)
+    return record if any(alive(s.pid) for s in record.services) else None
+
+
+def deploy(
+    root: Path,
+    specs: list[DeploymentSpec],
+    *,
+    timeout_s: float = 60.0,
+    log: Callable[[str], None] = print,
+) -> bool:
+    """Record ``specs`` as the stack's user deployments; if the stack runs, wait until
+    its runner serves them. Returns whether they are served now (False: no stack
+    runs, and the next ``canopy up`` will serve them)."""
+    root = root.resolve()
+    since = datetime.now(UTC)
+    try:
+        record_user_deployments(user_deployments_path(root), specs)
+    except ConfigError as exc:
+        raise StackError(str(exc)) from exc
+    record = running_record(root)
+    if record is None:
+        log(f"recorded in {user_deployments_path(root)}; `canopy up` will serve it")
+        return False
+    runner = next((s for s in record.services if s.name == "runner"), None)
+    if runner is None or not alive(runner.pid):
+        raise StackError(f"the stack in {root} has no running runner; run `canopy down`, `up`")
+    names = [spec.name for spec in specs]
+    try:
+        wait_until(
+            _deployments_ready(record.env["PREFECT_API_URL"], names, since),
+            timeout_s,
+            f"runner (log: {runner.log})",
+            None,
+        )
+    except NotHealthyError as exc:
+        raise StackError(f"the runner did not serve {names} in {timeout_s:.0f}s: {exc}") from exc
+    return True

@@ -4,7 +4,12 @@ A rich table wider than the terminal shrinks every column, the narrowest to
 nothing: at 80 columns the round numbers vanished. This table instead drops
 whole columns, least useful first, until the rest fit at their natural width,
 and says which it left out; the round column is never dropped. Under the table,
-sparklines show test accuracy and loss over the rounds.
+sparklines show each test metric over the rounds.
+
+The test columns are the job's own metrics (``RoundReport.test_metrics``):
+accuracy and loss for classification, MSE, MAE and loss for regression, or
+whatever a job reports; the job's headline metric (accuracy, else MSE, else
+the first) is the last column dropped after the round number.
 """
 
 from __future__ import annotations
@@ -29,6 +34,60 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _num(x: float | None) -> str:
+    """Four decimals while they fit in nine characters, else four significant digits."""
+    if x is None:
+        return "-"
+    return f"{x:.4f}" if abs(x) < 1000 else f"{x:.4g}"
+
+
+# Short labels of well-known metrics (column headers, sparkline labels).
+SHORT = {"accuracy": "acc"}
+# Headline order: the metrics a reader looks at first; unknown ones follow, loss last.
+HEADLINE = ("accuracy", "mse", "mae")
+
+
+def metrics_of(report: RoundReport) -> dict[str, float]:
+    """A report's test metrics; reports written before ``test_metrics`` had two fields."""
+    if report.test_metrics:
+        return dict(report.test_metrics)
+    legacy = {"accuracy": report.test_accuracy, "loss": report.test_loss}
+    return {k: v for k, v in legacy.items() if v is not None}
+
+
+def metric_names(reports: Sequence[RoundReport]) -> list[str]:
+    """The run's test metrics in headline order: accuracy, mse, mae, others, loss.
+
+    A run whose rounds have no test metric at all (every round abandoned) still
+    shows the classification pair, as dashes.
+    """
+    seen: dict[str, None] = {}
+    for r in reports:
+        seen.update(dict.fromkeys(metrics_of(r)))
+    names = list(seen) or ["accuracy", "loss"]
+
+    def rank(name: str) -> tuple[int, int]:
+        if name in HEADLINE:
+            return 0, HEADLINE.index(name)
+        return (2 if name == "loss" else 1), names.index(name)
+
+    return sorted(names, key=rank)
+
+
+def metric_format(name: str) -> Callable[[float | None], str]:
+    """Accuracy in percent, loss as before, anything else with :func:`_num`."""
+    if name == "accuracy":
+        return _pct
+    return _loss if name == "loss" else _num
+
+
+def metric_line(report: RoundReport) -> str:
+    """``test accuracy 80.0%, loss 0.4123``: a round's test metrics in headline order."""
+    metrics = metrics_of(report)
+    parts = [f"{n} {metric_format(n)(metrics[n])}" for n in metric_names([report])]
+    return f"test {', '.join(parts)}" if metrics else "no test metrics"
+
+
 @dataclass(frozen=True)
 class Column:
     """One column: its header, how a report fills it, and how long it survives narrowing.
@@ -39,28 +98,45 @@ class Column:
 
     header: str
     cell: Callable[[RoundReport], str]
-    keep: int
+    keep: float
     left: bool = False
 
 
-COLUMNS: tuple[Column, ...] = (
-    Column("round", lambda r: str(r.round), 0),
-    Column("outcome", lambda r: r.outcome, 4, left=True),
-    Column("devices", lambda r: f"{r.devices_reported}/{r.devices_selected}", 3),
-    Column("rejected", lambda r: str(sum(r.rejected.values())), 7),
-    Column("train\nloss", lambda r: _loss(r.train_loss), 6),
-    Column("test\nloss", lambda r: _loss(r.test_loss), 2),
-    Column("test\nacc", lambda r: _pct(r.test_accuracy), 1),
-    Column("s", lambda r: f"{r.duration_s:.1f}", 5),
-)
+def _metric_column(name: str, keep: float) -> Column:
+    fmt = metric_format(name)
+    return Column(f"test\n{SHORT.get(name, name)}", lambda r: fmt(metrics_of(r).get(name)), keep)
+
+
+def columns_for(metrics: Sequence[str]) -> tuple[Column, ...]:
+    """The table's columns for a job reporting ``metrics`` (in headline order).
+
+    Test metrics are kept longest after the round (in their order); then
+    outcome and devices; train loss, timing and rejections go first.
+    """
+    step = 1.0 / max(len(metrics), 1)
+    return (
+        Column("round", lambda r: str(r.round), 0),
+        Column("outcome", lambda r: r.outcome, 4, left=True),
+        Column("devices", lambda r: f"{r.devices_reported}/{r.devices_selected}", 3),
+        Column("rejected", lambda r: str(sum(r.rejected.values())), 7),
+        Column("train\nloss", lambda r: _loss(r.train_loss), 6),
+        *(_metric_column(name, 1 + i * step) for i, name in enumerate(metrics)),
+        Column("s", lambda r: f"{r.duration_s:.1f}", 5),
+    )
+
+
+# The columns of a classification job (accuracy and loss), the most common table.
+COLUMNS: tuple[Column, ...] = columns_for(["accuracy", "loss"])
 
 
 class RoundTable:
-    """A run's rounds as a table plus accuracy/loss sparklines, at any terminal width."""
+    """A run's rounds as a table plus one sparkline per test metric, at any terminal width."""
 
     def __init__(self, reports: Sequence[RoundReport], title: str = "") -> None:
         self.reports = list(reports)
         self.title = title
+        self.metrics = metric_names(self.reports)
+        self.columns = columns_for(self.metrics)
 
     def _table(self, columns: Sequence[Column], dropped: Sequence[Column]) -> Table:
         caption = None
@@ -76,7 +152,7 @@ class RoundTable:
 
     def fit(self, console: Console, options: ConsoleOptions) -> Table:
         """The table with the most useful columns that fit in ``options.max_width``."""
-        shown = list(COLUMNS)
+        shown = list(self.columns)
         dropped: list[Column] = []
         unbounded = options.update(max_width=10_000)  # Measurement.get clamps to max_width
         while True:
@@ -86,15 +162,14 @@ class RoundTable:
                 return table
             least = max(shown, key=lambda c: c.keep)
             shown.remove(least)
-            dropped = [c for c in COLUMNS if c is least or c in dropped]
+            dropped = [c for c in self.columns if c is least or c in dropped]
 
     def curves(self, width: int) -> list[Text]:
         """``test acc  ▁▃▅▇  10.4% -> 27.0%``: one line per metric that has values."""
         lines = []
-        for label, values, fmt in (
-            ("test acc", [r.test_accuracy for r in self.reports], _pct),
-            ("test loss", [r.test_loss for r in self.reports], _loss),
-        ):
+        for name in self.metrics:
+            label, fmt = f"test {SHORT.get(name, name)}", metric_format(name)
+            values = [metrics_of(r).get(name) for r in self.reports]
             known = [v for v in values if v is not None]
             if not known:
                 continue
@@ -107,17 +182,21 @@ class RoundTable:
         return lines
 
     def chart_svg(self) -> str:
-        """Test accuracy (%) and loss over rounds as one self-contained SVG."""
+        """Every test metric over rounds as one self-contained SVG (accuracy in %)."""
+        series: dict[str, list[float | None]] = {}
+        formats: dict[str, Callable[[float], str]] = {}
+        for name in self.metrics:
+            values = [metrics_of(r).get(name) for r in self.reports]
+            if name == "accuracy":
+                label = "test accuracy (%)"
+                series[label] = [None if v is None else 100 * v for v in values]
+                formats[label] = lambda v: f"{v:.1f}%"
+            else:
+                label = f"test {name}"
+                series[label] = values
+                formats[label] = lambda v: f"{v:.3f}" if abs(v) < 1000 else f"{v:.4g}"
         return line_chart_svg(
-            {
-                "test accuracy (%)": [
-                    None if r.test_accuracy is None else 100 * r.test_accuracy for r in self.reports
-                ],
-                "test loss": [r.test_loss for r in self.reports],
-            },
-            x=[r.round for r in self.reports],
-            title=self.title,
-            formats={"test accuracy (%)": lambda v: f"{v:.1f}%", "test loss": lambda v: f"{v:.3f}"},
+            series, x=[r.round for r in self.reports], title=self.title, formats=formats
         )
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
