@@ -35,6 +35,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from edge.jobs.hello import VECTOR_SIZE
+from edge.manifests import DataHint
 from edge.simulator.profiles import DeviceProfile, make_profiles
 from infra.keys import active_job_key, registry_prefix, updates_prefix
 from infra.run_state import RoundReport
@@ -223,9 +224,15 @@ class FaultStack:
     def enrolled(self) -> int:
         return len(self.store.list_keys(registry_prefix(JOB)))
 
-    def wait_enrolled(self, devices: int, timeout: float = 90.0) -> None:
+    def wait_enrolled(self, devices: int, sim: Simulator, timeout: float = 120.0) -> None:
         """Block until the whole fleet is in the registry, so every run samples the same."""
-        wait_for(lambda: self.enrolled() >= devices, timeout, f"{devices} devices to enrol", 0.2)
+
+        def enrolled() -> bool:
+            if sim.proc.poll() is not None:
+                fail(f"the simulator exited before its fleet enrolled: {sim.tail()}")
+            return self.enrolled() >= devices
+
+        wait_for(enrolled, timeout, f"{devices} devices to enrol", 0.2)
 
     def warm_up(self, sim: Simulator, timeout: float = 180.0) -> None:
         """Wait until the whole fleet is enrolled and the simulator's worker can train.
@@ -239,7 +246,7 @@ class FaultStack:
         seed keeps online and in, in round 0). Enrolling every device first
         also makes every later run sample its cohorts from the same registry.
         """
-        self.wait_enrolled(len(sim.profiles))
+        self.wait_enrolled(len(sim.profiles), sim)
         first = next(
             p.device_id
             for p in sim.profiles
@@ -256,13 +263,15 @@ class FaultStack:
             state={"vector": np.zeros(VECTOR_SIZE, dtype=np.float32)},
             runtime="pytorch",
             deadline_seconds=timeout,
+            data_hint=DataHint(scheme="iid", num_devices=len(sim.profiles)),
         )
-        wait_for(
-            lambda: bool(self.store.list_keys(updates_prefix(JOB, run_id, 0, "leaf-0"))),
-            timeout,
-            "the warm-up round's upload",
-            0.2,
-        )
+
+        def uploaded() -> bool:
+            if sim.proc.poll() is not None:
+                fail(f"the simulator exited during the warm-up: {sim.tail()}")
+            return bool(self.store.list_keys(updates_prefix(JOB, run_id, 0, "leaf-0")))
+
+        wait_for(uploaded, timeout, "the warm-up round's upload", 0.2)
         set_round_status(self.store, read_active(self.store, JOB), "closed")
 
     def active(self) -> dict[str, Any] | None:
