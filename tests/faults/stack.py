@@ -69,9 +69,9 @@ MANIFEST_CACHE_S = "0.2"
 # waits for its parameters on stdin, so a test can start it early and launch it
 # the moment the stack is ready.
 _FLOW_CODE = (
-    "import asyncio, json, sys\n"
+    "import asyncio, json, pathlib, sys\n"
     "from flows.federated import federated_training\n"
-    "print('ready', flush=True)\n"
+    "pathlib.Path(sys.argv[1]).touch()\n"
     "params = json.loads(sys.stdin.readline())\n"
     "asyncio.run(federated_training(**params))\n"
 )
@@ -122,16 +122,19 @@ class FlowProcess:
 
     proc: subprocess.Popen[bytes]
     log: Path
+    ready: Path
     launched: bool = False
 
     def launch(self, params: dict[str, Any], ready_timeout: float = 120.0) -> None:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        deadline = time.monotonic() + ready_timeout
-        line = b""
-        while b"ready" not in line:  # the import finished
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                fail(f"flow process not ready: {self.tail()}")
-            line = self.proc.stdout.readline()
+        """Hand the parameters over once the import is done; the run starts at once."""
+        assert self.proc.stdin is not None
+
+        def imported() -> bool:
+            if self.proc.poll() is not None:
+                fail(f"flow process exited before it was ready: {self.tail()}")
+            return self.ready.exists()
+
+        wait_for(imported, ready_timeout, "the flow process to import", 0.1)
         self.proc.stdin.write((json.dumps(params) + "\n").encode())
         self.proc.stdin.flush()
         self.launched = True
@@ -209,17 +212,18 @@ class FaultStack:
     def flow_process(self, name: str, **env: str) -> FlowProcess:
         """A flow subprocess that imports now and runs when ``launch`` is called."""
         log = self.tmp / f"flow-{name}.log"
-        with log.open("ab") as err:
+        ready = self.tmp / f"flow-{name}.ready"
+        with log.open("ab") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-c", _FLOW_CODE],
+                [sys.executable, "-c", _FLOW_CODE, str(ready)],
                 cwd=REPO,
                 env=self.env(**env),
                 stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
         self._procs.append(proc)
-        return FlowProcess(proc, log)
+        return FlowProcess(proc, log, ready)
 
     def enrolled(self) -> int:
         return len(self.store.list_keys(registry_prefix(JOB)))
