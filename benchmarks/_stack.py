@@ -207,7 +207,7 @@ class Simulator:
             os.killpg(self.proc.pid, signal.SIGCONT)
         self.running = self.proc.poll() is None
 
-    def wait_warm(self, timeout: float = 120.0, quiet_cpu: float = 0.15) -> float:
+    def wait_warm(self, timeout: float = 120.0, quiet_cpu: float = 0.3) -> float:
         """Seconds until the simulator's process tree uses under ``quiet_cpu`` of a core
         over a second (workers have imported the training stack, devices enrolled)."""
         t0 = time.monotonic()
@@ -295,6 +295,7 @@ def _short_cmd(pid: int) -> str:
 class PssPeak:
     total_kib: int = 0
     processes: dict[str, int] = field(default_factory=dict)  # label -> PSS at the peak
+    maxima: dict[str, int] = field(default_factory=dict)  # label -> its own largest PSS
     samples: int = 0
 
 
@@ -347,6 +348,8 @@ class PssSampler:
                 peak = self.peaks.setdefault(self.phase, PssPeak())
                 peak.samples += 1
                 total = sum(values.values())
+                for label, kib in values.items():
+                    peak.maxima[label] = max(kib, peak.maxima.get(label, 0))
                 if total > peak.total_kib:
                     peak.total_kib, peak.processes = total, values
 

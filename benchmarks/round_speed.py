@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import re
 import statistics
@@ -75,6 +76,7 @@ from benchmarks._stack import (  # noqa: E402
     parse_ts,
 )
 
+LENET_DEVICES = 100  # x 50 samples each: train_size 5000
 SLOW_CALL_S = 0.15  # API calls at least this slow are shown in round timelines
 PHASES = ("export", "dispatch", "devices", "close-and-collect", "aggregate", "evaluate")
 
@@ -139,7 +141,7 @@ def lenet(runtime: str, over_selection: float, tree_depth: int) -> Workload:
         label=f"LeNet ({runtime})",
         job="cifar10-mobile",
         runtime=runtime,
-        devices=100,
+        devices=LENET_DEVICES,
         cohort_size=10,
         over_selection=over_selection,
         tree={"depth": tree_depth, "width": 2},
@@ -397,6 +399,21 @@ class Bench:
         sim.resume()
         return sim
 
+    def prestart(self, fleets: dict[str, int]) -> None:
+        """Start every job's simulator at once and wait until all are warm, then pause
+        them: their start-ups (torch in each training worker) overlap instead of adding."""
+        t0 = time.monotonic()
+        for job, devices in fleets.items():
+            self.sims[job] = Simulator(self.stack, job, devices, max_seconds=3600.0)
+        for sim in self.sims.values():
+            sim.wait_warm()
+        self.pause_simulators()
+        print(
+            "  (simulators "
+            + ", ".join(f"{job}: {n} devices" for job, n in fleets.items())
+            + f"; warm after {time.monotonic() - t0:.0f}s)"
+        )
+
     def pause_simulators(self) -> None:
         for sim in self.sims.values():
             sim.pause()
@@ -464,6 +481,7 @@ class Gap:
     startup: float  # round r flow run created -> running
     to_open: float  # running -> pointer open seen in S3
     total: float
+    calls: list[HttpCall] = field(default_factory=list)  # the parent's, between the two rounds
 
 
 def gaps(run: CanopyRun) -> list[Gap]:
@@ -482,6 +500,7 @@ def gaps(run: CanopyRun) -> list[Gap]:
         if prev_end is None or created is None or start is None:
             continue
         commit = done[rnd - 1]
+        between = [c for c in run.http if prev_end - 0.01 <= c.at <= created]
         out.append(
             Gap(
                 prev_end - commit,
@@ -489,6 +508,7 @@ def gaps(run: CanopyRun) -> list[Gap]:
                 start - created,
                 opened - start,
                 opened - commit,
+                between,
             )
         )
     return out
@@ -576,6 +596,29 @@ def timeline(run: CanopyRun, rnd: int) -> list[tuple[float, float | None, str]]:
     return sorted(items, key=lambda x: x[0])
 
 
+def startup_timeline(
+    run: CanopyRun, states: Sequence[dict[str, Any]], t0: float, opened: float
+) -> list[tuple[float, float | None, str]]:
+    """A deployment run's start, from ``t0``: its states, then every flow and task run
+    that began before round 0 opened (the flow-run subprocess makes them; its API calls
+    are not visible from here, the runs it created are)."""
+    items: list[tuple[float, float | None, str]] = [
+        ((parse_ts(st["timestamp"]) or t0) - t0, None, f"flow run state {st['name']}")
+        for st in states
+        if (parse_ts(st["timestamp"]) or 0.0) <= opened + 0.5
+    ]
+    for f in run.flow_runs:
+        c, s_, e = (parse_ts(f.get(k)) for k in ("created", "start_time", "end_time"))
+        if c is not None and c <= opened and f["name"].startswith(("round-", "r0000-")):
+            items.append((c - t0, None if s_ is None else s_ - t0, f"flow run {f['name']} created"))
+    for t in run.task_runs:
+        s_, e = parse_ts(t.get("start_time")), parse_ts(t.get("end_time"))
+        if s_ is not None and s_ <= opened:
+            items.append((s_ - t0, None if e is None else e - t0, f"  task {t['name']}"))
+    items.append((opened - t0, None, "pointer says round 0 open (seen in S3)"))
+    return sorted(items, key=lambda x: x[0])
+
+
 def subflow_overheads(run: CanopyRun) -> dict[str, dict[str, float]]:
     """Per subflow kind (median over measured rounds): created->running, and the part of its
     run not covered by its own tasks (engine set-up, state changes, result handling)."""
@@ -651,6 +694,15 @@ def print_gaps(label: str, gs: Sequence[Gap]) -> None:
         f"{median([g.startup for g in gs]):.2f} + running->open {to_open:.2f}"
         f" (medians of {len(gs)})"
     )
+    refused = Counter(
+        f"{c.method} {c.path} {c.status}" for g in gs for c in g.calls if c.status >= 300
+    )
+    pick = sorted(gs, key=lambda g: g.parent_gap)[len(gs) // 2]
+    print(
+        f"      parent flow -> next round flow run: {median([len(g.calls) for g in gs]):.0f} API "
+        f"calls, refused in {len(gs)} gaps: {dict(refused) or 'none'}; the median gap's calls: "
+        + ", ".join(f"{c.method} {c.path} {c.status} {c.seconds:.2f}s" for c in pick.calls)
+    )
 
 
 def print_structure(label: str, run: CanopyRun, top: int = 8) -> None:
@@ -710,7 +762,10 @@ def pss_lines(sampler: PssSampler) -> list[str]:
             f"processes ({peak.samples} samples)"
         )
         for label, kib in sorted(peak.processes.items(), key=lambda kv: -kv[1]):
-            lines.append(f"      {kib / 1024:7.0f} MiB  {label}")
+            own = peak.maxima.get(label, kib)
+            lines.append(
+                f"      {kib / 1024:7.0f} MiB  {label}  (its own peak {own / 1024:.0f} MiB)"
+            )
     return lines
 
 
@@ -778,9 +833,14 @@ def lenet_section(bench: Bench, args: argparse.Namespace) -> tuple[float, float,
     return plain_med, canopy_med, last
 
 
+def hello_fleet(args: argparse.Namespace) -> int:
+    cohorts = [int(c) for c in args.hello_cohorts.split(",")]
+    return max(args.hello_devices, math.ceil(max(cohorts) * args.over_selection))
+
+
 def hello_section(bench: Bench, args: argparse.Namespace) -> None:
     cohorts = [int(c) for c in args.hello_cohorts.split(",")]
-    devices = max(args.hello_devices, max(cohorts) * 2)
+    devices = hello_fleet(args)
     print(
         f"\n== hello-mobile (closed form, instant training): {devices} devices, cohorts "
         f"{cohorts} (over-selection {args.over_selection}), {args.hello_rounds} rounds per run"
@@ -883,6 +943,15 @@ def deploy_once(bench: Bench, args: argparse.Namespace, w: Workload, name: str, 
         print(f"      running -> round 0 open (in the flow): {opened - running:.2f}s")
     store = S3ObjectStore(S3Settings())
     commit = read_commit(store, w.job, run_id)
+    run = CanopyRun(w, run_id, t0, time.time(), [])
+    bench.read_back(run)
+    run.pointer = {
+        (e.round, e.status): e.seen_at for e in bench.watcher.events if e.run_id == run_id
+    }
+    print("      from the CLI's start (s): flow run states, tasks and subflows up to round 0 open")
+    for start, end, what in startup_timeline(run, api.states(flow_run_id), t0, opened):
+        span = f"{start:6.2f}-{end:6.2f}" if end is not None else f"{start:6.2f}       "
+        print(f"        {span}  {what}")
     if commit is not None:
         reports = read_reports(store, commit)
         done = {r.round: r.finished_at.timestamp() for r in reports}
@@ -924,11 +993,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runtime", choices=["pytorch", "executorch"], default="pytorch")
     parser.add_argument("--over-selection", type=float, default=1.0)
     parser.add_argument("--tree-depth", type=int, default=2, help="LeNet tree depth (width 2).")
-    parser.add_argument("--hello-rounds", type=int, default=4)
+    parser.add_argument("--hello-rounds", type=int, default=3)
     parser.add_argument("--hello-cohorts", default="5,20")
     parser.add_argument("--hello-depths", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--hello-devices", type=int, default=40)
-    parser.add_argument("--deploy-rounds", type=int, default=2)
+    parser.add_argument("--deploy-rounds", type=int, default=1)
     parser.add_argument("--deploy-runs", type=int, default=1)
     parser.add_argument(
         "--max-seconds", type=float, default=300.0, help="Give up on a run after this long."
@@ -948,6 +1017,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ratio: float | None = None
     try:
         bench.start()
+        fleets = {}
+        if not (args.skip_lenet and args.skip_deploy):
+            fleets["cifar10-mobile"] = LENET_DEVICES
+        if not args.skip_hello:
+            fleets["hello-mobile"] = hello_fleet(args)
+        bench.prestart(fleets)
         if not args.skip_lenet:
             plain, canopy, _ = lenet_section(bench, args)
             ratio = canopy / plain
