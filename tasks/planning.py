@@ -140,7 +140,7 @@ def plan_round(
     )
     deadline = now + timedelta(seconds=params.round_deadline_s)
     tasks = leaf_tasks(
-        job=params.job,
+        job=job.name,
         run_id=params.run_id,
         rnd=rnd,
         selected_by_leaf=assign_leaves(selected, leaves),
@@ -154,7 +154,7 @@ def plan_round(
         max_num_samples=max_num_samples,
     )
     active = active_round(
-        job=params.job,
+        job=job.name,
         run_id=params.run_id,
         rnd=rnd,
         leaves=leaves,

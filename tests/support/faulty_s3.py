@@ -575,8 +575,6 @@ class FaultyProxy:
             f"Content-Length: {0 if method == 'HEAD' else len(body)}",
             f"x-amz-request-id: {request_id}",
         ]
-        if fault == "error503":
-            lines.append("Retry-After: 1")
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
         if method != "HEAD":
             writer.write(body)
