@@ -5,20 +5,31 @@ Every object carries a small metadata header (``canopy-sha256``, ``canopy-kind``
 bytes that do not match, so a truncated upload, a bit flip or a hand-edited
 object fails loudly instead of entering an aggregate. The S3 implementation talks
 to AWS, MinIO or a local moto server; only ``S3Settings.endpoint_url`` differs.
+
+Every failure of the S3 implementation reaches the caller as a ``StoreError``
+(``ObjectNotFoundError`` and ``IntegrityError`` are the two kinds callers tell
+apart), never as a botocore or urllib3 exception. botocore retries each request
+(standard mode, 5 retries) but not the reading of a GET's body, which happens
+after its retry loop has returned; ``S3ObjectStore.get`` therefore retries the
+whole GET when the body is cut mid-download (``GET_ATTEMPTS``, short backoff).
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
+import logging
 import threading
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict
+from urllib3.exceptions import HTTPError as URLLib3Error
 
 from infra.errors import IntegrityError, ObjectNotFoundError, StoreError
 from infra.settings import S3Settings
@@ -28,6 +39,24 @@ if TYPE_CHECKING:  # types only: the stubs are a dev dependency
 
 FORMAT_VERSION = "1"
 _RESERVED = ("canopy-sha256", "canopy-kind", "canopy-format")
+
+# A GET whose body read fails (connection reset or cut mid-download, read timeout)
+# is sent again, this many times in all, sleeping GET_BACKOFF_S, then twice that...
+# Each attempt's request already has botocore's own retries; the body has none.
+GET_ATTEMPTS = 4
+GET_BACKOFF_S = 0.2
+# What reading a streamed body raises when the connection breaks: botocore wraps
+# urllib3's errors (ResponseStreamingError, IncompleteReadError, ReadTimeoutError
+# are BotoCoreError), but a raw urllib3 or http.client error or an OSError can
+# still come through from the socket.
+_BODY_ERRORS: tuple[type[BaseException], ...] = (
+    BotoCoreError,
+    URLLib3Error,
+    http.client.HTTPException,
+    OSError,
+)
+
+log = logging.getLogger(__name__)
 
 
 def sha256_hex(data: bytes) -> str:
@@ -149,19 +178,19 @@ class S3ObjectStore:
         meta.update({"canopy-sha256": digest, "canopy-kind": kind, "canopy-format": FORMAT_VERSION})
         try:
             self._client.put_object(Bucket=self.bucket, Key=key, Body=data, Metadata=meta)
-        except ClientError as exc:
+        except (ClientError, BotoCoreError) as exc:
             raise StoreError(f"put s3://{self.bucket}/{key} failed: {exc}") from exc
         return ObjectRef(bucket=self.bucket, key=key, sha256=digest, size=len(data))
 
     def get(self, key: str, *, expected_sha256: str | None = None) -> StoredObject:
-        try:
-            resp = self._client.get_object(Bucket=self.bucket, Key=key)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                raise ObjectNotFoundError(f"s3://{self.bucket}/{key} does not exist") from exc
-            raise StoreError(f"get s3://{self.bucket}/{key} failed: {exc}") from exc
-        data = resp["Body"].read()
-        meta = dict(resp.get("Metadata", {}))
+        """Read and verify ``key``; a body cut mid-download is fetched again.
+
+        Raises ``ObjectNotFoundError``, ``IntegrityError`` (the bytes arrived
+        whole and do not match their sha256: not retried) or ``StoreError``
+        (S3 refused or could not be reached through botocore's retries, or
+        every one of ``GET_ATTEMPTS`` downloads broke off).
+        """
+        data, meta = self._download(key)
         digest = _verify(key, data, meta.get("canopy-sha256"), expected_sha256)
         kind = meta.pop("canopy-kind", "")
         meta.pop("canopy-sha256", None)
@@ -169,12 +198,50 @@ class S3ObjectStore:
         ref = ObjectRef(bucket=self.bucket, key=key, sha256=digest, size=len(data))
         return StoredObject(ref=ref, kind=kind, metadata=meta, data=data)
 
+    def _download(self, key: str) -> tuple[bytes, dict[str, str]]:
+        """One object's bytes and user metadata, the GET repeated if its body breaks off."""
+        uri = f"s3://{self.bucket}/{key}"
+        attempt = 1
+        while True:
+            try:
+                resp = self._client.get_object(Bucket=self.bucket, Key=key)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    raise ObjectNotFoundError(f"{uri} does not exist") from exc
+                raise StoreError(f"get {uri} failed: {exc}") from exc
+            except BotoCoreError as exc:  # botocore's retries are spent: S3 is unreachable
+                raise StoreError(f"get {uri} failed: {exc}") from exc
+            body = resp["Body"]
+            try:
+                return body.read(), dict(resp.get("Metadata", {}))
+            except _BODY_ERRORS as exc:
+                body.close()
+                if attempt >= GET_ATTEMPTS:
+                    raise StoreError(
+                        f"get {uri} failed: the download broke off {attempt} times in a "
+                        f"row, the last time with {type(exc).__name__}: {exc}"
+                    ) from exc
+                pause = GET_BACKOFF_S * 2 ** (attempt - 1)
+                log.warning(
+                    "get %s: download broke off (%s: %s); attempt %d of %d in %.1f s",
+                    uri,
+                    type(exc).__name__,
+                    exc,
+                    attempt + 1,
+                    GET_ATTEMPTS,
+                    pause,
+                )
+                time.sleep(pause)
+                attempt += 1
+
     def head(self, key: str) -> ObjectRef | None:
         try:
             resp = self._client.head_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
                 return None
+            raise StoreError(f"head s3://{self.bucket}/{key} failed: {exc}") from exc
+        except BotoCoreError as exc:
             raise StoreError(f"head s3://{self.bucket}/{key} failed: {exc}") from exc
         digest = resp.get("Metadata", {}).get("canopy-sha256", "")
         return ObjectRef(bucket=self.bucket, key=key, sha256=digest, size=resp["ContentLength"])
@@ -185,12 +252,15 @@ class S3ObjectStore:
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
                 keys.extend(item["Key"] for item in page.get("Contents", []))
-        except ClientError as exc:
+        except (ClientError, BotoCoreError) as exc:
             raise StoreError(f"list s3://{self.bucket}/{prefix} failed: {exc}") from exc
         return sorted(keys)
 
     def delete(self, key: str) -> None:
-        self._client.delete_object(Bucket=self.bucket, Key=key)
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=key)
+        except (ClientError, BotoCoreError) as exc:
+            raise StoreError(f"delete s3://{self.bucket}/{key} failed: {exc}") from exc
 
 
 class MemoryObjectStore:
