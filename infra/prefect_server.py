@@ -32,18 +32,26 @@ def prefect_server_command(host: str, port: int) -> list[str]:
 
 
 def prefect_server_env(
-    home: Path, *, ui: bool = True, base: Mapping[str, str] | None = None
+    home: Path,
+    *,
+    ui: bool = True,
+    base: Mapping[str, str] | None = None,
+    api_url: str | None = None,
 ) -> dict[str, str]:
     """The server's environment: ``base`` (default ``os.environ``), its home, the tuning.
 
     ``PREFECT_API_URL`` is dropped: it is a client setting, and one inherited from
-    a developer's shell would point the server's own services elsewhere.
+    a developer's shell would point the server's own services elsewhere. The UI
+    calls the API at ``api_url``: ``prefect server start --port`` does not tell the
+    UI its own port, which would otherwise call port 4200 whatever the server's.
     """
     env = {**(os.environ if base is None else base), **PREFECT_SERVER_TUNING}
     env["PREFECT_HOME"] = str(home)
     env.pop("PREFECT_API_URL", None)
     if not ui:
         env["PREFECT_UI_ENABLED"] = "false"
+    elif api_url is not None:
+        env["PREFECT_UI_API_URL"] = api_url
     return env
 
 
@@ -61,6 +69,5 @@ def start_prefect_server(
     It leads its own process group; stop it with ``infra.process.stop_group``.
     Wait for it with ``infra.health.wait_http_ok(f"http://{host}:{port}/api/health")``.
     """
-    return spawn(
-        prefect_server_command(host, port), log, prefect_server_env(home, ui=ui, base=base_env)
-    )
+    env = prefect_server_env(home, ui=ui, base=base_env, api_url=f"http://{host}:{port}/api")
+    return spawn(prefect_server_command(host, port), log, env)

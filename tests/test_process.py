@@ -92,6 +92,14 @@ def test_prefect_server_env_is_the_tuned_server_with_its_own_home(tmp_path: Path
     assert "PREFECT_UI_ENABLED" not in prefect_server_env(tmp_path, base=base)
 
 
+def test_prefect_server_ui_calls_the_api_on_the_servers_own_port(tmp_path: Path) -> None:
+    # `prefect server start --port` does not tell its UI the port: it would call 4200.
+    env = prefect_server_env(tmp_path, base={}, api_url="http://127.0.0.1:4300/api")
+
+    assert env["PREFECT_UI_API_URL"] == "http://127.0.0.1:4300/api"
+    assert "PREFECT_UI_API_URL" not in prefect_server_env(tmp_path, ui=False, base={}, api_url="x")
+
+
 def test_prefect_server_command_is_this_interpreters_prefect() -> None:
     assert prefect_server_command("127.0.0.1", 4321) == [
         sys.executable,
