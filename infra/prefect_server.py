@@ -27,8 +27,13 @@ PREFECT_SERVER_TUNING = {
 
 
 def prefect_server_command(host: str, port: int) -> list[str]:
-    """``python -m prefect server start``: this interpreter's Prefect, wherever its bin is."""
-    return [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
+    """Prefect's server app in this interpreter, with lock races retried server-side.
+
+    ``infra.prefect_app`` serves what ``prefect server start`` serves (the same
+    app and services) and runs a request again while SQLite says it is locked,
+    so a client never waits Prefect's fixed 2 s back-off for a lost lock race.
+    """
+    return [sys.executable, "-m", "infra.prefect_app", "--host", host, "--port", str(port)]
 
 
 def prefect_server_env(

@@ -100,13 +100,11 @@ def test_prefect_server_ui_calls_the_api_on_the_servers_own_port(tmp_path: Path)
     assert "PREFECT_UI_API_URL" not in prefect_server_env(tmp_path, ui=False, base={}, api_url="x")
 
 
-def test_prefect_server_command_is_this_interpreters_prefect() -> None:
+def test_prefect_server_command_is_this_interpreters_prefect_app() -> None:
     assert prefect_server_command("127.0.0.1", 4321) == [
         sys.executable,
         "-m",
-        "prefect",
-        "server",
-        "start",
+        "infra.prefect_app",
         "--host",
         "127.0.0.1",
         "--port",
