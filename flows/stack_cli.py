@@ -62,6 +62,16 @@ OfflineFraction = Annotated[
 ]
 
 
+# What a shell needs to run deployments and read the stack's S3 (`canopy report`,
+# `canopy lineage`): moto takes any key, but boto3 signs nothing without one.
+STACK_CLIENT_ENV = (
+    "PREFECT_API_URL",
+    "CANOPY_S3_ENDPOINT_URL",
+    "CANOPY_S3_ACCESS_KEY_ID",
+    "CANOPY_S3_SECRET_ACCESS_KEY",
+)
+
+
 def _ports(prefect_port: int, s3_port: int, gateway_ports: str) -> stack.StackPorts:
     try:
         gateways = tuple(int(p) for p in gateway_ports.split(",") if p.strip())
@@ -107,7 +117,7 @@ def up(
     record = _start(root, tuple(j.strip() for j in jobs.split(",") if j.strip()), ports, fleet)
     console.print(f"\nPrefect UI: [link]{record.env['CANOPY_PREFECT_UI_URL']}[/link]")
     console.print("Use the stack from another shell with:")
-    for name in ("PREFECT_API_URL", "CANOPY_S3_ENDPOINT_URL"):
+    for name in STACK_CLIENT_ENV:
         console.print(f"  export {name}={record.env[name]}")
     for line in _next_steps(root, record):
         console.print(f"  {line}")
