@@ -28,6 +28,10 @@ from infra.errors import CanopyError
 
 log = logging.getLogger("canopy.serve")
 RUN_LIMIT = 2  # flow runs at once: two cores
+# How often the runner asks for scheduled runs. Prefect's default (10 s) is most of
+# the wait between `prefect deployment run` and the flow starting; one small read
+# of the API every half second is nothing to a local server.
+QUERY_SECONDS = 0.5
 
 
 async def _serve_spec(runner: Runner, spec: DeploymentSpec) -> None:
@@ -81,7 +85,7 @@ def _stamp(path: Path) -> tuple[int, int] | None:
 
 async def serve_deployments(user_file: Path | None = None, *, poll_s: float = 1.0) -> None:
     """Serve prefect.yaml's deployments and, with ``user_file``, the user's."""
-    runner = Runner(limit=RUN_LIMIT)
+    runner = Runner(limit=RUN_LIMIT, query_seconds=QUERY_SECONDS)
     builtin = load_deployment_specs()
     for spec in builtin:
         await _serve_spec(runner, spec)
