@@ -14,18 +14,26 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 
 
-def _rank(device_id: str, seed: int, rnd: int) -> bytes:
-    return hashlib.sha256(f"{seed}:{rnd}:{device_id}".encode()).digest()
+def _rank(device_id: str, seed: int, rnd: int, purpose: str) -> bytes:
+    key = f"{seed}:{rnd}:{device_id}" if not purpose else f"{purpose}:{seed}:{rnd}:{device_id}"
+    return hashlib.sha256(key.encode()).digest()
 
 
 def select_cohort(
-    registered: Iterable[str], *, cohort_size: int, over_selection: float, seed: int, rnd: int
+    registered: Iterable[str],
+    *,
+    cohort_size: int,
+    over_selection: float,
+    seed: int,
+    rnd: int,
+    purpose: str = "",
 ) -> list[str]:
     """Pick ``ceil(cohort_size * over_selection)`` devices, or all when fewer are registered.
 
     Ranking each id by a keyed hash (instead of ``random.sample`` over a list)
     makes the choice independent of registry order and stable when unrelated
-    devices enrol or leave.
+    devices enrol or leave. ``purpose`` (e.g. ``"evaluate"``) draws an
+    independent cohort for another task of the same round.
     """
     if cohort_size < 1:
         raise ValueError(f"cohort_size must be >= 1, got {cohort_size}")
@@ -33,7 +41,7 @@ def select_cohort(
         raise ValueError(f"over_selection must be >= 1.0, got {over_selection}")
     wanted = math.ceil(cohort_size * over_selection)
     ids = sorted(set(registered))
-    ranked = sorted(ids, key=lambda d: _rank(d, seed, rnd))
+    ranked = sorted(ids, key=lambda d: _rank(d, seed, rnd, purpose))
     return sorted(ranked[:wanted])
 
 
