@@ -4,12 +4,15 @@ Gateways hold no state of their own. Everything they need to answer a device
 comes from three kinds of small JSON objects, all pure pydantic models here:
 
 * ``ActiveRound`` at ``control/active/{job}.json`` (``infra.keys.active_job_key``):
-  which run and round of a job the gateways serve, the leaves of the round's
-  aggregation tree and where each leaf's task manifest lives. The flow rewrites
-  it when a round opens (``status="open"``), when it closes (``"closed"``) and
-  when the job ends (``"done"``).
+  which run and round of a job the gateways serve, what its tasks ask
+  (``kind``: ``train``, or ``evaluate`` for a federated evaluation), the leaves
+  of the round's aggregation tree and where each leaf's task manifest lives.
+  The flow rewrites it when a round (or its evaluation) opens
+  (``status="open"``), when it closes (``"closed"``) and when the job ends
+  (``"done"``).
 * ``LeafTask`` at ``{job}/{run}/round-{r:05d}/tasks/{leaf}.json``
-  (``infra.keys.task_manifest_key``): the work of one leaf for one round.
+  (``infra.keys.task_manifest_key``; ``evaluation_task_key`` for evaluation
+  tasks): the work of one leaf for one round.
 * ``DeviceRecord`` at ``devices/{job}/{device_id}.json`` (``device_key``):
   written by a gateway when a device enrols for a job; the flow samples each
   round's cohort by listing ``registry_prefix(job)`` (keys only, no GETs).
@@ -37,6 +40,12 @@ RUNTIMES: tuple[Runtime, ...] = ("executorch", "pytorch")
 
 RoundStatus = Literal["open", "closed", "done"]
 TaskStatus = Literal["open", "closed"]
+
+WorkKind = Literal["train", "evaluate"]
+"""What a task asks of a device: ``train`` (upload an update) or ``evaluate`` (evaluate
+the global model on the device's own held-out data and upload metrics only)."""
+
+WORK_KINDS: tuple[WorkKind, ...] = ("train", "evaluate")
 
 KIND_ACTIVE_ROUND = "active-round"
 KIND_LEAF_TASK = "leaf-task"
@@ -74,13 +83,14 @@ def identity_key(device_id: str) -> str:
     return f"{IDENTITIES_PREFIX}{check_segment(device_id, 'device id')}.json"
 
 
-def make_task_id(job: str, run_id: str, rnd: int, leaf: str) -> str:
-    """A task id that names its job, run, round and leaf, so logs explain themselves.
+def make_task_id(job: str, run_id: str, rnd: int, leaf: str, kind: WorkKind = "train") -> str:
+    """A task id that names its job, run, round, leaf (and ``eval`` for evaluation tasks).
 
     Gateways never parse task ids; they only compare them with the current
     ``LeafTask.task_id``. Any unique string works, this is the convention.
     """
-    return f"{job}.{run_id}.r{rnd:05d}.{leaf}"
+    phase = "eval." if kind == "evaluate" else ""
+    return f"{job}.{run_id}.r{rnd:05d}.{phase}{leaf}"
 
 
 def _aware(value: datetime, what: str) -> datetime:
@@ -99,6 +109,12 @@ class ActiveRound(BaseModel):
       uploads are refused as late (409) and polls are told to retry after
       ``poll_seconds``;
     * ``done``: the job is finished; polls answer ``done`` and devices stop.
+
+    ``kind`` says what the open tasks ask: a round's training (``train``), or
+    its federated evaluation (``evaluate``), which reopens the same round
+    number with evaluation tasks after the training closed. Uploads and the
+    close fence compare it too, so a late update can never land in an
+    evaluation nor an evaluation result in training.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -107,6 +123,9 @@ class ActiveRound(BaseModel):
     run_id: str
     round: int = Field(ge=0)
     status: RoundStatus
+    kind: WorkKind = Field(
+        default="train", description="train: the round's training; evaluate: its evaluation."
+    )
     leaves: list[str] = Field(
         min_length=1, description="Leaf node names; devices map onto them by leaf_for_device."
     )
@@ -163,10 +182,21 @@ class DataHint(BaseModel):
     seed: int = Field(default=0, description="Seed of the partitioning.")
     alpha: float | None = Field(default=None, gt=0, description="Dirichlet concentration.")
     shards: int | None = Field(default=None, ge=1, description="Shards per device.")
+    holdout: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="Fraction of each device's partition held out for federated evaluation "
+        "(never trained on); 0 when the run does not evaluate on devices.",
+    )
 
 
 class LeafTask(BaseModel):
-    """The work of one leaf for one round: who trains, on which model, how."""
+    """The work of one leaf for one round: who trains (or evaluates), on which model, how.
+
+    An ``evaluate`` task has no program (devices evaluate the safetensors
+    weights) and names the ``metrics`` every result must report.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -175,6 +205,15 @@ class LeafTask(BaseModel):
     run_id: str
     round: int = Field(ge=0)
     leaf: str
+    kind: WorkKind = Field(
+        default="train",
+        description="train: upload an update; evaluate: upload the metrics of the global model "
+        "on the device's own held-out data, and no update.",
+    )
+    metrics: list[str] = Field(
+        default_factory=list,
+        description="evaluate: the metric names every result must report, exactly (the job's).",
+    )
     selected_device_ids: list[str] = Field(
         description="Devices of this leaf asked to train (each has leaf_for_device == leaf)."
     )
@@ -229,6 +268,11 @@ class LeafTask(BaseModel):
             )
         if not self.tensor_spec:
             raise ValueError("tensor_spec is empty; every update would be refused")
+        if self.kind == "evaluate" and (self.program is not None or not self.metrics):
+            raise ValueError(
+                "an evaluate task names the metrics to report and has no program "
+                "(devices evaluate the safetensors weights)"
+            )
         return self
 
     def sample_limit(self) -> int:

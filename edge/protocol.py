@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge.manifests import MAX_NUM_SAMPLES, Runtime
+from edge.manifests import MAX_NUM_SAMPLES, Runtime, WorkKind
 
 API_PREFIX = "/v1"
 
@@ -33,6 +33,7 @@ HEADER_METRICS = "X-Canopy-Metrics"
 HEADER_GATEWAY = "X-Canopy-Gateway"
 
 UPDATE_CONTENT_TYPES = ("application/octet-stream", "application/vnd.safetensors")
+EVALUATION_CONTENT_TYPES = ("application/json",)
 
 MAX_METRICS_HEADER_BYTES = 4096
 MAX_METRICS = 32
@@ -87,9 +88,10 @@ class ErrorCode(StrEnum):
     TASK_NOT_CURRENT = "task_not_current"  # [409] download for a task that is over
     LATE = "late"  # [409] result for a task/model version that is no longer current
     BODY_TOO_LARGE = "body_too_large"  # [413]
-    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # [415] update must be safetensors
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # [415] safetensors, or JSON to evaluate
     RANGE_NOT_SATISFIABLE = "range_not_satisfiable"  # [416]
     MALFORMED_UPDATE = "malformed_update"  # [422] body is not safetensors
+    MALFORMED_EVALUATION = "malformed_evaluation"  # [422] body is not an EvaluationResult
     TENSOR_NAMES = "tensor_names"  # [422] missing or unexpected tensor
     TENSOR_SHAPE = "tensor_shape"  # [422]
     TENSOR_DTYPE = "tensor_dtype"  # [422]
@@ -230,16 +232,30 @@ class ArtifactInfo(BaseModel):
 
 
 class TaskOffer(BaseModel):
-    """What a selected device must do this round."""
+    """What a selected device must do this round: train, or evaluate the global model."""
 
     task_id: str
     job: str
     run_id: str
     round: int
     leaf: str
+    kind: WorkKind = Field(
+        default="train",
+        description=(
+            "train: train locally and upload the update (safetensors). evaluate: evaluate the "
+            "global weights on the device's own held-out data and upload an EvaluationResult "
+            "(JSON, metrics only, no update)."
+        ),
+    )
+    metrics: list[str] = Field(
+        default_factory=list,
+        description="evaluate tasks: the metrics the result must report, exactly these names.",
+    )
     runtime: Runtime = Field(description="Runtime this device trains with for this task.")
     model_version: str = Field(description="Echo in X-Canopy-Model-Version when uploading.")
-    model: ArtifactInfo = Field(description="What to train: .pte (executorch) or safetensors.")
+    model: ArtifactInfo = Field(
+        description="What to train: .pte (executorch) or safetensors; evaluate tasks: safetensors."
+    )
     weights: ArtifactInfo = Field(description="The global weights as safetensors (always).")
     upload_url: str
     deadline: datetime
@@ -294,6 +310,24 @@ class DoneAnswer(BaseModel):
 PollAnswer = Annotated[
     TaskAnswer | RetryAnswer | NoJobAnswer | DoneAnswer, Field(discriminator="status")
 ]
+
+
+class EvaluationResult(BaseModel):
+    """Body of the upload of an ``evaluate`` task (``application/json``): metrics only.
+
+    Each metric is the **mean** over the device's held-out examples, whose count
+    is sent as ``X-Canopy-Num-Samples`` (the weight of these means when devices'
+    results are summed). The names must be exactly the offer's ``metrics``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    metrics: dict[Annotated[str, Field(max_length=MAX_METRIC_NAME)], float] = Field(
+        min_length=1,
+        max_length=MAX_METRICS,
+        description="Metric name -> finite mean over the held-out examples, e.g. "
+        '{"loss": 0.41, "accuracy": 0.82}.',
+    )
 
 
 class UploadReceipt(BaseModel):
@@ -375,11 +409,22 @@ def parse_metrics(value: str | None) -> dict[str, float]:
         raise ProtocolError(
             422, ErrorCode.BAD_METRICS, f"{HEADER_METRICS} is not JSON: {exc}"
         ) from exc
-    if not isinstance(raw, dict) or len(raw) > MAX_METRICS:
+    if not isinstance(raw, dict):
         raise ProtocolError(
             422,
             ErrorCode.BAD_METRICS,
             f"{HEADER_METRICS} must be a JSON object with at most {MAX_METRICS} entries",
+        )
+    return _check_metric_values(raw, HEADER_METRICS)
+
+
+def _check_metric_values(raw: dict[str, Any], what: str) -> dict[str, float]:
+    """At most ``MAX_METRICS`` entries, short names, finite numbers; 422 ``bad_metrics``."""
+    if len(raw) > MAX_METRICS:
+        raise ProtocolError(
+            422,
+            ErrorCode.BAD_METRICS,
+            f"{what} must be a JSON object with at most {MAX_METRICS} entries",
         )
     metrics: dict[str, float] = {}
     for name, number in raw.items():
@@ -406,15 +451,35 @@ def parse_model_version(value: str | None) -> str:
     return value.strip()
 
 
-def check_update_content_type(value: str | None) -> None:
-    """An update is safetensors bytes: ``application/octet-stream`` or the safetensors type."""
-    content_type = (value or "").split(";")[0].strip().lower()
-    if content_type not in UPDATE_CONTENT_TYPES:
+def _media_type(value: str | None) -> str:
+    return (value or "").split(";")[0].strip().lower()
+
+
+def check_update_content_type(value: str | None) -> str:
+    """An upload is safetensors bytes (an update) or JSON (an evaluation result); 415 else."""
+    content_type = _media_type(value)
+    if content_type not in (*UPDATE_CONTENT_TYPES, *EVALUATION_CONTENT_TYPES):
         raise ProtocolError(
             415,
             ErrorCode.UNSUPPORTED_MEDIA_TYPE,
-            f"the update must be a safetensors body sent as one of {UPDATE_CONTENT_TYPES}, "
+            f"an update must be a safetensors body sent as one of {UPDATE_CONTENT_TYPES} "
+            f"(an evaluation result: {EVALUATION_CONTENT_TYPES[0]}), "
             f"got {content_type[:64] or 'no Content-Type'!r}",
+        )
+    return content_type
+
+
+def check_content_type_for(kind: WorkKind, content_type: str) -> None:
+    """415 unless the upload's body is what a ``kind`` task asks for."""
+    allowed = UPDATE_CONTENT_TYPES if kind == "train" else EVALUATION_CONTENT_TYPES
+    if content_type not in allowed:
+        wanted = "the update as safetensors" if kind == "train" else "an EvaluationResult as JSON"
+        raise ProtocolError(
+            415,
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+            f"this is a {kind} task: upload {wanted} ({' or '.join(allowed)}), "
+            f"not {content_type!r}",
+            details={"task_kind": kind, "content_types": list(allowed)},
         )
 
 
@@ -425,6 +490,7 @@ class UploadHeaders:
     model_version: str
     num_samples: int
     metrics: dict[str, float]
+    content_type: str = UPDATE_CONTENT_TYPES[0]
 
 
 def parse_upload_headers(headers: Mapping[str, str]) -> UploadHeaders:
@@ -432,8 +498,40 @@ def parse_upload_headers(headers: Mapping[str, str]) -> UploadHeaders:
     model_version = parse_model_version(headers.get(HEADER_MODEL_VERSION))
     num_samples = parse_num_samples(headers.get(HEADER_NUM_SAMPLES))
     metrics = parse_metrics(headers.get(HEADER_METRICS))
-    check_update_content_type(headers.get("content-type"))
-    return UploadHeaders(model_version, num_samples, metrics)
+    content_type = check_update_content_type(headers.get("content-type"))
+    return UploadHeaders(model_version, num_samples, metrics, content_type)
+
+
+def parse_evaluation(body: bytes, expected: Sequence[str]) -> dict[str, float]:
+    """An ``evaluate`` upload's body: an ``EvaluationResult`` naming exactly ``expected``.
+
+    422 ``malformed_evaluation`` when the body is not that JSON object,
+    ``bad_metrics`` when a metric is missing, unknown, badly named or not finite.
+    """
+    try:
+        raw = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ProtocolError(
+            422, ErrorCode.MALFORMED_EVALUATION, f"the evaluation result is not JSON: {exc}"
+        ) from exc
+    if not isinstance(raw, dict) or set(raw) != {"metrics"} or not isinstance(raw["metrics"], dict):
+        raise ProtocolError(
+            422,
+            ErrorCode.MALFORMED_EVALUATION,
+            'the evaluation result must be a JSON object {"metrics": {name: number, ...}} '
+            "and nothing else",
+        )
+    metrics = _check_metric_values(raw["metrics"], "the evaluation result's metrics")
+    missing, unknown = sorted(set(expected) - set(metrics)), sorted(set(metrics) - set(expected))
+    if missing or unknown:
+        raise ProtocolError(
+            422,
+            ErrorCode.BAD_METRICS,
+            f"the evaluation result must report exactly the task's metrics {sorted(expected)}; "
+            f"missing {missing}, unexpected {unknown[:8]}",
+            details={"expected": sorted(expected), "missing": missing, "unexpected": unknown[:8]},
+        )
+    return metrics
 
 
 def parse_range(value: str | None, size: int) -> tuple[int, int] | None:

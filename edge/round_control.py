@@ -8,7 +8,8 @@ which is what the close fence relies on (see docs/gateway.md): an upload a
 gateway acknowledged was in S3 before the pointer said ``closed``, so a reader
 that sees ``closed`` and then lists the round's updates finds every one of them.
 The builders are pure; only ``open_round``, ``set_round_status`` and
-``read_active`` touch the store.
+``read_active`` touch the store. A round's federated evaluation is opened the
+same way, with ``kind="evaluate"`` tasks and pointer.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from edge.manifests import (
     LeafTask,
     RoundStatus,
     Runtime,
+    WorkKind,
     make_task_id,
 )
 from infra.errors import ObjectNotFoundError
-from infra.keys import active_job_key, task_manifest_key
+from infra.keys import active_job_key, evaluation_task_key, task_manifest_key
 from infra.store import ObjectRef, ObjectStore, get_json, put_json
 
 
@@ -46,14 +48,20 @@ def leaf_tasks(
     deadline: datetime,
     data_hint: DataHint | None = None,
     max_num_samples: int | None = None,
+    kind: WorkKind = "train",
+    metrics: Sequence[str] = (),
 ) -> dict[str, LeafTask]:
     """Pure: one ``LeafTask`` per leaf (every leaf, even one nobody was routed to)."""
     extra: dict[str, Any] = {}
     if max_num_samples is not None:
         extra["max_num_samples"] = max_num_samples
+    if kind != "train":
+        extra["kind"] = kind
+    if metrics:
+        extra["metrics"] = list(metrics)
     return {
         leaf: LeafTask(
-            task_id=make_task_id(job, run_id, rnd, leaf),
+            task_id=make_task_id(job, run_id, rnd, leaf, kind),
             job=job,
             run_id=run_id,
             round=rnd,
@@ -84,15 +92,18 @@ def active_round(
     closed_at: datetime | None = None,
     poll_seconds: float = 2.0,
     idle_poll_seconds: float = 10.0,
+    kind: WorkKind = "train",
 ) -> ActiveRound:
     """Pure: the job's pointer to this round, with the key of every leaf's manifest."""
+    manifest_key = task_manifest_key if kind == "train" else evaluation_task_key
     return ActiveRound(
         job=job,
         run_id=run_id,
         round=rnd,
         status=status,
+        kind=kind,
         leaves=list(leaves),
-        leaf_manifest_keys={leaf: task_manifest_key(job, run_id, rnd, leaf) for leaf in leaves},
+        leaf_manifest_keys={leaf: manifest_key(job, run_id, rnd, leaf) for leaf in leaves},
         opened_at=opened_at,
         closed_at=closed_at,
         poll_seconds=poll_seconds,
@@ -109,6 +120,9 @@ def open_round(
     missing = sorted(set(active.leaves) - set(tasks))
     if missing:
         raise ValueError(f"round {active.round}: no task for leaves {missing}")
+    mixed = sorted(leaf for leaf, task in tasks.items() if task.kind != active.kind)
+    if mixed:
+        raise ValueError(f"round {active.round}: tasks of leaves {mixed} are not {active.kind}")
     refs = {
         leaf: put_json(store, active.leaf_manifest_keys[leaf], task, kind=KIND_LEAF_TASK)
         for leaf, task in tasks.items()
@@ -135,12 +149,15 @@ def read_active(store: ObjectStore, job: str) -> ActiveRound | None:
         return None
 
 
-def round_is_open(store: ObjectStore, job: str, run_id: str, rnd: int) -> bool:
-    """Whether the gateways may still acknowledge uploads for this run's round."""
+def round_is_open(
+    store: ObjectStore, job: str, run_id: str, rnd: int, kind: WorkKind = "train"
+) -> bool:
+    """Whether the gateways may still acknowledge uploads (``kind`` ones) for this run's round."""
     active = read_active(store, job)
     return (
         active is not None
         and active.status == "open"
         and active.run_id == run_id
         and active.round == rnd
+        and active.kind == kind
     )

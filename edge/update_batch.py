@@ -13,6 +13,11 @@ one object at ``infra.keys.update_batch_key(...)``:
   gateway_id``. ``job``, ``run_id``, ``round``, ``leaf`` and ``gateway_id``
   describe the whole batch.
 
+Evaluation results (``kind`` ``evaluate``, docs/orchestration.md) travel the
+same way, at ``infra.keys.evaluation_batch_key(...)``: metadata ``kind`` is
+``evaluate`` and the records carry metrics and no tensors (the batch holds no
+tensors at all). A batch without ``kind`` is a training batch.
+
 ``decode_update_batch`` is what the leaf aggregation calls. It checks the
 structure (every record has tensors, every tensor has a record) but not the
 tensor spec or finiteness: gateways already refused bad updates, and the flow
@@ -30,7 +35,9 @@ from datetime import datetime
 from typing import Any
 
 from aggregation.tensors import TensorDict, decode_tensors, encode_tensors
+from edge.manifests import WORK_KINDS, WorkKind
 from infra.errors import ValidationError
+from infra.keys import evaluation_batch_key, update_batch_key
 
 BATCH_FORMAT = "1"
 KIND_UPDATE_BATCH = "device-update-batch"
@@ -38,7 +45,11 @@ KIND_UPDATE_BATCH = "device-update-batch"
 
 @dataclass(frozen=True)
 class DeviceUpdate:
-    """One device's accepted update for one task (``tensors`` = new - old)."""
+    """One device's accepted update for one task (``tensors`` = new - old).
+
+    An evaluation result is a ``DeviceUpdate`` without tensors: ``num_samples``
+    held-out examples and the ``metrics`` measured on them.
+    """
 
     device_id: str
     task_id: str
@@ -71,20 +82,34 @@ class BatchContext:
     round: int
     leaf: str
     gateway_id: str
+    kind: WorkKind = "train"
+
+
+def batch_key(context: BatchContext, batch: str) -> str:
+    """Where a batch of this context lives: the round's updates, or its evaluation results."""
+    key = update_batch_key if context.kind == "train" else evaluation_batch_key
+    return key(context.job, context.run_id, context.round, context.leaf, batch)
 
 
 def encode_update_batch(updates: Sequence[DeviceUpdate], context: BatchContext) -> bytes:
-    """Serialise updates (at least one) as one safetensors object."""
+    """Serialise updates (at least one) as one safetensors object.
+
+    Training updates must each hold tensors; evaluation results must hold none.
+    """
     if not updates:
         raise ValueError("an update batch needs at least one update")
     tensors: TensorDict = {}
     for i, update in enumerate(updates):
-        if not update.tensors:
-            raise ValueError(f"update of device {update.device_id!r} has no tensors")
+        if bool(update.tensors) != (context.kind == "train"):
+            raise ValueError(
+                f"{context.kind} result of device {update.device_id!r} "
+                + ("has no tensors" if context.kind == "train" else "carries tensors")
+            )
         for name, array in update.tensors.items():
             tensors[f"{i}/{name}"] = array
     metadata = {
         "canopy-update-batch": BATCH_FORMAT,
+        "kind": context.kind,
         "job": context.job,
         "run_id": context.run_id,
         "round": str(context.round),
@@ -109,7 +134,12 @@ def decode_update_batch(data: bytes, source: str) -> list[DeviceUpdate]:
             f"{source}: update batch format {version!r} is not {BATCH_FORMAT!r}; "
             "it was not written by a compatible gateway"
         )
+    kind = metadata.get("kind", "train")
+    if kind not in WORK_KINDS:
+        raise ValidationError(f"{source}: batch kind {kind!r} is not one of {list(WORK_KINDS)}")
     records = _parse_records(metadata.get("records"), source)
+    if kind == "evaluate" and tensors:
+        raise ValidationError(f"{source}: an evaluation batch carries tensors")
     per_device: list[TensorDict] = [{} for _ in records]
     for full_name, array in tensors.items():
         index, sep, name = full_name.partition("/")
@@ -121,7 +151,7 @@ def decode_update_batch(data: bytes, source: str) -> list[DeviceUpdate]:
         per_device[int(index)][name] = array
     updates = []
     for i, (rec, dev_tensors) in enumerate(zip(records, per_device, strict=True)):
-        if not dev_tensors:
+        if not dev_tensors and kind == "train":
             raise ValidationError(f"{source}: record {i} ({rec['device_id']}) has no tensors")
         updates.append(_update_from_record(rec, dev_tensors, source, i))
     return updates

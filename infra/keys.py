@@ -13,6 +13,13 @@ Every object of a training run lives under ``{job}/{run}/``::
                                                          group-committed device updates
     {job}/{run}/round-{r:05d}/partials/{node}.safetensors  summed partial aggregate of a node
     {job}/{run}/round-{r:05d}/report.json                round metrics and outcome
+    {job}/{run}/round-{r:05d}/device-evaluation/tasks/{leaf}.json
+                                                         evaluation task of one leaf (federated
+                                                         evaluation of round r's new global model)
+    {job}/{run}/round-{r:05d}/device-evaluation/results/{leaf}/{batch}.safetensors
+                                                         group-committed evaluation results
+    {job}/{run}/round-{r:05d}/device-evaluation/metrics.json
+                                                         their sums and means
 
 Outside any run::
 
@@ -119,6 +126,31 @@ def batch_update_count(key: str) -> int:
     """Updates in the batch at ``key`` according to its name (1 for a name without a count)."""
     found = _BATCH_COUNT.search(key)
     return int(found.group(1)) if found else 1
+
+
+def device_evaluation_prefix(job: str, run: str, rnd: int) -> str:
+    """Everything of round ``rnd``'s federated evaluation (of the model the round made)."""
+    return f"{round_prefix(job, run, rnd)}device-evaluation/"
+
+
+def evaluation_task_key(job: str, run: str, rnd: int, leaf: str) -> str:
+    return f"{device_evaluation_prefix(job, run, rnd)}tasks/{check_segment(leaf, 'leaf')}.json"
+
+
+def evaluation_results_prefix(job: str, run: str, rnd: int, leaf: str) -> str:
+    return f"{device_evaluation_prefix(job, run, rnd)}results/{check_segment(leaf, 'leaf')}/"
+
+
+def evaluation_batch_key(job: str, run: str, rnd: int, leaf: str, batch: str) -> str:
+    return (
+        f"{evaluation_results_prefix(job, run, rnd, leaf)}"
+        f"{check_segment(batch, 'batch')}.safetensors"
+    )
+
+
+def device_evaluation_key(job: str, run: str, rnd: int) -> str:
+    """The summed device metrics of round ``rnd``'s federated evaluation."""
+    return f"{device_evaluation_prefix(job, run, rnd)}metrics.json"
 
 
 def partial_key(job: str, run: str, rnd: int, node: str) -> str:

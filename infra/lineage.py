@@ -31,6 +31,8 @@ LineageKind = Literal[
     "partial-aggregation",
     "global-aggregation",
     "evaluation",
+    "device-evaluation-batch",
+    "device-evaluation",
 ]
 
 

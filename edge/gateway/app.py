@@ -113,7 +113,8 @@ def create_app(
     app = FastAPI(
         title="Canopy device gateway",
         version="1",
-        summary="Enrol, fetch a round's task and model, upload a safetensors update.",
+        summary="Enrol, fetch a round's task and model, upload a safetensors update "
+        "(or, for an evaluation task, its metrics).",
         description="See docs/protocol.md for the walkthrough and a sequence diagram.",
         lifespan=lifespan,
     )
@@ -226,7 +227,7 @@ def create_app(
             "security": BEARER,
             "parameters": [*path_params("job", "device_id", "task_id"), *UPLOAD_HEADERS],
         },
-        summary="Upload the update (new - old) as safetensors",
+        summary="Upload the update (new - old) as safetensors, or an evaluation's metrics as JSON",
     )
     async def upload(request: Request) -> Any:
         try:
@@ -234,7 +235,9 @@ def create_app(
             claims = service.authenticate(request.headers.get("authorization"), device_id)
             parsed = parse_upload_headers(request.headers)
             view = await service.uploads.admit(job, claims, task_id, parsed)
-            body = await read_body(request, settings.max_body_bytes, budget)
+            train = view.task.kind == "train"
+            limit = settings.max_body_bytes if train else MAX_JSON_BODY_BYTES
+            body = await read_body(request, limit, budget)
             try:
                 receipt = await service.uploads.accept(view, claims, body, parsed)
             finally:

@@ -1,6 +1,7 @@
 """Group commit: accepted updates of one leaf written as one S3 object.
 
-Each accepted update joins the open batch of its (job, run, round, leaf). The
+Each accepted update joins the open batch of its (job, run, round, leaf, kind:
+training updates and evaluation results never share a batch). The
 batch is written when it holds ``max_updates`` updates or ``max_wait`` seconds
 after its first update arrived, whichever comes first; but while the leaf's
 previous batch is still being written, a batch that is not full waits for that
@@ -43,9 +44,10 @@ from edge.update_batch import (
     KIND_UPDATE_BATCH,
     BatchContext,
     DeviceUpdate,
+    batch_key,
     encode_update_batch,
 )
-from infra.keys import batch_name, update_batch_key
+from infra.keys import batch_name
 from infra.lineage import make_record, write_lineage
 from infra.store import ObjectRef, ObjectStore
 
@@ -147,7 +149,7 @@ class GroupCommitter:
         batch_id = batch_name(
             self._gateway_id, time.time_ns() // 1_000_000, next(self._seq), len(updates)
         )
-        key = update_batch_key(ctx.job, ctx.run_id, ctx.round, ctx.leaf, batch_id)
+        key = batch_key(ctx, batch_id)
         started = time.perf_counter()
         started_at = datetime.now(UTC)
         try:
@@ -232,7 +234,7 @@ class GroupCommitter:
         ctx = batch.context
         updates = [update for update, _ in batch.items]
         record = make_record(
-            kind="device-update-batch",
+            kind="device-update-batch" if ctx.kind == "train" else "device-evaluation-batch",
             inputs=[batch.global_model],
             outputs=[ref],
             parameters={
@@ -241,6 +243,7 @@ class GroupCommitter:
                 "round": ctx.round,
                 "leaf": ctx.leaf,
                 "gateway_id": ctx.gateway_id,
+                "task_kind": ctx.kind,
                 "device_ids": [u.device_id for u in updates],
                 "num_samples": [u.num_samples for u in updates],
                 "num_updates": len(updates),

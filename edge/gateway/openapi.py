@@ -4,7 +4,7 @@ Hot routes read their path parameters, headers and bodies by hand: as FastAPI
 parameters they cost about 0.5 ms of dependency solving per request, most of
 a poll's cost. They are declared here for the OpenAPI document instead: path
 and header parameters, the bearer scheme, the raw safetensors upload body and
-the enrolment schema.
+the enrolment schemas and the evaluation result.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from edge.protocol import (
     ChallengeRequest,
     EnrolRequest,
     ErrorBody,
+    EvaluationResult,
 )
 
 RANGE_HEADER = {
@@ -54,7 +55,8 @@ UPLOAD_HEADERS = [
         "required": True,
         "description": (
             f"Local training examples, 1 to {MAX_NUM_SAMPLES:,} (the aggregation weight), and "
-            "at most the offer's max_num_samples (422 too_many_samples beyond it)."
+            "at most the offer's max_num_samples (422 too_many_samples beyond it). For an "
+            "evaluate task: the held-out examples the metrics were measured on."
         ),
         "schema": {"type": "integer", "minimum": 1, "maximum": MAX_NUM_SAMPLES},
     },
@@ -65,7 +67,8 @@ UPLOAD_HEADERS = [
         "description": (
             f'JSON object of finite numbers, e.g. {{"loss": 0.4}}: at most {MAX_METRICS} '
             f"entries, names of at most {MAX_METRIC_NAME} characters, "
-            f"{MAX_METRICS_HEADER_BYTES} bytes in all."
+            f"{MAX_METRICS_HEADER_BYTES} bytes in all. Train tasks only (an evaluate task's "
+            "metrics are its body)."
         ),
         "schema": {
             "type": "string",
@@ -124,25 +127,30 @@ def json_body(schema: str) -> dict[str, Any]:
 
 
 def binary_body(max_body_bytes: int) -> dict[str, Any]:
-    """The raw safetensors upload body, with this gateway's size limit."""
+    """The upload body: a raw safetensors update (train tasks, with this gateway's size
+    limit) or an ``EvaluationResult`` (evaluate tasks, JSON of at most 16 KiB)."""
+    binary = {"schema": {"type": "string", "format": "binary"}}
     return {
         "requestBody": {
             "required": True,
             "description": (
-                "The update (trained minus global parameters) as safetensors bytes, at most "
-                f"{max_body_bytes} bytes on this gateway (413 body_too_large beyond)."
+                "Train tasks: the update (trained minus global parameters) as safetensors "
+                f"bytes, at most {max_body_bytes} bytes on this gateway. Evaluate tasks: an "
+                f"EvaluationResult as application/json, at most {MAX_JSON_BODY_BYTES} bytes. "
+                "413 body_too_large beyond; 415 unsupported_media_type for the other kind's body."
             ),
             "x-max-body-bytes": max_body_bytes,
+            "x-max-json-body-bytes": MAX_JSON_BODY_BYTES,
             "content": {
-                content_type: {"schema": {"type": "string", "format": "binary"}}
-                for content_type in UPDATE_CONTENT_TYPES
+                **{content_type: binary for content_type in UPDATE_CONTENT_TYPES},
+                "application/json": {"schema": {"$ref": "#/components/schemas/EvaluationResult"}},
             },
         }
     }
 
 
 def install_openapi(app: FastAPI) -> None:
-    """Add the schemas of bodies read by hand (enrolment, challenge) to the generated OpenAPI."""
+    """Add the schemas of bodies read by hand (enrolment, challenge, evaluation result)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -161,7 +169,7 @@ def install_openapi(app: FastAPI) -> None:
                 }
             }
             components = schema["components"].setdefault("schemas", {})
-            for model in (EnrolRequest, ChallengeRequest):
+            for model in (EnrolRequest, ChallengeRequest, EvaluationResult):
                 extra = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(extra.pop("$defs", {}))
                 components[model.__name__] = extra

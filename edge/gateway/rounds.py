@@ -113,7 +113,8 @@ class RoundDirectory:
         return await self._active.get(job, load)
 
     async def confirm_open(self, context: BatchContext) -> None:
-        """The close fence: 409 ``late`` unless S3 says this run's round is open *now*.
+        """The close fence: 409 ``late`` unless S3 says this run's round is open *now*
+        (for the batch's kind: a training batch is late once the evaluation opened).
 
         Read uncached, by a GET that starts after the batch PUT returned (the ordering
         is the point; see docs/gateway.md). Batches whose PUTs return while such a GET
@@ -135,7 +136,8 @@ class RoundDirectory:
         if (
             active is None
             or active.status != "open"
-            or (active.run_id, active.round) != (context.run_id, context.round)
+            or (active.run_id, active.round, active.kind)
+            != (context.run_id, context.round, context.kind)
         ):
             raise ProtocolError(
                 409,

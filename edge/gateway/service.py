@@ -1,5 +1,9 @@
 """What a gateway does for a device, independent of HTTP.
 
+A task is either training (the device uploads an update) or a federated
+evaluation (it uploads metrics only); the manifests say which, and the gateway
+offers, serves and checks both the same way except for the upload's body.
+
 The gateway owns no round state: the current task of each leaf comes from the
 S3 manifests (``RoundDirectory``, cached for ``manifest_cache_seconds``), a
 device's leaf is ``leaf_for_device`` of its id, and accepted updates go to S3
@@ -195,6 +199,8 @@ class GatewayService:
             run_id=task.run_id,
             round=task.round,
             leaf=task.leaf,
+            kind=task.kind,
+            metrics=task.metrics,
             runtime=runtime,
             model_version=task.model_version,
             model=model,

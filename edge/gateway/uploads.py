@@ -3,10 +3,13 @@
 Checks run cheapest first: the headers (no I/O), then the round's state from
 the cached manifests (a late result or a device that was not selected is
 refused without reading 64 MiB, and so is a sample count over the task's
-``max_num_samples``), then the safetensors body (``update_check``: names,
-shapes, dtypes, NaN/Inf). Only an update that passed all of them is looked up
-among the results already accepted: a replay with a NaN or garbage body is a
-422 like any other bad body, never a ``duplicate``. A new update joins its
+``max_num_samples`` or a body of the wrong type for the task's kind), then the
+body: a training task's safetensors update (``update_check``: names, shapes,
+dtypes, NaN/Inf), or an evaluation task's ``EvaluationResult`` JSON
+(``edge.protocol.parse_evaluation``: exactly the task's metrics, finite).
+Only an update that passed all of them is looked up among the results already
+accepted: a replay with a NaN or garbage body is a 422 like any other bad
+body, never a ``duplicate``. A new update joins its
 leaf's group commit, and the device gets its receipt only when the batch is in
 S3 *and* the round was still open after the write (the close fence, see
 ``batcher`` and docs/gateway.md).
@@ -25,13 +28,21 @@ from collections import OrderedDict
 from concurrent.futures import Executor
 from datetime import UTC, datetime
 
+from aggregation.tensors import TensorDict
 from edge.gateway.batcher import GroupCommitter
 from edge.gateway.metrics import GatewayMetrics
 from edge.gateway.rounds import LeafView, RoundDirectory
 from edge.gateway.tokens import TokenClaims
 from edge.gateway.tuning import GatewayTuning
 from edge.gateway.update_check import decode_and_check
-from edge.protocol import ErrorCode, ProtocolError, UploadHeaders, UploadReceipt
+from edge.protocol import (
+    ErrorCode,
+    ProtocolError,
+    UploadHeaders,
+    UploadReceipt,
+    check_content_type_for,
+    parse_evaluation,
+)
 from edge.update_batch import BatchContext, DeviceUpdate
 
 Key = tuple[str, str]  # (task id, device id)
@@ -66,7 +77,8 @@ class UploadDesk:
     async def admit(
         self, job: str, claims: TokenClaims, task_id: str, headers: UploadHeaders
     ) -> LeafView:
-        """Everything decidable before reading the body: late, not selected, too many samples.
+        """Everything decidable before reading the body: late, not selected, too many
+        samples, a body type the task's kind does not take.
 
         A result this gateway already accepted is admitted against the view it was
         accepted with (the round may have moved on since), so that its replay is
@@ -97,6 +109,7 @@ class UploadDesk:
                 "may claim",
                 details={"max_num_samples": limit, "num_samples": headers.num_samples},
             )
+        check_content_type_for(view.task.kind, headers.content_type)
         return view
 
     async def _current(self, job: str, claims: TokenClaims) -> LeafView:
@@ -108,14 +121,19 @@ class UploadDesk:
     async def accept(
         self, view: LeafView, claims: TokenClaims, body: bytes, headers: UploadHeaders
     ) -> UploadReceipt:
-        """Validate the tensors, then answer a duplicate or commit and acknowledge."""
+        """Validate the body, then answer a duplicate or commit and acknowledge."""
         task, device = view.task, claims.device_id
         key = (task.task_id, device)
-        args = (body, view.specs, device, headers.num_samples, headers.metrics)
-        if len(body) <= self._tuning.inline_check_bytes:
-            tensors = decode_and_check(*args)  # microseconds: a thread hop costs more
+        metrics = headers.metrics
+        tensors: TensorDict = {}
+        if task.kind == "evaluate":
+            metrics = parse_evaluation(body, task.metrics)  # a few hundred bytes of JSON
+        elif len(body) <= self._tuning.inline_check_bytes:
+            # microseconds: a thread hop costs more
+            tensors = decode_and_check(body, view.specs, device, headers.num_samples, metrics)
         else:
             loop = asyncio.get_running_loop()
+            args = (body, view.specs, device, headers.num_samples, metrics)
             tensors = await loop.run_in_executor(self._executor, decode_and_check, *args)
         if (seen := self._recent.get(key)) is not None:
             self._metrics.results_duplicate.inc()
@@ -132,11 +150,13 @@ class UploadDesk:
                 model_version=task.model_version,
                 num_samples=headers.num_samples,
                 tensors=tensors,
-                metrics=headers.metrics,
+                metrics=metrics,
                 received_at=received,
                 gateway_id=self._gateway_id,
             )
-            context = BatchContext(task.job, task.run_id, task.round, task.leaf, self._gateway_id)
+            context = BatchContext(
+                task.job, task.run_id, task.round, task.leaf, self._gateway_id, task.kind
+            )
             await self._committer.commit(context, task.global_model, update)
         except asyncio.CancelledError:
             future.cancel()
