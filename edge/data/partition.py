@@ -14,6 +14,12 @@ assigned by a seeded permutation of those with at least ``min_size`` examples;
 with more owners than devices the rest are left out (real deployments never see
 every user either), with fewer it fails, since splitting an owner would no
 longer be natural.
+
+For federated evaluation each simulated device also keeps a held-out part of
+its own partition (``holdout_split``: a seeded fraction of its examples) that
+it evaluates the global model on and never trains on; ``device_split`` gives
+both parts. With ``full`` every device holds the same examples, so one
+device's held-out examples are other devices' training data there.
 """
 
 from __future__ import annotations
@@ -226,6 +232,45 @@ def _cached_partition(
     return tuple(
         partition_indices(dataset.y_train, scheme, num_devices, seed, owners=dataset.train_owners)
     )
+
+
+def holdout_split(
+    indices: np.ndarray, fraction: float, seed: int, device_index: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, held_out)`` of one device's examples: a seeded ``fraction`` is held out.
+
+    ``round(n * fraction)`` examples, but at least one held out and at least one
+    kept for training whenever the device has two or more; ``fraction`` 0 (or a
+    single example) holds out nothing. Both parts keep the order of ``indices``.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise PartitionError(f"holdout fraction must be in [0, 1), got {fraction}")
+    n = int(indices.shape[0])
+    if fraction == 0.0 or n < 2:
+        return indices, indices[:0]
+    held = min(n - 1, max(1, round(n * fraction)))
+    chosen = np.zeros(n, dtype=bool)
+    chosen[np.random.default_rng([seed, 5, device_index]).permutation(n)[:held]] = True
+    return indices[~chosen], indices[chosen]
+
+
+def device_split(
+    dataset: Dataset,
+    scheme: PartitionScheme,
+    device_index: int,
+    num_devices: int,
+    seed: int,
+    holdout: float,
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """One device's model-ready ``(train, held_out)`` data: its partition, less a held-out part.
+
+    ``holdout`` 0 gives the whole partition for training (``device_partition``)
+    and an empty held-out part.
+    """
+    _check_devices(num_devices, device_index)
+    indices = _cached_partition(dataset, scheme, num_devices, seed)[device_index]
+    train, held = holdout_split(indices, holdout, seed, device_index)
+    return dataset.take("train", train), dataset.take("train", held)
 
 
 def device_partition(

@@ -1,7 +1,8 @@
 """A device's side of the protocol over httpx, as a phone app would implement it.
 
 Only the public HTTP surface is used: enrol (challenge, signature with the
-device's own key, enrolment), poll, download, upload. A device
+device's own key, enrolment), poll, download, upload (an update, or an
+evaluation task's metrics). A device
 has a home gateway (its index modulo the number of gateways) and fails over to
 the next one when its gateway stops answering; routing makes that safe, since
 every gateway gives a device the same leaf and task.
@@ -22,6 +23,7 @@ from edge.protocol import (
     HEADER_MODEL_VERSION,
     HEADER_NUM_SAMPLES,
     DoneAnswer,
+    EvaluationResult,
     NoJobAnswer,
     PollAnswer,
     RetryAnswer,
@@ -256,8 +258,28 @@ class DeviceClient:
                 HEADER_METRICS: json.dumps(metrics),
             },
         )
-        if response.status_code == 200:
-            receipt = UploadReceipt.model_validate_json(response.content)
-            return UploadOutcome(200, "duplicate" if receipt.duplicate else "accepted")
-        error = _error(response, "upload")
-        return UploadOutcome(error.status, error.code, error.retry_after)
+        return _outcome(response)
+
+    async def upload_evaluation(
+        self, offer: TaskOffer, *, num_samples: int, metrics: dict[str, float]
+    ) -> UploadOutcome:
+        """An evaluation task's result: the metrics as JSON, no update (docs/protocol.md, 4)."""
+        response = await self._authorised(
+            "POST",
+            offer.upload_url,
+            content=EvaluationResult(metrics=metrics).model_dump_json(),
+            headers={
+                "Content-Type": "application/json",
+                HEADER_MODEL_VERSION: offer.model_version,
+                HEADER_NUM_SAMPLES: str(num_samples),
+            },
+        )
+        return _outcome(response)
+
+
+def _outcome(response: httpx.Response) -> UploadOutcome:
+    if response.status_code == 200:
+        receipt = UploadReceipt.model_validate_json(response.content)
+        return UploadOutcome(200, "duplicate" if receipt.duplicate else "accepted")
+    error = _error(response, "upload")
+    return UploadOutcome(error.status, error.code, error.retry_after)

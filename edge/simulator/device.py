@@ -1,5 +1,9 @@
 """One simulated phone's life: poll, obey the answer, download, train, upload.
 
+An evaluation task (``offer.kind == "evaluate"``) is played the same way,
+except that the device evaluates the downloaded weights on its held-out data
+instead of training, and uploads metrics only.
+
 Every network call goes through ``DeviceClient`` (the public protocol); training
 goes to the fleet's process pool. Per-round behaviour (offline, dropout, slow)
 comes from the device's ``DeviceProfile``, so it is the same in every run with
@@ -10,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from concurrent.futures.process import BrokenProcessPool
+from typing import TypeVar
 
 from edge.protocol import DoneAnswer, TaskAnswer, TaskOffer
 from edge.simulator.client import (
@@ -18,23 +24,31 @@ from edge.simulator.client import (
     DeviceClient,
     ErrorAnswer,
     TransportFailure,
+    UploadOutcome,
 )
 from edge.simulator.fleet import Fleet, RuntimeChoice
 from edge.simulator.profiles import DeviceProfile
-from edge.simulator.work import FatalTrainingError, TrainReply, TrainRequest, train_in_worker
+from edge.simulator.work import (
+    EvaluateReply,
+    FatalTrainingError,
+    TrainRequest,
+    evaluate_in_worker,
+    train_in_worker,
+)
 
 log = logging.getLogger("canopy.simulator")
+R = TypeVar("R")
 
 
 def runtimes_for(choice: RuntimeChoice) -> list[str]:
     return ["executorch", "pytorch"] if choice == "auto" else [choice]
 
 
-async def _train(fleet: Fleet, request: TrainRequest) -> TrainReply:
+async def _in_worker(fleet: Fleet, work: Callable[[TrainRequest], R], request: TrainRequest) -> R:
     loop = asyncio.get_running_loop()
     fleet.training += 1
     try:
-        return await loop.run_in_executor(fleet.pool, train_in_worker, request)
+        return await loop.run_in_executor(fleet.pool, work, request)
     finally:
         fleet.training -= 1
 
@@ -53,7 +67,11 @@ async def _play_task(
 ) -> None:
     """One round of one device: download, maybe drop out, train, (slowly) upload."""
     s = fleet.summary
-    weights, program = await _download_model(client, offer)
+    evaluating = offer.kind == "evaluate"
+    if evaluating:  # the weights are all an evaluation needs
+        weights, program = await client.download(offer.weights.url, offer.weights.sha256), None
+    else:
+        weights, program = await _download_model(client, offer)
     s.bytes_downloaded += len(weights) + len(program or b"")
     if profile.drops_out(offer.round):
         # Dropped mid-round (app killed, network lost): no upload, ever, for this task.
@@ -71,34 +89,67 @@ async def _play_task(
         fleet_size=fleet.config.devices,
         fleet_seed=fleet.config.seed,
     )
+    work = "evaluating" if evaluating else "training"
     try:
-        reply = await _train(fleet, request)
+        reply = await _in_worker(
+            fleet, evaluate_in_worker if evaluating else train_in_worker, request
+        )
     except (FatalTrainingError, BrokenProcessPool) as exc:  # no device can train: stop
-        fleet.finish("fatal", f"training {fleet.config.job} failed: {exc}")
+        fleet.finish("fatal", f"{work} {fleet.config.job} failed: {exc}")
         return
     except Exception as exc:  # a device whose training fails just does not report
         s.train_failures += 1
-        log.warning("device %s: training failed: %s", profile.device_id, exc)
+        log.warning("device %s: %s failed: %s", profile.device_id, work, exc)
+        return
+    await fleet.sleep((profile.speed - 1.0) * reply.seconds)  # a slow phone takes longer
+    if fleet.stop.is_set():
+        return
+    if isinstance(reply, EvaluateReply):
+        await _report_evaluation(fleet, client, offer, reply)
         return
     s.trained += 1
     s.train_seconds += reply.seconds
     s.samples_by_device[profile.device_id] = reply.num_samples
-    await fleet.sleep((profile.speed - 1.0) * reply.seconds)  # a slow phone takes longer
-    if fleet.stop.is_set():
-        return
-    await _upload(fleet, client, offer, reply)
+    size = len(reply.update)
 
-
-async def _upload(fleet: Fleet, client: DeviceClient, offer: TaskOffer, reply: TrainReply) -> None:
-    s = fleet.summary
-    for _ in range(fleet.config.upload_attempts):
+    async def send() -> UploadOutcome:
         s.updates_sent += 1
-        s.bytes_uploaded += len(reply.update)
-        outcome = await client.upload(
+        s.bytes_uploaded += size
+        return await client.upload(
             offer, reply.update, num_samples=reply.num_samples, metrics=reply.metrics
         )
+
+    if await _upload(fleet, send):
+        s.accepted += 1
+
+
+async def _report_evaluation(
+    fleet: Fleet, client: DeviceClient, offer: TaskOffer, reply: EvaluateReply
+) -> None:
+    """Upload an evaluation's metrics (a device with no held-out data has none to send)."""
+    s = fleet.summary
+    s.evaluated += 1
+    s.train_seconds += reply.seconds
+    if reply.num_samples == 0:
+        return
+
+    async def send() -> UploadOutcome:
+        s.evaluations_sent += 1
+        return await client.upload_evaluation(
+            offer, num_samples=reply.num_samples, metrics=reply.metrics
+        )
+
+    if await _upload(fleet, send):
+        s.evaluations_accepted += 1
+
+
+async def _upload(fleet: Fleet, send: Callable[[], Awaitable[UploadOutcome]]) -> bool:
+    """Send until stored or refused for good; True when newly accepted."""
+    s = fleet.summary
+    for _ in range(fleet.config.upload_attempts):
+        outcome = await send()
         if outcome.code == "accepted":
-            s.accepted += 1
+            return True
         elif outcome.code == "duplicate":
             s.duplicates += 1
         elif outcome.code == "late":
@@ -108,7 +159,8 @@ async def _upload(fleet: Fleet, client: DeviceClient, offer: TaskOffer, reply: T
             continue
         else:
             fleet.rejections[outcome.code] += 1
-        return
+        return False
+    return False
 
 
 async def run_device(fleet: Fleet, client: DeviceClient, profile: DeviceProfile) -> None:

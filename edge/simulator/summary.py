@@ -24,6 +24,9 @@ class SimulationSummary:
     trained: int = 0
     updates_sent: int = 0
     accepted: int = 0
+    evaluated: int = 0
+    evaluations_sent: int = 0
+    evaluations_accepted: int = 0
     duplicates: int = 0
     late: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
@@ -56,6 +59,10 @@ def print_summary(summary: SimulationSummary, console: Console) -> None:
         ("trained / failed", f"{summary.trained} / {summary.train_failures}"),
         ("updates sent", summary.updates_sent),
         ("accepted", summary.accepted),
+        (
+            "evaluations (sent / accepted)",
+            f"{summary.evaluated} ({summary.evaluations_sent} / {summary.evaluations_accepted})",
+        ),
         ("duplicates", summary.duplicates),
         ("late (409)", summary.late),
         ("rejected", ", ".join(f"{k}={v}" for k, v in sorted(summary.rejected.items())) or "0"),

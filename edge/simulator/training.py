@@ -8,8 +8,14 @@ weights go in as the safetensors the device downloaded, the update comes back
 as the safetensors it will upload.
 
 Each worker builds a job's dataset once and reuses it for every device it
-trains (``device_partition`` caches the partition per dataset), so a device's
-data is a pure function of the task's data hint and the device index.
+trains (``device_split`` caches the partition per dataset), so a device's
+data is a pure function of the task's data hint and the device index. When
+the run evaluates on devices, the hint's ``holdout`` fraction of each
+partition is held out: devices never train on it, and evaluation tasks
+(``evaluate_device``) measure the global model on it with the same function as
+the server's evaluation (``edge.training.evaluate``), whatever the runtime.
+ExecuTorch devices evaluate the safetensors weights with that PyTorch mirror
+of their program (docs/orchestration.md says why).
 
 Requests carry the job's *reference* (a built-in name, ``module:ATTR`` or
 ``path/to/file.py:ATTR``), never its declared name: only the reference can be
@@ -23,16 +29,19 @@ import functools
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from aggregation.tensors import decode_tensors, encode_tensors
 from edge.data.config import DatasetConfig
 from edge.data.dataset import Dataset
 from edge.data.errors import DatasetUnavailableError
-from edge.data.partition import PartitionScheme, device_partition
+from edge.data.partition import PartitionScheme, device_split
 from edge.jobs import JobSpec, TrainHyperparams, get_job
-from edge.simulator.work import FatalTrainingError, TrainReply, TrainRequest
+from edge.simulator.work import EvaluateReply, FatalTrainingError, TrainReply, TrainRequest
 from edge.training import RoundModel, get_trainer
+from edge.training.evaluate import evaluate_sums
+from edge.training.metrics import means
 from infra.errors import ConfigError
 
 _HYPERPARAMS = frozenset(TrainHyperparams.model_fields)
@@ -96,18 +105,28 @@ def _partition_of(job: JobSpec, request: TrainRequest) -> tuple[PartitionScheme,
     return scheme, partitions, seed, config.model_dump_json()
 
 
-def train_device(request: TrainRequest) -> TrainReply:
-    """Train one device's partition from the downloaded model; runs in a worker process."""
-    started = time.perf_counter()
+Data = tuple[np.ndarray, np.ndarray]
+
+
+def _device_data(request: TrainRequest) -> tuple[JobSpec, Data, Data, int]:
+    """(job, training data, held-out data, partition) of the requesting device."""
     try:
         stamp = _file_stamp(request.job)  # once: the spec and its data from one version
         job = _load(request.job, stamp)
         scheme, partitions, seed, config_json = _partition_of(job, request)
         partition = request.device_index % partitions
+        holdout = float((request.data_hint or {}).get("holdout") or 0.0)
         dataset = _load_dataset(request.job, stamp, config_json)
-        x, y = device_partition(dataset, scheme, partition, partitions, seed)
+        train, held = device_split(dataset, scheme, partition, partitions, seed, holdout)
     except _FATAL as exc:  # the same for every device: no point in going on
         raise FatalTrainingError(f"{request.job}: {exc}") from None
+    return job, train, held, partition
+
+
+def train_device(request: TrainRequest) -> TrainReply:
+    """Train one device's partition from the downloaded model; runs in a worker process."""
+    started = time.perf_counter()
+    job, (x, y), _, partition = _device_data(request)
     state, _ = decode_tensors(request.weights, source="downloaded global model")
     hyper = TrainHyperparams.model_validate(
         {k: v for k, v in request.hyperparams.items() if k in _HYPERPARAMS and v is not None}
@@ -123,3 +142,19 @@ def train_device(request: TrainRequest) -> TrainReply:
         seconds=time.perf_counter() - started,
         partition=partition,
     )
+
+
+def evaluate_device(request: TrainRequest) -> EvaluateReply:
+    """Evaluate the downloaded global model on the device's held-out data (no training).
+
+    The job's metrics as means over the held-out examples, computed by
+    ``edge.training.evaluate.evaluate_sums``: the server's evaluation code, so
+    the numbers agree with it on the same examples, for either runtime.
+    """
+    started = time.perf_counter()
+    job, _, (x, y), partition = _device_data(request)
+    if x.shape[0] == 0:
+        return EvaluateReply(0, {}, time.perf_counter() - started, partition)
+    state, _ = decode_tensors(request.weights, source="downloaded global model")
+    metrics = means(evaluate_sums(job, state, x, y))
+    return EvaluateReply(int(x.shape[0]), metrics, time.perf_counter() - started, partition)

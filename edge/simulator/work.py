@@ -19,7 +19,8 @@ class FatalTrainingError(Exception):
 
 @dataclass(frozen=True)
 class TrainRequest:
-    """One device's local training for one round."""
+    """One device's local training for one round (or, for ``evaluate_in_worker``, what it
+    evaluates: the downloaded weights on its held-out data)."""
 
     job: str
     runtime: str
@@ -43,6 +44,19 @@ class TrainReply:
     partition: int
 
 
+@dataclass(frozen=True)
+class EvaluateReply:
+    """A device's evaluation of the global model on its held-out data: metrics only.
+
+    ``num_samples`` 0: the device holds no held-out examples, so it has nothing to report.
+    """
+
+    num_samples: int
+    metrics: dict[str, float]
+    seconds: float
+    partition: int
+
+
 def init_worker() -> None:
     """One thread per worker: two workers on two cores, no oversubscription."""
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -61,3 +75,10 @@ def train_in_worker(request: TrainRequest) -> TrainReply:
     from edge.simulator import training  # deferred: see the module docstring
 
     return training.train_device(request)
+
+
+def evaluate_in_worker(request: TrainRequest) -> EvaluateReply:
+    """Entry point run in a worker process for one device's evaluation task."""
+    from edge.simulator import training  # deferred: see the module docstring
+
+    return training.evaluate_device(request)
