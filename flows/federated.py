@@ -6,7 +6,11 @@
         r0000-level-0  close-round + collect-leaf x L   (device updates -> leaf partials)
         r0000-level-1  sum-node x ...                    (aggregator levels: partial sums)
         r0000-server   sum-root, apply-strategy
-        evaluate-model, commit-round, publish-round
+        evaluate-model                                   (server: held-out test split)
+        r0000-device-evaluation  open-evaluation, close-round + collect-evaluation x L,
+                       sum-evaluation                    (every eval_every rounds, beside
+                                                          evaluate-model: devices' own data)
+        commit-round, publish-round
 
 Subflows are per *level*, not per node, and async with their tasks under
 ``asyncio.gather``: a sync subflow costs about a second (its heartbeat thread),
@@ -19,6 +23,7 @@ manifests. Every I/O happens in a task; the logic lives in ``aggregation``,
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 
 from prefect import flow, get_run_logger
@@ -36,13 +41,14 @@ from tasks.aggregate import apply_strategy, sum_node
 from tasks.collect import close_when_due, collect_leaf
 from tasks.context import RunContext
 from tasks.dispatch import mark_done, open_round, wait_for_devices
+from tasks.evaluation import collect_evaluation, open_evaluation, sum_evaluation
 from tasks.gateways import late_counts, late_since
 from tasks.models import check_job, create_initial_model, evaluate_model, load_commit
 from tasks.params import TrainingParams
 from tasks.planning import OpenedRound
 from tasks.programs import export_program, export_template
 from tasks.reporting import round_lines
-from tasks.results import LeafLevel, RootResult, RoundResults
+from tasks.results import DeviceEvaluation, LeafLevel, RootResult, RoundResults
 from tasks.rounds import commit_round, load_reports
 from tasks.run_cache import run_cache
 from tasks.ui import publish_round, publish_summary
@@ -98,9 +104,23 @@ async def server_level(
 # ---------------------------------------------------------------- one round
 
 
+@flow(name="device-evaluation", validate_parameters=False, log_prints=True)
+async def device_evaluation_level(
+    ctx: RunContext, rnd: int, leaves: Sequence[str], devices: list[str], model: ObjectRef
+) -> DeviceEvaluation:
+    """Devices evaluate ``model`` on their own held-out data; their metric sums are added."""
+    started = time.time()
+    opened = await open_evaluation(ctx, rnd, devices, leaves, model)
+    closing, *outcomes = await asyncio.gather(
+        close_when_due(ctx, opened),
+        *(collect_evaluation(ctx, leaf, ref) for leaf, ref in opened.task_refs.items()),
+    )
+    return await sum_evaluation(ctx, opened, model, closing, outcomes, started)
+
+
 @flow(name="fl-round", validate_parameters=False, log_prints=True)
 async def training_round(ctx: RunContext, tree: Tree, commit: CommitRecord) -> State:
-    """Export, dispatch, collect, aggregate level by level, evaluate, commit."""
+    """Export, dispatch, collect, aggregate level by level, evaluate (and on devices), commit."""
     rnd, tag = commit.next_round, f"r{commit.next_round:04d}"
     late_before = await late_counts(ctx)
 
@@ -126,14 +146,28 @@ async def training_round(ctx: RunContext, tree: Tree, commit: CommitRecord) -> S
         ctx, rnd, tree.root, partials, commit
     )
 
-    # 5. evaluate the new global model on held-out data
-    evaluation = None
+    # 5. evaluate the new global model on held-out data: the server's test split, and
+    #    every eval_every rounds, at the same time, devices on their own held-out data
+    evaluation = device_eval = None
     if root.global_model is not None:
-        evaluation = await evaluate_model(ctx, rnd, root.global_model)
+        if ctx.params.evaluates_on_devices(rnd):
+            evaluation, device_eval = await asyncio.gather(
+                evaluate_model(ctx, rnd, root.global_model),
+                device_evaluation_level.with_options(flow_run_name=f"{tag}-device-evaluation")(
+                    ctx, rnd, tree.leaves, devices, root.global_model
+                ),
+            )
+        else:
+            evaluation = await evaluate_model(ctx, rnd, root.global_model)
 
     # 6. commit: the report, then the pointer (the UI is updated off the critical path)
     results = RoundResults(
-        program=program, opened=opened, level=level, root=root, evaluation=evaluation
+        program=program,
+        opened=opened,
+        level=level,
+        root=root,
+        evaluation=evaluation,
+        device_evaluation=device_eval,
     )
     new_commit, report = await commit_round(
         ctx, commit, results, late=await late_since(ctx, late_before)
@@ -176,6 +210,9 @@ async def federated_training(
     max_device_samples: int | None = _D.max_device_samples,
     seed: int = _D.seed,
     eval_samples: int = _D.eval_samples,
+    eval_every: int | None = _D.eval_every,
+    eval_cohort_size: int | None = _D.eval_cohort_size,
+    eval_holdout: float = _D.eval_holdout,
 ) -> list[RoundReport]:
     """Train ``job`` federatedly for ``rounds`` committed rounds; resume by ``run_id``.
 

@@ -9,7 +9,10 @@ sparklines show each test metric over the rounds.
 The test columns are the job's own metrics (``RoundReport.test_metrics``):
 accuracy and loss for classification, MSE, MAE and loss for regression, or
 whatever a job reports; the job's headline metric (accuracy, else MSE, else
-the first) is the last column dropped after the round number.
+the first) is the last column dropped after the round number. A run with a
+federated evaluation (``eval_every``) also shows, beside them, the same metrics
+measured by devices on their own held-out data (``RoundReport.device_metrics``,
+``-`` in rounds without one).
 """
 
 from __future__ import annotations
@@ -74,6 +77,18 @@ def metric_names(reports: Sequence[RoundReport]) -> list[str]:
     return sorted(names, key=rank)
 
 
+def device_metric_names(reports: Sequence[RoundReport]) -> list[str]:
+    """The metrics devices reported in the run's federated evaluations, in headline order."""
+    seen: dict[str, None] = {}
+    for r in reports:
+        seen.update(dict.fromkeys(r.device_metrics))
+    names = list(seen)
+    return sorted(
+        names,
+        key=lambda n: (0, HEADLINE.index(n)) if n in HEADLINE else (2 if n == "loss" else 1, 0),
+    )
+
+
 def metric_format(name: str) -> Callable[[float | None], str]:
     """Accuracy in percent, loss as before, anything else with :func:`_num`."""
     if name == "accuracy":
@@ -107,13 +122,25 @@ def _metric_column(name: str, keep: float) -> Column:
     return Column(f"test\n{SHORT.get(name, name)}", lambda r: fmt(metrics_of(r).get(name)), keep)
 
 
-def columns_for(metrics: Sequence[str]) -> tuple[Column, ...]:
-    """The table's columns for a job reporting ``metrics`` (in headline order).
+def _device_column(name: str, keep: float) -> Column:
+    fmt = metric_format(name)
 
-    Test metrics are kept longest after the round (in their order); then
-    outcome and devices; train loss, timing and rejections go first.
+    def cell(r: RoundReport) -> str:
+        return fmt(r.device_metrics.get(name))
+
+    return Column(f"device\n{SHORT.get(name, name)}", cell, keep)
+
+
+def columns_for(metrics: Sequence[str], device: Sequence[str] = ()) -> tuple[Column, ...]:
+    """The table's columns for a job reporting ``metrics`` (in headline order), and
+    ``device`` metrics from federated evaluations, if any.
+
+    Test metrics are kept longest after the round (in their order), then the
+    devices' metrics; then outcome and devices; train loss, timing and
+    rejections go first.
     """
     step = 1.0 / max(len(metrics), 1)
+    device_step = 0.9 / max(len(device), 1)
     return (
         Column("round", lambda r: str(r.round), 0),
         Column("outcome", lambda r: r.outcome, 4, left=True),
@@ -121,6 +148,7 @@ def columns_for(metrics: Sequence[str]) -> tuple[Column, ...]:
         Column("rejected", lambda r: str(sum(r.rejected.values())), 7),
         Column("train\nloss", lambda r: _loss(r.train_loss), 6),
         *(_metric_column(name, 1 + i * step) for i, name in enumerate(metrics)),
+        *(_device_column(name, 2 + i * device_step) for i, name in enumerate(device)),
         Column("s", lambda r: f"{r.duration_s:.1f}", 5),
     )
 
@@ -136,7 +164,8 @@ class RoundTable:
         self.reports = list(reports)
         self.title = title
         self.metrics = metric_names(self.reports)
-        self.columns = columns_for(self.metrics)
+        self.device_metrics = device_metric_names(self.reports)
+        self.columns = columns_for(self.metrics, self.device_metrics)
 
     def _table(self, columns: Sequence[Column], dropped: Sequence[Column]) -> Table:
         caption = None
@@ -164,12 +193,21 @@ class RoundTable:
             shown.remove(least)
             dropped = [c for c in self.columns if c is least or c in dropped]
 
+    def _series(self) -> list[tuple[str, str, list[float | None]]]:
+        """(where, metric, values per round): the test metrics, then the devices' ones."""
+        return [
+            *(("test", n, [metrics_of(r).get(n) for r in self.reports]) for n in self.metrics),
+            *(
+                ("device", n, [r.device_metrics.get(n) for r in self.reports])
+                for n in self.device_metrics
+            ),
+        ]
+
     def curves(self, width: int) -> list[Text]:
         """``test acc  ▁▃▅▇  10.4% -> 27.0%``: one line per metric that has values."""
         lines = []
-        for name in self.metrics:
-            label, fmt = f"test {SHORT.get(name, name)}", metric_format(name)
-            values = [metrics_of(r).get(name) for r in self.reports]
+        for where, name, values in self._series():
+            label, fmt = f"{where} {SHORT.get(name, name)}", metric_format(name)
             known = [v for v in values if v is not None]
             if not known:
                 continue
@@ -182,17 +220,16 @@ class RoundTable:
         return lines
 
     def chart_svg(self) -> str:
-        """Every test metric over rounds as one self-contained SVG (accuracy in %)."""
+        """Every test (and device) metric over rounds as one self-contained SVG (accuracy in %)."""
         series: dict[str, list[float | None]] = {}
         formats: dict[str, Callable[[float], str]] = {}
-        for name in self.metrics:
-            values = [metrics_of(r).get(name) for r in self.reports]
+        for where, name, values in self._series():
             if name == "accuracy":
-                label = "test accuracy (%)"
+                label = f"{where} accuracy (%)"
                 series[label] = [None if v is None else 100 * v for v in values]
                 formats[label] = lambda v: f"{v:.1f}%"
             else:
-                label = f"test {name}"
+                label = f"{where} {name}"
                 series[label] = values
                 formats[label] = lambda v: f"{v:.3f}" if abs(v) < 1000 else f"{v:.4g}"
         return line_chart_svg(

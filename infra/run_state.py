@@ -56,13 +56,26 @@ class RoundReport(BaseModel):
         description="The job's metrics of the new global model on held-out data: accuracy and "
         "loss for classification, mse, mae and loss for regression.",
     )
+    device_metrics: dict[str, float] = Field(
+        default_factory=dict,
+        description="Federated evaluation (rounds with eval_every): the job's metrics of the "
+        "new global model measured by devices on their own held-out data, summed over "
+        "devices and divided once. Empty when the round did not evaluate on devices.",
+    )
+    devices_evaluated: int = Field(
+        default=0, description="Devices whose evaluations were summed into device_metrics."
+    )
+    device_eval_samples: int = Field(
+        default=0, description="Held-out examples those devices evaluated."
+    )
     bytes_in: int = 0
     bytes_out: int = 0
     duration_s: float
     timings: dict[str, float] = Field(
         default_factory=dict,
         description="Seconds per phase: export, dispatch, devices (waiting for reports), "
-        "close-and-collect, aggregate, evaluate.",
+        "close-and-collect, aggregate, evaluate; and device-evaluation (the federated "
+        "evaluation, which runs beside evaluate) when the round had one.",
     )
     global_model: ObjectRef
     program: ObjectRef | None = None

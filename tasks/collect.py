@@ -44,6 +44,7 @@ from infra.keys import partial_key
 from infra.outputs import Output, Provenance, put_with_lineage
 from infra.store import ObjectRef, ObjectStore, get_json
 from tasks.context import RunContext, current_flow_run_id, store_for
+from tasks.evaluation import count_evaluations
 from tasks.intake import LeafIntake, count_reports
 from tasks.planning import OpenedRound
 from tasks.results import Closing, LeafOutcome
@@ -72,14 +73,21 @@ class BatchesUnreadableError(CanopyError):
 
 @task(name="close-round", cache_policy=NONE, retries=2, retry_delay_seconds=[1, 3])
 async def close_when_due(ctx: RunContext, opened: OpenedRound) -> Closing:
-    """Wait until the round has its reports or reaches its deadline, then close it."""
+    """Wait until the round has its reports or reaches its deadline, then close it.
+
+    The same for a round's federated evaluation (``opened.active.kind == "evaluate"``),
+    counting its results instead of updates.
+    """
     store = store_for(ctx.s3)
     policy = opened.close_policy
+    evaluating = opened.active.kind == "evaluate"
+    count = count_evaluations if evaluating else count_reports
+    what = "device evaluations" if evaluating else "device reports"
     progress = await ProgressBar.start(
-        f"round {opened.round}: device reports ({opened.target} needed)", total=opened.target
+        f"round {opened.round}: {what} ({opened.target} needed)", total=opened.target
     )
     while True:
-        seen = await asyncio.to_thread(count_reports, store, ctx.job, ctx.run_id, opened.round)
+        seen = await asyncio.to_thread(count, store, ctx.job, ctx.run_id, opened.round)
         await progress.show(seen)
         now = datetime.now(UTC)
         if (reason := policy.reason_to_close(seen, now)) is not None:
@@ -89,7 +97,11 @@ async def close_when_due(ctx: RunContext, opened: OpenedRound) -> Closing:
     await asyncio.to_thread(set_round_status, store, opened.active, "closed")
     await progress.show(seen, final=True)
     get_run_logger().info(
-        "close-round: round %d closed (%s) with %d upload(s) in", opened.round, reason, seen
+        "close-round: round %d %s closed (%s) with %d upload(s) in",
+        opened.round,
+        "evaluation" if evaluating else "training",
+        reason,
+        seen,
     )
     return Closing(reason=reason, reports_seen=seen, closed_at=closed_at)
 

@@ -11,11 +11,13 @@ import asyncio
 import time
 from datetime import UTC, datetime
 
+import numpy as np
 from prefect import task
 from prefect.cache_policies import NONE
 
 from aggregation.tensors import TensorDict, encode_tensors
 from edge.data.dataset import Dataset
+from edge.jobs import JobSpec
 from edge.training.evaluate import evaluate
 from edge.training.state import initial_state
 from edge.training.validate import validate_job
@@ -117,14 +119,27 @@ def run_dataset(ctx: RunContext, store: ObjectStore) -> Dataset:
     )
 
 
+def held_out_metrics(
+    job: JobSpec, state: TensorDict, x: np.ndarray, y: np.ndarray, limit: int
+) -> tuple[dict[str, float], int]:
+    """The job's metrics of ``state`` on the first ``limit`` test examples, and how many.
+
+    A dataset with an empty test split gets no server metric (``{}``, 0): only a
+    federated evaluation (``eval_every``) measures such a job.
+    """
+    n = min(limit, x.shape[0])
+    if n == 0:
+        return {}, 0
+    return evaluate(job, state, x[:n], y[:n]), n
+
+
 def _evaluate(ctx: RunContext, rnd: int, model: ObjectRef) -> Evaluation:
     started, t0 = datetime.now(UTC), time.time()
     store = store_for(ctx.s3)
     state = load_tensors(store, model)
     data = run_dataset(ctx, store)
     x, y = data.split_arrays("test")
-    n = min(ctx.params.eval_samples, x.shape[0])
-    metrics = evaluate(ctx.job_spec(), state, x[:n], y[:n])
+    metrics, n = held_out_metrics(ctx.job_spec(), state, x, y, ctx.params.eval_samples)
     about = {"round": rnd, "dataset": data.name, "generated": data.generated, "samples": n}
     ref = put_with_lineage(
         store,

@@ -85,6 +85,24 @@ class TrainingParams(BaseModel):
     )
     seed: int = Field(default=0, ge=0)
     eval_samples: int = Field(default=1000, ge=1, description="Held-out samples to evaluate on.")
+    eval_every: int | None = Field(
+        default=None,
+        ge=1,
+        description="Federated evaluation every K rounds: devices evaluate the new global "
+        "model on their own held-out data and report metrics only (None: never).",
+    )
+    eval_cohort_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Device evaluations that close a federated evaluation (None: cohort_size).",
+    )
+    eval_holdout: float = Field(
+        default=0.2,
+        gt=0,
+        le=0.5,
+        description="Simulated devices: fraction of each partition held out (never trained on) "
+        "for federated evaluation; only with eval_every.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingParams:
@@ -97,6 +115,23 @@ class TrainingParams(BaseModel):
     @property
     def selected_per_round(self) -> int:
         return math.ceil(self.cohort_size * self.over_selection)
+
+    @property
+    def evaluation_cohort(self) -> int:
+        """Device evaluations that close a federated evaluation."""
+        return self.eval_cohort_size or self.cohort_size
+
+    @property
+    def holdout(self) -> float:
+        """The fraction of each simulated device's data held out (0 without federated eval)."""
+        return self.eval_holdout if self.eval_every is not None else 0.0
+
+    def evaluates_on_devices(self, rnd: int) -> bool:
+        """Whether round ``rnd`` ends with a federated evaluation of its new model.
+
+        Every ``eval_every``-th round: rounds K-1, 2K-1, ... (after K, 2K, ... rounds).
+        """
+        return self.eval_every is not None and (rnd + 1) % self.eval_every == 0
 
 
 def local_hyperparams(params: TrainingParams, job: JobSpec) -> TrainHyperparams:

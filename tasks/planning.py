@@ -1,7 +1,8 @@
 """Pure round planning: who is asked, where their tasks go, and when the round closes.
 
 No I/O here: ``plan_round`` turns the registry, the tree and the run's
-parameters into every leaf's ``LeafTask`` and the job's ``ActiveRound``;
+parameters into every leaf's ``LeafTask`` and the job's ``ActiveRound``
+(``plan_evaluation`` does the same for a round's federated evaluation);
 ``ClosePolicy`` is the one rule for when a round stops waiting for reports.
 The tasks in ``tasks.dispatch`` and ``tasks.collect`` write and watch what
 these functions decide.
@@ -102,6 +103,7 @@ def data_hint(params: TrainingParams, job: JobSpec) -> DataHint:
         alpha=part.alpha,
         shards=part.labels_per_device,
         min_size=part.min_size,
+        holdout=params.holdout,
         dataset=(params.dataset or job.default_dataset).model_dump(mode="json"),
     )
 
@@ -173,4 +175,74 @@ def plan_round(
         target=reports_needed(cohort_size=params.cohort_size, selected=len(selected)),
         deadline=deadline,
         norm_state=norm_state or NormBoundState(),
+    )
+
+
+def plan_evaluation(
+    params: TrainingParams,
+    job: JobSpec,
+    *,
+    rnd: int,
+    devices: Sequence[str],
+    leaves: Sequence[str],
+    global_model: ObjectRef,
+    tensor_spec: Mapping[str, tuple[list[int], str]],
+    now: datetime,
+    max_num_samples: int | None = None,
+) -> RoundPlan:
+    """Round ``rnd``'s federated evaluation of ``global_model`` (the model the round made).
+
+    A cohort of its own (``eval_cohort_size``, drawn independently of the
+    round's training cohort), evaluate tasks naming the job's metrics, no
+    program (devices evaluate the safetensors weights), and the same leaves,
+    deadline length and pacing as training. It closes at ``eval_cohort_size``
+    results or its deadline; there is no minimum, a federated evaluation only
+    reports what came in.
+    """
+    cohort = params.evaluation_cohort
+    selected = select_cohort(
+        devices,
+        cohort_size=cohort,
+        over_selection=params.over_selection,
+        seed=params.seed,
+        rnd=rnd,
+        purpose="evaluate",
+    )
+    deadline = now + timedelta(seconds=params.round_deadline_s)
+    tasks = leaf_tasks(
+        job=job.name,
+        run_id=params.run_id,
+        rnd=rnd,
+        selected_by_leaf=assign_leaves(selected, leaves),
+        global_model=global_model,
+        program=None,
+        tensor_spec=tensor_spec,
+        hyperparams={},
+        runtime=params.runtime,
+        deadline=deadline,
+        data_hint=data_hint(params, job),
+        max_num_samples=max_num_samples,
+        kind="evaluate",
+        metrics=job.metric_names,
+    )
+    active = active_round(
+        job=job.name,
+        run_id=params.run_id,
+        rnd=rnd,
+        leaves=leaves,
+        status="open",
+        opened_at=now,
+        poll_seconds=pace_seconds(len(devices), polls_per_second=FLEET_POLLS_PER_SECOND),
+        idle_poll_seconds=pace_seconds(len(devices), polls_per_second=FLEET_POLLS_PER_SECOND / 2),
+        kind="evaluate",
+    )
+    return RoundPlan(
+        round=rnd,
+        tasks=tasks,
+        active=active,
+        selected=len(selected),
+        registered=len(devices),
+        target=reports_needed(cohort_size=cohort, selected=len(selected)),
+        deadline=deadline,
+        norm_state=NormBoundState(),
     )

@@ -16,6 +16,7 @@ from infra.store import ObjectRef
 from tasks.results import RootResult, RoundResults
 
 PHASES = ("export", "dispatch", "devices", "close-and-collect", "aggregate", "evaluate")
+DEVICE_EVALUATION = "device-evaluation"
 
 
 def phase_timings(results: RoundResults) -> dict[str, float]:
@@ -37,10 +38,14 @@ def phase_timings(results: RoundResults) -> dict[str, float]:
         root.finished_at,
         evaluation.finished_at if evaluation is not None else root.finished_at,
     ]
-    return {
+    timings = {
         name: round(max(0.0, b - a), 4)
         for name, a, b in zip(PHASES, marks[:-1], marks[1:], strict=True)
     }
+    device = results.device_evaluation
+    if device is not None:  # beside the server's evaluation, not after it
+        timings[DEVICE_EVALUATION] = round(max(0.0, device.finished_at - device.started_at), 4)
+    return timings
 
 
 def sum_counts(counts: Iterable[Mapping[str, int]]) -> dict[str, int]:
@@ -82,6 +87,7 @@ def build_round_report(
     first = program.started_at if program is not None else opened.started_at
     start = min(first, round_started_at) if round_started_at is not None else first
     metrics = evaluation.metrics if evaluation is not None else {}
+    device = results.device_evaluation
     return RoundReport(
         round=opened.round,
         outcome="committed" if committed else "abandoned",
@@ -101,6 +107,9 @@ def build_round_report(
         eval_dataset=evaluation.dataset if evaluation is not None else None,
         train_metrics=dict(root.train_metrics),
         test_metrics=dict(metrics),
+        device_metrics=dict(device.metrics) if device is not None else {},
+        devices_evaluated=device.devices if device is not None else 0,
+        device_eval_samples=device.samples if device is not None else 0,
         bytes_in=sum(o.bytes_in for o in level.leaves),
         bytes_out=bytes_out(
             program.ref if program is not None else None, commit.global_model, root.devices
@@ -153,22 +162,29 @@ def test_metrics_of(report: RoundReport) -> dict[str, float]:
     return {k: v for k, v in legacy.items() if v is not None}
 
 
+def _shown(name: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}%" if name == "accuracy" else f"{value:.4g}"
+
+
 def round_lines(reports: Sequence[RoundReport]) -> list[str]:
-    """One line per round for the flow's log: outcome, reports and the job's main test metric."""
+    """One line per round for the flow's log: outcome, reports and the job's main test metric,
+    and beside it the same metric measured by devices when the round evaluated on devices."""
     lines = []
     for r in reports:
         metrics = test_metrics_of(r)
-        main = next((n for n in ("accuracy", "mse", "mae") if n in metrics), "loss")
-        value = metrics.get(main)
-        shown = (
-            "-"
-            if value is None
-            else f"{100 * value:.1f}%"
-            if main == "accuracy"
-            else f"{value:.4g}"
-        )
+        known = {**r.device_metrics, **metrics}
+        main = next((n for n in ("accuracy", "mse", "mae") if n in known), "loss")
+        device = ""
+        if r.device_metrics:
+            device = (
+                f"  devices {main} {_shown(main, r.device_metrics.get(main))} "
+                f"({r.devices_evaluated} evaluated)"
+            )
         lines.append(
             f"round {r.round:>4}  {r.outcome:<9}  reported {r.devices_reported:>3}  "
-            f"test {main} {shown:>6} ({r.eval_dataset})  {r.duration_s:.1f}s"
+            f"test {main} {_shown(main, metrics.get(main)):>6} ({r.eval_dataset}){device}  "
+            f"{r.duration_s:.1f}s"
         )
     return lines

@@ -8,6 +8,8 @@ of a round can be told from its results wherever each step ran.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from aggregation.clipping import NormBoundState
@@ -94,6 +96,36 @@ class Evaluation(_Result):
     finished_at: float
 
 
+class EvaluationLeaf(_Result):
+    """What one leaf's devices reported in a federated evaluation.
+
+    ``sums`` is ``aggregation.evaluation.EvaluationSums.to_json()``: devices,
+    examples and per-metric ``[sum, weight]``, never means.
+    """
+
+    leaf: str
+    sums: dict[str, Any]
+    rejected: dict[str, int]
+    rejection_examples: dict[str, str]
+    duplicates: int
+    batches: list[ObjectRef]
+    finished_at: float
+
+
+class DeviceEvaluation(_Result):
+    """A round's federated evaluation: the job's metrics of the new global model, measured by
+    devices on their own held-out data, summed over the devices and divided once."""
+
+    metrics: dict[str, float]
+    devices: int = Field(description="Devices whose results were summed.")
+    samples: int = Field(description="Held-out examples they evaluated.")
+    selected: int
+    rejected: dict[str, int]
+    ref: ObjectRef
+    started_at: float
+    finished_at: float
+
+
 class RoundResults(_Result):
     """Everything a round's steps produced, in the order they ran: the report's input."""
 
@@ -102,3 +134,4 @@ class RoundResults(_Result):
     level: LeafLevel
     root: RootResult
     evaluation: Evaluation | None
+    device_evaluation: DeviceEvaluation | None = None

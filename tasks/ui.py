@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -112,7 +112,14 @@ async def publish_round_artifacts(
         "train loss": _fmt(report.train_loss),
         "test accuracy": _pct(report.test_accuracy),
         "test loss": _fmt(report.test_loss),
+        "test metrics": metrics_text(test_metrics_of(report)),
         "eval data": report.eval_dataset or "-",
+        "device metrics": metrics_text(report.device_metrics),
+        "devices evaluated": (
+            f"{report.devices_evaluated} ({report.device_eval_samples} examples)"
+            if report.device_metrics
+            else "-"
+        ),
         "bytes in": report.bytes_in,
         "bytes out": report.bytes_out,
         "seconds": round(report.duration_s, 2),
@@ -136,7 +143,8 @@ async def publish_round_artifacts(
 
 
 def summary_markdown(job: str, run_id: str, reports: Sequence[RoundReport]) -> str:
-    """The run's page: a chart of test accuracy and loss over rounds, sparklines, the table.
+    """The run's page: a chart of the test metrics over rounds (and the devices' own, for
+    rounds with a federated evaluation), sparklines, the table.
 
     The chart is an SVG inlined as a ``data:`` URI, so the Prefect UI shows it
     with no file server and no S3 credentials in the browser.
@@ -147,28 +155,37 @@ def summary_markdown(job: str, run_id: str, reports: Sequence[RoundReport]) -> s
         f"test {name}": [test_metrics_of(r).get(name) for r in reports]
         for name in metric_names(reports)
     }
+    # Federated evaluation beside the server's: the same metrics, measured by devices.
+    device_names = dict.fromkeys(n for r in reports for n in r.device_metrics)
+    series |= {
+        f"devices {name}": [r.device_metrics.get(name) for r in reports]
+        for name in sorted(device_names, key=lambda n: (n != "accuracy", n == "loss", n))
+    }
+    percent = {label for label in series if label.endswith(" accuracy")}
     lines = [f"# {job} / {run_id}", "", f"Evaluated on **{dataset}**.", ""]
     if any(v is not None for values in series.values() for v in values):
         svg = line_chart_svg(
             series,
             x=rounds,
             title=f"{job} / {run_id}: {', '.join(series)} by round",
-            formats={"test accuracy": lambda v: f"{100 * v:.0f}%"},
+            formats=dict.fromkeys(percent, lambda v: f"{100 * v:.0f}%"),
         )
         shown = " · ".join(
             f"{label} `{sparkline(values)}` "
-            + (_pct(_last(values)) if label == "test accuracy" else _fmt(_last(values)))
+            + (_pct(_last(values)) if label in percent else _fmt(_last(values)))
             for label, values in series.items()
         )
         lines += [f"![{', '.join(series)} by round]({svg_data_uri(svg)})", "", shown, ""]
     lines += [
-        "| round | outcome | reported | train loss | test loss | test accuracy |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| round | outcome | reported | train loss | test loss | test accuracy | test metrics "
+        "| device metrics |",
+        "|---:|---|---:|---:|---:|---:|---|---|",
     ]
     for r in reports:
         lines.append(
             f"| {r.round} | {r.outcome} | {r.devices_reported}/{r.devices_selected} | "
-            f"{_fmt(r.train_loss)} | {_fmt(r.test_loss)} | {_pct(r.test_accuracy)} |"
+            f"{_fmt(r.train_loss)} | {_fmt(r.test_loss)} | {_pct(r.test_accuracy)} | "
+            f"{metrics_text(test_metrics_of(r))} | {metrics_text(r.device_metrics)} |"
         )
     return "\n".join(lines)
 
@@ -180,6 +197,13 @@ async def publish_job_summary(job: str, run_id: str, reports: Sequence[RoundRepo
         key=artifact_key(job, run_id, "summary"),
         description=f"Accuracy and loss per round of {job} run {run_id}",
     )
+
+
+def metrics_text(metrics: Mapping[str, float]) -> str:
+    """``accuracy 81.25%, loss 0.4123``: accuracy first, loss last, ``-`` when empty."""
+    names = sorted(metrics, key=lambda n: (n != "accuracy", n == "loss", n))
+    parts = [f"{n} {_pct(metrics[n]) if n == 'accuracy' else _fmt(metrics[n])}" for n in names]
+    return ", ".join(parts) or "-"
 
 
 def _last(values: Sequence[float | None]) -> float | None:
