@@ -10,6 +10,7 @@ guess. ``docs/protocol.md`` describes the same surface for humans.
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -33,6 +34,7 @@ from edge.gateway.openapi import (
     install_openapi,
     json_body,
     path_params,
+    wait_param,
 )
 from edge.gateway.service import GatewayService
 from edge.gateway.tuning import GatewayTuning
@@ -85,6 +87,24 @@ def _format(request: Request) -> ModelFormat | None:
             422, ErrorCode.BAD_REQUEST, "query parameter format must be pte or safetensors"
         )
     return value  # type: ignore[return-value]
+
+
+def _wait(request: Request, longest: float) -> float:
+    """The ``wait`` query parameter: how long a poll may be held (0 to ``longest`` s)."""
+    value = request.query_params.get("wait")
+    if value is None:
+        return 0.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0.0 <= seconds <= longest:  # also refuses nan and inf
+        raise ProtocolError(
+            422,
+            ErrorCode.BAD_REQUEST,
+            f"query parameter wait must be a number of seconds from 0 to {longest:g}",
+        )
+    return seconds
 
 
 def create_app(
@@ -167,17 +187,26 @@ def create_app(
         f"{API_PREFIX}/jobs/{{job}}/devices/{{device_id}}/task",
         response_model=PollAnswer,
         responses=error_responses(401, 403, 404, 422, 503),
-        openapi_extra={"security": BEARER, "parameters": path_params("job", "device_id")},
+        openapi_extra={
+            "security": BEARER,
+            "parameters": [
+                *path_params("job", "device_id"),
+                wait_param(service.tuning.long_poll_max_seconds),
+            ],
+        },
         summary="Ask for work: a task, retry later, no job, or done",
     )
     async def poll(request: Request) -> Any:
         job, device_id = _ids(request, "job", "device_id")
         claims = service.authenticate(request.headers.get("authorization"), device_id)
-        answer = await service.poll(job, claims)
+        answer = await service.poll(
+            job, claims, wait=_wait(request, service.tuning.long_poll_max_seconds)
+        )
         metrics.poll_answers.labels(answer=getattr(answer, "reason", answer.status)).inc()
         headers = dict(gateway_header)
         if (retry := getattr(answer, "retry_after_seconds", None)) is not None:
-            headers["Retry-After"] = str(max(1, round(retry)))
+            # whole seconds, rounded up; 0 only after a long poll's hold ran out
+            headers["Retry-After"] = str(math.ceil(retry))
         return JSONResponse(answer.model_dump(mode="json"), headers=headers)
 
     @app.get(

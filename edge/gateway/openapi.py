@@ -97,6 +97,19 @@ FORMAT_PARAM = {
 }
 
 
+def wait_param(longest: float) -> dict[str, Any]:
+    """The poll's ``wait``: hold the answer until the round moves (a long poll)."""
+    return {
+        "name": "wait",
+        "in": "query",
+        "required": False,
+        "description": "Long poll: hold an answer that offers nothing for up to this many "
+        "seconds, until the job's round moves; a hold that runs out answers "
+        "retry_after_seconds 0. Default 0 (answer at once).",
+        "schema": {"type": "number", "minimum": 0, "maximum": longest},
+    }
+
+
 def path_params(*names: str) -> list[dict[str, Any]]:
     return [
         {

@@ -99,18 +99,26 @@ class RoundDirectory:
     async def active_round(self, job: str) -> ActiveRound | None:
         """The job's ActiveRound, or None when no run of it was ever opened."""
         try:
-            key = active_job_key(job)
+            active_job_key(job)
         except ValueError as exc:
             raise ProtocolError(422, ErrorCode.BAD_REQUEST, str(exc)) from exc
+        return await self._active.get(job, lambda: self._load_active(job))
 
-        async def load() -> ActiveRound | None:
-            try:
-                payload = await self.calls.run(get_json, self.calls.store, key)
-            except ObjectNotFoundError:
-                return None
-            return _parse(ActiveRound, payload, key)
+    async def _load_active(self, job: str) -> ActiveRound | None:
+        key = active_job_key(job)
+        try:
+            payload = await self.calls.run(get_json, self.calls.store, key)
+        except ObjectNotFoundError:
+            return None
+        return _parse(ActiveRound, payload, key)
 
-        return await self._active.get(job, load)
+    async def fresh_active_round(self, job: str) -> ActiveRound | None:
+        """The job's ActiveRound by a GET that starts after this call (shared by callers
+        who asked meanwhile, see ``FreshReads``); what it read refreshes the cache.
+        """
+        active = await self._fence_reads.read(job, lambda: self._load_active(job))
+        self._active.put(job, active)
+        return active
 
     async def confirm_open(self, context: BatchContext) -> None:
         """The close fence: 409 ``late`` unless S3 says this run's round is open *now*
@@ -122,17 +130,7 @@ class RoundDirectory:
         at a time per job. What it read also refreshes the cache, so the door turns
         later uploads of a closed round away at once instead of after the cache period.
         """
-        key = active_job_key(context.job)
-
-        async def load() -> ActiveRound | None:
-            try:
-                payload = await self.calls.run(get_json, self.calls.store, key)
-            except ObjectNotFoundError:
-                return None
-            return _parse(ActiveRound, payload, key)
-
-        active = await self._fence_reads.read(context.job, load)
-        self._active.put(context.job, active)
+        active = await self.fresh_active_round(context.job)
         if (
             active is None
             or active.status != "open"

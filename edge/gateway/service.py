@@ -14,6 +14,7 @@ device the same answer, and a killed gateway loses nothing it acknowledged.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,8 @@ from edge.gateway.rounds import RoundDirectory, StoreCalls
 from edge.gateway.tokens import TokenClaims, verify_token
 from edge.gateway.tuning import GatewayTuning
 from edge.gateway.uploads import UploadDesk
-from edge.manifests import LeafTask, Runtime
+from edge.gateway.watch import RoundMark, RoundWatch, round_mark
+from edge.manifests import ActiveRound, LeafTask, Runtime
 from edge.protocol import (
     ArtifactInfo,
     ChallengeRequest,
@@ -106,6 +108,9 @@ class GatewayService:
             gateway_id=self.gateway_id,
             tuning=self.tuning,
         )
+        self.watch = RoundWatch(
+            self.rounds.fresh_active_round, interval=self.tuning.watch_interval_seconds
+        )
         self.uploads = UploadDesk(
             self.rounds,
             self.committer,
@@ -117,6 +122,7 @@ class GatewayService:
 
     async def close(self) -> None:
         """Write open batches (their devices are waiting), then stop the I/O threads."""
+        await self.watch.close()
         await self.committer.drain()
         self.executor.shutdown(wait=True)
 
@@ -150,13 +156,35 @@ class GatewayService:
 
     # --- poll ------------------------------------------------------------------------------
 
-    async def poll(self, job: str, claims: TokenClaims) -> PollResult:
-        """A task, or when to ask again, or that nothing runs, or that the job is done."""
+    async def poll(self, job: str, claims: TokenClaims, *, wait: float = 0.0) -> PollResult:
+        """A task, or when to ask again, or that nothing runs, or that the job is done.
+
+        With ``wait`` > 0 (a long poll), an answer that offers nothing is held until
+        the job's round moves or ``wait`` seconds pass (``edge.gateway.watch``); a
+        hold that ran out answers "retry after 0 s": the wait was the pause.
+        """
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + min(wait, self.tuning.long_poll_max_seconds)
+        while True:
+            answer, mark = await self._answer(job, claims)
+            left = give_up - loop.time()
+            if isinstance(answer, TaskAnswer | DoneAnswer) or left <= 0:
+                return answer
+            if not await self.watch.wait_change(job, mark, left):
+                return answer.model_copy(update={"retry_after_seconds": 0.0})
+
+    async def _answer(self, job: str, claims: TokenClaims) -> tuple[PollResult, RoundMark]:
+        """The poll's answer from the (cached) state, and the round state it rests on."""
         device = claims.device_id
         active = await self.rounds.active_round(job)
         if active is None:
             await self.rounds.require_enrolled(job, device)
-            return NoJobAnswer(job=job, retry_after_seconds=self.tuning.no_job_retry_seconds)
+            answer = NoJobAnswer(job=job, retry_after_seconds=self.tuning.no_job_retry_seconds)
+            return answer, None
+        return await self._answer_in(active, job, claims), round_mark(active)
+
+    async def _answer_in(self, active: ActiveRound, job: str, claims: TokenClaims) -> PollResult:
+        device = claims.device_id
         if active.status == "done":
             return DoneAnswer(job=job, run_id=active.run_id, round=active.round)
 

@@ -12,6 +12,8 @@ class GatewayTuning:
     registry_cache_seconds: float = 300.0  # how long "device X is enrolled for job J" is trusted
     unknown_device_cache_seconds: float = 2.0  # how long "not enrolled" is trusted
     no_job_retry_seconds: float = 5.0
+    long_poll_max_seconds: float = 25.0  # the longest a poll may wait (?wait=); under proxies' 30 s
+    watch_interval_seconds: float = 0.1  # how often a watched job's round is re-read (one GET)
     recent_results: int = 100_000  # (task, device) pairs remembered for duplicate answers
     artifact_cache_bytes: int = 512 * 1024 * 1024
     io_threads: int = 16  # S3 calls and large tensor checks run here, off the event loop

@@ -223,8 +223,14 @@ class DeviceClient:
             )
         return response
 
-    async def poll(self) -> TaskAnswer | RetryAnswer | NoJobAnswer | DoneAnswer:
-        response = await self._authorised("GET", task_path(self.job, self.device_id))
+    async def poll(
+        self, *, wait: float = 0.0
+    ) -> TaskAnswer | RetryAnswer | NoJobAnswer | DoneAnswer:
+        """Ask for work; ``wait`` > 0 lets the gateway hold the answer (a long poll)."""
+        params = {"wait": f"{wait:g}"} if wait > 0 else None
+        response = await self._authorised(
+            "GET", task_path(self.job, self.device_id), params=params
+        )
         if response.status_code != 200:
             raise _error(response, "poll")
         try:

@@ -174,7 +174,7 @@ async def run_device(fleet: Fleet, client: DeviceClient, profile: DeviceProfile)
                 await client.enrol()
                 s.enrolled += 1
             s.polls += 1
-            answer = await client.poll()
+            answer = await client.poll(wait=fleet.poll_wait)
             backoff = 1.0
             if isinstance(answer, DoneAnswer):
                 fleet.observe_round(answer.round)

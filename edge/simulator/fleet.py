@@ -36,6 +36,10 @@ class SimulationConfig:
     max_connections: int = 256  # per gateway
     offline_poll_seconds: float = 2.0  # how long an offline device stays away
     request_timeout: float = 60.0
+    # Long polls (?wait=): a device hears of its task as the round opens, not a pace
+    # later. Each held poll keeps a connection, so fleets larger than the connection
+    # pools (max_connections x gateways) poll on the gateway's pace instead.
+    long_poll_seconds: float = 20.0
     upload_attempts: int = 3  # for 503 answers (the gateway could not store)
 
 
@@ -53,6 +57,14 @@ class Fleet:
         self.rounds: set[int] = set()
         self.rejections: Counter[str] = Counter()
         self.warming: asyncio.Future[None] | None = None
+
+    @property
+    def poll_wait(self) -> float:
+        """How long a device's poll may be held at the gateway (0: answer at once)."""
+        pools = self.config.max_connections * len(self.config.gateways)
+        if self.config.devices > pools:
+            return 0.0
+        return min(self.config.long_poll_seconds, self.config.request_timeout / 2)
 
     def finish(self, reason: StopReason, error: str | None = None) -> None:
         if not self.stop.is_set():
