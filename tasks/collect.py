@@ -51,6 +51,10 @@ from tasks.results import Closing, LeafOutcome
 from tasks.ui import ProgressBar, emit_lineage_events
 
 POLL_SECONDS = 0.25
+# The close task counts the whole round's uploads with one LIST per poll (a leaf
+# reads its own batches at POLL_SECONDS): polling it faster costs one request a
+# tenth of a second per round, and a round closes up to that much sooner.
+CLOSE_POLL_SECONDS = 0.1
 # A leaf gives up on a round still open this long after its deadline: the close task died.
 CLOSE_OVERDUE_S = 120.0
 # After the close, a listed batch S3 will not hand over is read again for this long
@@ -92,7 +96,7 @@ async def close_when_due(ctx: RunContext, opened: OpenedRound) -> Closing:
         now = datetime.now(UTC)
         if (reason := policy.reason_to_close(seen, now)) is not None:
             break
-        await asyncio.sleep(min(POLL_SECONDS, policy.seconds_left(now)))
+        await asyncio.sleep(min(CLOSE_POLL_SECONDS, policy.seconds_left(now)))
     closed_at = time.time()
     await asyncio.to_thread(set_round_status, store, opened.active, "closed")
     await progress.show(seen, final=True)
