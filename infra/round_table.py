@@ -206,14 +206,16 @@ class RoundTable:
     def curves(self, width: int) -> list[Text]:
         """``test acc  ▁▃▅▇  10.4% -> 27.0%``: one line per metric that has values."""
         lines = []
-        for where, name, values in self._series():
+        series = self._series()
+        pad = max([9, *(len(f"{w} {SHORT.get(n, n)}") for w, n, _ in series)])
+        for where, name, values in series:
             label, fmt = f"{where} {SHORT.get(name, name)}", metric_format(name)
             known = [v for v in values if v is not None]
             if not known:
                 continue
             ends = f"{fmt(known[0])} -> {fmt(known[-1])}"
-            room = max(8, width - len(label) - len(ends) - 4)
-            line = Text(f"{label:<9} ")
+            room = max(8, width - pad - len(ends) - 4)
+            line = Text(f"{label:<{pad}} ")
             line.append(sparkline(values, width=room), style="bold cyan")
             line.append(f"  {ends}")
             lines.append(line)
