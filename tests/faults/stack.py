@@ -13,13 +13,17 @@ fails over. Gateways and the flow reach S3 through ``gateway_s3`` and
 the test judges through ``store``, which talks to moto directly, so a fault
 never bends the verdict.
 
-``benchmarks/faults.py`` drives the same classes at a larger scale.
+``build_stack`` assembles one (the ``make_stack`` fixture and
+``benchmarks/faults.py`` both call it); ``PrefectServer`` is a Prefect server
+that can be stopped and started again in place. The scenarios themselves are in
+``tests.faults.scenarios``, shared by the tests and the benchmark.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -30,22 +34,26 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import numpy as np
 
 from edge.jobs.hello import VECTOR_SIZE
 from edge.manifests import DataHint
 from edge.simulator.profiles import DeviceProfile, make_profiles
+from infra.health import wait_http_ok
 from infra.keys import active_job_key, registry_prefix, updates_prefix
+from infra.prefect_server import start_prefect_server
+from infra.process import stop_group
 from infra.run_state import RoundReport
-from infra.settings import S3Settings
+from infra.settings import GatewaySettings, S3Settings
 from infra.store import S3ObjectStore
 from tests.faults.accounting import ReceiptLedger
-from tests.support.faulty_s3 import FaultyProxy
+from tests.support.faulty_s3 import FaultPlan, FaultyProxy
 from tests.support.harness import (
     GatewayProcess,
     GatewayThread,
+    free_port,
     read_active,
     set_round_status,
     settings_env,
@@ -290,6 +298,107 @@ class FaultStack:
                 proc.kill()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=10)
+
+
+StackMaker = Callable[..., FaultStack]
+
+
+def build_stack(
+    exits: contextlib.ExitStack,
+    *,
+    s3: S3Settings,
+    store: S3ObjectStore,
+    tmp: Path,
+    setenv: Callable[[str, str], None],
+    gateways: Literal["thread", "process"] = "thread",
+    count: int = 2,
+    s3_plan: FaultPlan | None = None,
+) -> FaultStack:
+    """A ``FaultStack`` over the bucket of ``s3``; everything it starts is closed by ``exits``.
+
+    With ``s3_plan`` the gateways and the flow each reach S3 through their own
+    fault proxy (the same plan, seeded differently, counted apart). ``setenv``
+    points this process's environment (where in-process flows read their
+    settings) at the flow's side: ``monkeypatch.setenv`` in a test.
+    """
+    proxies: dict[str, FaultyProxy] = {}
+    via: dict[str, S3Settings] = {"gateways": s3, "flow": s3}
+    if s3_plan is not None:
+        for offset, side in enumerate(via):
+            plan = dataclasses.replace(s3_plan, seed=s3_plan.seed + offset)
+            proxy = exits.enter_context(FaultyProxy(s3.endpoint_url or "", plan))
+            proxies[side] = proxy
+            via[side] = s3.model_copy(update={"endpoint_url": proxy.url})
+    service = via["gateways"]
+    for name, value in settings_env(via["flow"]).items():
+        setenv(name, value)
+    setenv("CANOPY_GATEWAY_MANIFEST_CACHE_SECONDS", MANIFEST_CACHE_S)
+    gw_settings = GatewaySettings()
+    ledger = ReceiptLedger()
+    gws: list[GatewayProcess | GatewayThread] = []
+    taps: list[FaultyProxy] = []
+    for i in range(count):
+        gw_id = f"gw-{chr(ord('a') + i)}"
+        gw: GatewayProcess | GatewayThread
+        if gateways == "process":
+            gw = exits.enter_context(GatewayProcess(service, gw_settings, gateway_id=gw_id))
+        else:
+            gw = exits.enter_context(
+                GatewayThread(gw_settings, S3ObjectStore(service), gateway_id=gw_id)
+            )
+        gws.append(gw)
+        taps.append(exits.enter_context(FaultyProxy(gw.url, observer=ledger.observe)))
+    built = FaultStack(
+        s3=s3,
+        store=store,
+        gateway_s3=service,
+        flow_s3=via["flow"],
+        s3_proxies=proxies,
+        gateways=gws,
+        taps=taps,
+        ledger=ledger,
+        tmp=tmp,
+    )
+    exits.callback(built.close)
+    return built
+
+
+class PrefectServer:
+    """A Prefect server of its own (``infra.prefect_server``) that can restart in place.
+
+    ``stop`` then ``start`` brings it back on the same port with the same
+    ``PREFECT_HOME`` (the same SQLite database), as a restarted server would be.
+    """
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> PrefectServer:
+        self.starts += 1
+        log = self.home / f"server-{self.starts}.log"
+        self.proc = start_prefect_server(self.home, self.port, log, ui=False)
+        wait_http_ok(f"{self.url}/health", self.proc, timeout=120, what="prefect server")
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM to its process group (SIGKILL after 20 s), as ``canopy down`` does."""
+        if self.proc is not None:
+            stop_group(self.proc.pid, timeout_s=20)
+            self.proc = None
+
+
+def round_open(active: dict[str, Any] | None, run_id: str, rnd: int) -> bool:
+    """Whether an ActiveRound pointer (as JSON) says ``run_id``'s round ``rnd`` is open."""
+    return (
+        active is not None
+        and active["run_id"] == run_id
+        and active["round"] == rnd
+        and active["status"] == "open"
+    )
 
 
 def run_flow(**params: Any) -> list[RoundReport]:

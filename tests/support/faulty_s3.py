@@ -52,9 +52,10 @@ import threading
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Literal
 from urllib.parse import urlsplit
+
+from tests.support.service import Service
 
 FaultKind = Literal["error500", "error503", "slow", "reset", "drop_response", "truncate"]
 FAULT_KINDS: tuple[FaultKind, ...] = (
@@ -65,14 +66,16 @@ FAULT_KINDS: tuple[FaultKind, ...] = (
     "drop_response",
     "truncate",
 )
-# What "S3 faults" means when a test does not say: errors, slowness and resets that
-# S3's clients are expected to retry. ``truncate`` is opt-in (see docs/reliability.md).
+# What "S3 faults" means when a test does not say: errors, slowness, resets and cut
+# downloads, all of which Canopy's S3 client retries (botocore retries requests;
+# ``S3ObjectStore.get`` retries a GET whose body is cut: see docs/reliability.md).
 DEFAULT_MIX: Mapping[FaultKind, float] = {
     "error500": 1.0,
     "error503": 1.0,
     "slow": 1.0,
     "reset": 0.5,
     "drop_response": 0.5,
+    "truncate": 0.5,
 }
 OPERATIONS = ("GET", "PUT", "HEAD", "LIST", "POST", "DELETE")
 
@@ -302,7 +305,7 @@ def _reset(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
-class FaultyProxy:
+class FaultyProxy(Service):
     """An HTTP/1.1 proxy in a background thread; ``url`` is where clients point."""
 
     def __init__(
@@ -374,17 +377,6 @@ class FaultyProxy:
         loop.call_soon_threadsafe(loop.stop)
         self._thread.join(timeout)
 
-    def __enter__(self) -> FaultyProxy:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     # ------------------------------------------------------------- the loop
 
     def _run(self) -> None:
@@ -445,8 +437,9 @@ class FaultyProxy:
         except (OSError, asyncio.IncompleteReadError, ValueError, TimeoutError):
             _reset(writer)
         except asyncio.CancelledError:
+            # stop(): end the connection quietly. Re-raising would make asyncio's
+            # stream callback log a "cancelled" handler task for every open connection.
             _reset(writer)
-            raise
         else:
             with contextlib.suppress(OSError):
                 writer.close()
