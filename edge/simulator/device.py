@@ -31,6 +31,7 @@ from edge.simulator.profiles import DeviceProfile
 from edge.simulator.work import (
     EvaluateReply,
     FatalTrainingError,
+    TrainReply,
     TrainRequest,
     evaluate_in_worker,
     train_in_worker,
@@ -90,10 +91,12 @@ async def _play_task(
         fleet_seed=fleet.config.seed,
     )
     work = "evaluating" if evaluating else "training"
+    reply: TrainReply | EvaluateReply
     try:
-        reply = await _in_worker(
-            fleet, evaluate_in_worker if evaluating else train_in_worker, request
-        )
+        if evaluating:
+            reply = await _in_worker(fleet, evaluate_in_worker, request)
+        else:
+            reply = await _in_worker(fleet, train_in_worker, request)
     except (FatalTrainingError, BrokenProcessPool) as exc:  # no device can train: stop
         fleet.finish("fatal", f"{work} {fleet.config.job} failed: {exc}")
         return
