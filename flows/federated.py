@@ -106,11 +106,11 @@ async def server_level(
 
 @flow(name="device-evaluation", validate_parameters=False, log_prints=True)
 async def device_evaluation_level(
-    ctx: RunContext, rnd: int, leaves: Sequence[str], devices: list[str], model: ObjectRef
+    ctx: RunContext, rnd: int, leaves: Sequence[str], model: ObjectRef
 ) -> DeviceEvaluation:
     """Devices evaluate ``model`` on their own held-out data; their metric sums are added."""
     started = time.time()
-    opened = await open_evaluation(ctx, rnd, devices, leaves, model)
+    opened = await open_evaluation(ctx, rnd, leaves, model)
     closing, *outcomes = await asyncio.gather(
         close_when_due(ctx, opened),
         *(collect_evaluation(ctx, leaf, ref) for leaf, ref in opened.task_refs.items()),
@@ -154,7 +154,7 @@ async def training_round(ctx: RunContext, tree: Tree, commit: CommitRecord) -> S
             evaluation, device_eval = await asyncio.gather(
                 evaluate_model(ctx, rnd, root.global_model),
                 device_evaluation_level.with_options(flow_run_name=f"{tag}-device-evaluation")(
-                    ctx, rnd, tree.leaves, devices, root.global_model
+                    ctx, rnd, tree.leaves, root.global_model
                 ),
             )
         else:

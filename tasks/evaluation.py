@@ -39,7 +39,7 @@ from infra.keys import (
 from infra.outputs import Output, Provenance, put_with_lineage
 from infra.store import ObjectRef, ObjectStore, get_json
 from tasks.context import RunContext, current_flow_run_id, store_for
-from tasks.dispatch import device_weight_cap, tensor_spec
+from tasks.dispatch import device_weight_cap, registered_devices, tensor_spec
 from tasks.planning import OpenedRound, plan_evaluation
 from tasks.results import Closing, DeviceEvaluation, EvaluationLeaf
 from tasks.ui import emit_lineage_events
@@ -57,13 +57,14 @@ def count_evaluations(store: ObjectStore, job: str, run_id: str, rnd: int) -> in
 
 @task(name="open-evaluation", cache_policy=NONE, retries=2, retry_delay_seconds=[1, 3])
 async def open_evaluation(
-    ctx: RunContext, rnd: int, devices: list[str], leaves: Sequence[str], model: ObjectRef
+    ctx: RunContext, rnd: int, leaves: Sequence[str], model: ObjectRef
 ) -> OpenedRound:
-    """Plan the evaluation, write every leaf's evaluate task, then point the gateways at it."""
+    """Sample the registry, write every leaf's evaluate task, then point the gateways at it."""
     started = time.time()
     store = store_for(ctx.s3)
 
     def write() -> OpenedRound:
+        devices = registered_devices(store, ctx.job)  # keys only: one LIST
         plan = plan_evaluation(
             ctx.params,
             ctx.job_spec(),
