@@ -97,10 +97,17 @@ def metric_format(name: str) -> Callable[[float | None], str]:
 
 
 def metric_line(report: RoundReport) -> str:
-    """``test accuracy 80.0%, loss 0.4123``: a round's test metrics in headline order."""
+    """``test accuracy 80.0%, loss 0.4123``: a round's test metrics in headline order, and
+    ``; devices accuracy 81.2%, loss 0.3900 (5 evaluated)`` after them when devices
+    evaluated the model (a federated evaluation)."""
     metrics = metrics_of(report)
     parts = [f"{n} {metric_format(n)(metrics[n])}" for n in metric_names([report])]
-    return f"test {', '.join(parts)}" if metrics else "no test metrics"
+    line = f"test {', '.join(parts)}" if metrics else "no test metrics"
+    device = report.device_metrics
+    if device:
+        shown = [f"{n} {metric_format(n)(device[n])}" for n in device_metric_names([report])]
+        line += f"; devices {', '.join(shown)} ({report.devices_evaluated} evaluated)"
+    return line
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from edge.training.evaluate import evaluate
 from edge.training.state import initial_state
 from edge.update_batch import BatchContext, DeviceUpdate, decode_update_batch, encode_update_batch
 from infra.errors import ValidationError
-from infra.round_table import RoundTable
+from infra.round_table import RoundTable, metric_line
 from infra.run_state import CommitRecord
 from tasks.models import held_out_metrics
 from tasks.planning import plan_evaluation, plan_round
@@ -307,6 +307,9 @@ def test_the_report_shows_the_devices_metrics_beside_the_servers() -> None:
     assert (report.devices_evaluated, report.device_eval_samples) == (5, 160)
     assert phase_timings(results)[DEVICE_EVALUATION] == 2.75
     assert DEVICE_EVALUATION not in phase_timings(_results())
+    assert metric_line(report) == (
+        "test accuracy 80.0%, loss 0.4000; devices accuracy 81.2%, loss 0.3500 (5 evaluated)"
+    )
     [line] = round_lines([report])
     assert "test accuracy  80.0%" in line and "devices accuracy 81.2% (5 evaluated)" in line
     plain = report.model_copy(update={"device_metrics": {}, "devices_evaluated": 0})
