@@ -182,14 +182,23 @@ class Simulator:
         workers: int = 2,
         max_seconds: float = 900.0,
     ) -> None:
+        from edge.simulator.command import simulator_command
         from infra.process import spawn
 
         self.job, self.devices, self.running = job, devices, True
-        cmd = [sys.executable, "-m", "edge.simulator", "--job", job]
-        cmd += ["--devices", str(devices), "--seed", str(seed), "--workers", str(workers)]
-        cmd += ["--gateway", ",".join(stack.gateway_urls), "--quiet", "--forever"]
-        cmd += ["--dropout", "0", "--slow-fraction", "0", "--offline-fraction", "0"]
-        cmd += ["--max-seconds", str(max_seconds)]
+        cmd = simulator_command(
+            job,
+            stack.gateway_urls,
+            devices=devices,
+            seed=seed,
+            workers=workers,
+            quiet=True,
+            forever=True,
+            dropout=0,
+            slow_fraction=0,
+            offline_fraction=0,
+            max_seconds=max_seconds,
+        )
         self.log = stack.root / f"simulator-{job}.log"
         self.proc = spawn(cmd, self.log, stack.child_env())
 

@@ -22,12 +22,8 @@ Round 0 of each run is a warm-up (simulator start, imports) and is excluded.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import uuid
@@ -37,63 +33,22 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from infra.health import wait_http_ok as wait_healthy  # noqa: E402
-from infra.prefect_server import start_prefect_server  # noqa: E402
+from tests.support.stack import ALWAYS_ON, run_flow, start_simulator  # noqa: E402
 
 PHASES = ["export", "dispatch", "devices", "close-and-collect", "aggregate", "evaluate"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_prefect(home: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    proc = start_prefect_server(home, port, home / "server.log", ui=False)
-    wait_healthy(f"{url}/health", proc)
-    return proc, url
-
-
-def run(job: str, devices: int, gateways: list[str], params: dict[str, Any]) -> list[Any]:
-    from flows.federated import federated_training
-
-    sim = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edge.simulator",
-            "--job",
-            job,
-            "--devices",
-            str(devices),
-            "--gateway",
-            ",".join(gateways),
-            "--quiet",
-            "--dropout",
-            "0",
-            "--offline-fraction",
-            "0",
-            "--slow-fraction",
-            "0",
-            "--max-seconds",
-            "900",
-        ],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+def run(
+    job: str, devices: int, gateways: list[str], folder: Path, params: dict[str, Any]
+) -> list[Any]:
+    run_id = f"bench-{uuid.uuid4().hex[:6]}"
+    sim = start_simulator(job, devices, gateways, folder, name=run_id, max_seconds=900, **ALWAYS_ON)
     try:
-        reports = asyncio.run(
-            federated_training(job=job, run_id=f"bench-{uuid.uuid4().hex[:6]}", **params)
-        )
-    finally:
-        try:
-            sim.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            sim.kill()
+        reports = run_flow(job=job, run_id=run_id, **params)
+    except BaseException:
+        sim.kill()
+        raise
+    sim.finish(timeout=60)  # it stops by itself once the run says done
     return [r for r in reports if r.round > 0 and r.outcome == "committed"]
 
 
@@ -117,33 +72,29 @@ def main() -> None:
     parser.add_argument("--skip-hello", action="store_true")
     args = parser.parse_args()
 
-    from moto.server import ThreadedMotoServer
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.deployments import load_deployment_specs
     from infra.settings import GatewaySettings, S3Settings
     from infra.store import S3ObjectStore
     from tests.support.harness import GatewayThread
+    from tests.support.stack import MANIFEST_CACHE_S, PrefectServer, moto_server
 
-    s3_port = free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
-    moto.start()
-    os.environ.update(
-        {
-            "CANOPY_S3_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
-            "CANOPY_S3_BUCKET": "bench",
-            "CANOPY_S3_ACCESS_KEY_ID": "bench",
-            "CANOPY_S3_SECRET_ACCESS_KEY": "bench",
-            "CANOPY_S3_CREATE_BUCKET": "true",
-            "CANOPY_GATEWAY_MANIFEST_CACHE_SECONDS": "0.2",
-        }
-    )
-    home = Path(tempfile.mkdtemp(prefix="canopy-bench-"))
-    server, api = start_prefect(home)
-    store = S3ObjectStore(S3Settings())
-    try:
+    folder = Path(tempfile.mkdtemp(prefix="canopy-bench-"))
+    with moto_server() as s3_url, PrefectServer(folder) as prefect:
+        os.environ.update(
+            {
+                "CANOPY_S3_ENDPOINT_URL": s3_url,
+                "CANOPY_S3_BUCKET": "bench",
+                "CANOPY_S3_ACCESS_KEY_ID": "bench",
+                "CANOPY_S3_SECRET_ACCESS_KEY": "bench",
+                "CANOPY_S3_CREATE_BUCKET": "true",
+                "CANOPY_GATEWAY_MANIFEST_CACHE_SECONDS": MANIFEST_CACHE_S,
+            }
+        )
+        store = S3ObjectStore(S3Settings())
         with (
-            temporary_settings(updates={PREFECT_API_URL: api}),
+            temporary_settings(updates={PREFECT_API_URL: prefect.url}),
             GatewayThread(GatewaySettings(), store) as a,
             GatewayThread(GatewaySettings(), store) as b,
         ):
@@ -154,6 +105,7 @@ def main() -> None:
                     "hello-mobile",
                     16,
                     gateways,
+                    folder,
                     {
                         "runtime": "pytorch",
                         "rounds": args.rounds,
@@ -177,13 +129,9 @@ def main() -> None:
                 f"{params['cohort_size']}, ExecuTorch devices, {devices} simulated)"
             )
             result = summarise(
-                "cifar10-mobile default", run("cifar10-mobile", devices, gateways, params)
+                "cifar10-mobile default", run("cifar10-mobile", devices, gateways, folder, params)
             )
             print(f"overhead_share_cifar10_default={result['overhead'] / result['total']:.3f}")
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-        moto.stop()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import httpx
 
 from edge.jobs import get_job
 from edge.jobs.spec import JobSpec
+from edge.simulator.command import simulator_command as edge_simulator_command
 from edge.simulator.fleet import SimulationConfig
 from flows.deployments import (
     DeploymentSpec,
@@ -329,26 +330,16 @@ def up(
 def simulator_command(job: str, gateway_urls: list[str], fleet: SimulatedFleet) -> list[str]:
     """``canopy simulate`` for one job reference, polling forever (a local stack outlives
     runs)."""
-    return [
-        sys.executable,
-        "-m",
-        "edge.simulator",
-        "--job",
+    return edge_simulator_command(
         job,
-        "--devices",
-        str(fleet.devices),
-        "--seed",
-        str(fleet.seed),
-        "--dropout",
-        str(fleet.dropout),
-        "--slow-fraction",
-        str(fleet.slow_fraction),
-        "--offline-fraction",
-        str(fleet.offline_fraction),
-        "--gateway",
-        ",".join(gateway_urls),
-        "--forever",
-    ]
+        gateway_urls,
+        devices=fleet.devices,
+        seed=fleet.seed,
+        dropout=fleet.dropout,
+        slow_fraction=fleet.slow_fraction,
+        offline_fraction=fleet.offline_fraction,
+        forever=True,
+    )
 
 
 def down(root: Path, *, timeout_s: float = 15.0, log: Callable[[str], None] = print) -> int:

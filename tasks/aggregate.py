@@ -9,7 +9,6 @@ between leaves the previous round committed and the next attempt redoes this one
 
 from __future__ import annotations
 
-import asyncio
 import time
 from datetime import UTC, datetime
 
@@ -25,6 +24,7 @@ from infra.outputs import Output, Provenance, put_all_with_lineage, put_with_lin
 from infra.store import ObjectRef, ObjectStore
 from tasks.context import RunContext, current_flow_run_id, store_for
 from tasks.results import RootResult
+from tasks.threads import in_thread
 from tasks.ui import emit_lineage_events
 
 
@@ -38,9 +38,12 @@ def load_tensors(store: ObjectStore, ref: ObjectRef) -> TensorDict:
     return decode_tensors(obj.data, source=ref.uri)[0]
 
 
-def _sum_children(
+@task(name="sum-node", cache_policy=NONE, task_run_name="sum-{node}")
+@in_thread
+def sum_node(
     ctx: RunContext, rnd: int, node: str, level: int, children: list[ObjectRef]
 ) -> ObjectRef:
+    """An aggregator node (or the root): its partial is the sum of its children's."""
     started = datetime.now(UTC)
     store = store_for(ctx.s3)
     total = sum_partials(load_partial(store, ref) for ref in children)
@@ -64,15 +67,9 @@ def _sum_children(
     )
 
 
-@task(name="sum-node", cache_policy=NONE, task_run_name="sum-{node}")
-async def sum_node(
-    ctx: RunContext, rnd: int, node: str, level: int, children: list[ObjectRef]
-) -> ObjectRef:
-    """An aggregator node (or the root): its partial is the sum of its children's."""
-    return await asyncio.to_thread(_sum_children, ctx, rnd, node, level, children)
-
-
-def _apply(
+@task(name="apply-strategy", cache_policy=NONE)
+@in_thread
+def apply_strategy(
     ctx: RunContext,
     rnd: int,
     root_partial: ObjectRef,
@@ -80,6 +77,11 @@ def _apply(
     server_state: ObjectRef | None,
     prior_norms: NormBoundState,
 ) -> RootResult:
+    """Divide the root's sum once, apply the strategy; abandon below ``min_reports``.
+
+    A committed round also moves the adaptive norm bound toward the median
+    norm of its updates (``aggregation.clipping``), for the next round.
+    """
     started = datetime.now(UTC)
     store = store_for(ctx.s3)
     total = load_partial(store, root_partial)
@@ -159,22 +161,3 @@ def _write_next_model(
         observers=[emit_lineage_events],
     )
     return g_ref, s_ref
-
-
-@task(name="apply-strategy", cache_policy=NONE)
-async def apply_strategy(
-    ctx: RunContext,
-    rnd: int,
-    root_partial: ObjectRef,
-    global_model: ObjectRef,
-    server_state: ObjectRef | None,
-    prior_norms: NormBoundState,
-) -> RootResult:
-    """Divide the root's sum once, apply the strategy; abandon below ``min_reports``.
-
-    A committed round also moves the adaptive norm bound toward the median
-    norm of its updates (``aggregation.clipping``), for the next round.
-    """
-    return await asyncio.to_thread(
-        _apply, ctx, rnd, root_partial, global_model, server_state, prior_norms
-    )

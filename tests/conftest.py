@@ -1,45 +1,49 @@
-"""Shared fixtures: a real moto S3 server and a real Prefect server, both on 127.0.0.1."""
+"""Shared fixtures: a real moto S3 server and a real Prefect server, both on 127.0.0.1,
+and the local stack the end-to-end tests run the flow against (tests.support.stack)."""
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from moto.server import ThreadedMotoServer
 
-from infra.settings import S3Settings
+from infra.settings import GatewaySettings, S3Settings
 from infra.store import S3ObjectStore
-from tests.support.harness import free_port
+from tests.support.harness import GatewayThread, settings_env
+from tests.support.stack import (
+    MANIFEST_CACHE_S,
+    LocalStack,
+    PrefectServer,
+    fresh_bucket,
+    moto_server,
+)
 
 
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
     """One moto server for the whole session; tests isolate themselves by bucket."""
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    with moto_server() as url:
+        yield url
 
 
 @pytest.fixture
 def s3_settings(moto_endpoint: str) -> S3Settings:
-    return S3Settings(
-        endpoint_url=moto_endpoint,
-        bucket=f"test-{uuid.uuid4().hex[:12]}",
-        access_key_id="testing",
-        secret_access_key="testing",  # type: ignore[arg-type]
-        create_bucket=True,
-    )
+    return fresh_bucket(moto_endpoint)
 
 
 @pytest.fixture
 def s3_store(s3_settings: S3Settings) -> S3ObjectStore:
     return S3ObjectStore(s3_settings)
+
+
+@pytest.fixture
+def s3_env(s3_settings: S3Settings, monkeypatch: pytest.MonkeyPatch) -> S3Settings:
+    """Point what reads ``CANOPY_S3_*`` in this process (the CLI, a flow) at the test's bucket."""
+    for name, value in settings_env(s3_settings).items():
+        monkeypatch.setenv(name, value)
+    return s3_settings
 
 
 @pytest.fixture(scope="session")
@@ -51,22 +55,36 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from infra.health import wait_http_ok as wait_healthy
-    from infra.prefect_server import start_prefect_server
-
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    proc = start_prefect_server(home, port, home / "server.log", ui=False)
-    wait_healthy(f"{url}/health", proc)
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: url}):
-            os.environ["PREFECT_API_URL"] = url  # for subprocesses the tests start
-            yield url
-    finally:
-        os.environ.pop("PREFECT_API_URL", None)
-        os.killpg(proc.pid, signal.SIGTERM)
+    with (
+        PrefectServer(tmp_path_factory.mktemp("prefect-home")) as server,
+        temporary_settings(updates={PREFECT_API_URL: server.url}),
+    ):
+        os.environ["PREFECT_API_URL"] = server.url  # for subprocesses the tests start
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            yield server.url
+        finally:
+            os.environ.pop("PREFECT_API_URL", None)
+
+
+@pytest.fixture
+def local_stack(
+    s3_env: S3Settings,
+    s3_store: S3ObjectStore,
+    prefect_api: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[LocalStack]:
+    """Two gateway threads over the test's bucket; the flow (``run_flow``) reports to
+    the session's Prefect server and finds the bucket through ``CANOPY_S3_*``."""
+    del prefect_api  # PREFECT_API_URL is in the environment
+    monkeypatch.setenv("CANOPY_GATEWAY_MANIFEST_CACHE_SECONDS", MANIFEST_CACHE_S)
+    settings = GatewaySettings()
+    with (
+        GatewayThread(settings, s3_store, gateway_id="gw-a") as a,
+        GatewayThread(settings, s3_store, gateway_id="gw-b") as b,
+    ):
+        stack = LocalStack(s3=s3_env, store=s3_store, gateways=[a.url, b.url], tmp=tmp_path)
+        try:
+            yield stack
+        finally:
+            stack.close()

@@ -12,30 +12,20 @@ field is wrong and how to fix it, and leave the bucket empty.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import json
 import re
-import subprocess
-import sys
 import textwrap
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from flows.federated import federated_training
 from infra.lineage import LineageNode, LineageRecord, walk_lineage
-from infra.run_state import RoundReport, read_commit
-from infra.settings import GatewaySettings, S3Settings
-from infra.store import S3ObjectStore
-from tests.support.harness import GatewayThread
+from infra.run_state import read_commit
+from tests.support.stack import ALWAYS_ON, LocalStack, Simulator, run_flow, small_run
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parent.parent
 
 # Which side of a line a point lies on. Each of 12 owners draws points around its
 # own centre, so every phone's data is differently distributed (non-IID).
@@ -148,83 +138,15 @@ def sides_source(*, input_shape: str = "(2,)", model: str | None = None) -> str:
     return textwrap.dedent(source)
 
 
-@dataclass
-class Stack:
-    store: S3ObjectStore
-    gateways: list[str]
-    tmp: Path
-
-    def write_job(self, filename: str, source: str) -> Path:
-        path = self.tmp / filename
-        path.write_text(source)
-        return path
-
-    def simulate(self, job: str, devices: int, runtime: str) -> subprocess.Popen[bytes]:
-        """The device simulator as a user starts it, with the job's file reference."""
-        args = [
-            sys.executable,
-            "-m",
-            "edge.simulator",
-            "--job",
-            job,
-            "--devices",
-            str(devices),
-            "--runtime",
-            runtime,
-            "--gateway",
-            ",".join(self.gateways),
-            "--dropout",
-            "0",
-            "--offline-fraction",
-            "0",
-            "--slow-fraction",
-            "0",
-            "--quiet",
-            "--max-seconds",
-            "240",
-            "--summary-json",
-            str(self.tmp / "sim.json"),
-        ]
-        return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-    def summary(self) -> dict[str, Any]:
-        return dict(json.loads((self.tmp / "sim.json").read_text()))
+def write_job(stack: LocalStack, filename: str, source: str) -> Path:
+    path = stack.tmp / filename
+    path.write_text(source)
+    return path
 
 
-@pytest.fixture
-def stack(
-    s3_settings: S3Settings, prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Stack]:
-    del prefect_api  # the flow reports to it
-    for name, value in {
-        "CANOPY_S3_ENDPOINT_URL": s3_settings.endpoint_url,
-        "CANOPY_S3_BUCKET": s3_settings.bucket,
-        "CANOPY_S3_ACCESS_KEY_ID": "testing",
-        "CANOPY_S3_SECRET_ACCESS_KEY": "testing",
-        "CANOPY_GATEWAY_MANIFEST_CACHE_SECONDS": "0.2",
-    }.items():
-        monkeypatch.setenv(name, str(value))
-    store = S3ObjectStore(s3_settings)
-    settings = GatewaySettings()
-    with (
-        GatewayThread(settings, store, gateway_id="gw-a") as a,
-        GatewayThread(settings, store, gateway_id="gw-b") as b,
-    ):
-        yield Stack(store=store, gateways=[a.url, b.url], tmp=tmp_path)
-
-
-def run_flow(**params: Any) -> list[RoundReport]:
-    return asyncio.run(federated_training(**params))
-
-
-def finish(sim: subprocess.Popen[bytes], timeout: float = 90) -> None:
-    """Wait for the simulator to stop by itself (the job said done) and succeed."""
-    try:
-        out, _ = sim.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        sim.kill()
-        raise
-    assert sim.returncode == 0, out.decode(errors="replace")[-3000:]
+def simulate(stack: LocalStack, job: str, runtime: str) -> Simulator:
+    """The device simulator as a user starts it, with the job's file reference."""
+    return stack.simulate(job, 6, runtime=runtime, **ALWAYS_ON)
 
 
 def records(node: LineageNode) -> dict[str, LineageRecord]:
@@ -236,33 +158,32 @@ def records(node: LineageNode) -> dict[str, LineageRecord]:
     return found
 
 
-FLOW = {
-    "tree": {"depth": 1, "width": 2},
-    "cohort_size": 4,
-    "min_reports": 3,
-    "round_deadline_s": 60,
-    "registry_wait_s": 60,
-    "num_devices": 6,
-}
+# What every run here shares, over tests.support.stack.SMALL_RUN.
+FLOW = {"cohort_size": 4, "min_reports": 3, "registry_wait_s": 60, "num_devices": 6}
 
 
-def test_a_job_file_with_a_natural_partition_trains_on_executorch_devices(stack: Stack) -> None:
+def test_a_job_file_with_a_natural_partition_trains_on_executorch_devices(
+    local_stack: LocalStack,
+) -> None:
     # Prepare: the job in a file of its own, and phones that know only its reference
-    path = stack.write_job("sides_job.py", sides_source())
+    stack = local_stack
+    path = write_job(stack, "sides_job.py", sides_source())
     reference = f"{path}:SIDES"
     run_id = f"sides-{uuid.uuid4().hex[:6]}"
-    sim = stack.simulate(reference, 6, "executorch")
+    sim = simulate(stack, reference, "executorch")
 
     # Execute: three rounds, each phone holding one owner's points
     reports = run_flow(
-        job=reference,
-        run_id=run_id,
-        runtime="executorch",
-        rounds=3,
-        partition={"kind": "natural", "min_size": 8},
-        **FLOW,
+        **small_run(
+            **FLOW,
+            job=reference,
+            run_id=run_id,
+            runtime="executorch",
+            rounds=3,
+            partition={"kind": "natural", "min_size": 8},
+        )
     )
-    finish(sim)
+    summary = sim.finish()
 
     # Assert: every round trained the ExecuTorch program and accuracy rose
     assert [r.outcome for r in reports] == ["committed"] * 3
@@ -274,9 +195,9 @@ def test_a_job_file_with_a_natural_partition_trains_on_executorch_devices(stack:
     # Keys, gateways and the simulator all used the job's declared name
     commit = read_commit(stack.store, "sides-e2e", run_id)
     assert commit is not None and commit.next_round == 3
-    assert stack.summary()["stop_reason"] == "done"
+    assert summary["stop_reason"] == "done"
     # Devices held one owner each: six partitions of different sizes
-    assert len(set(stack.summary()["samples_by_device"].values())) > 1
+    assert len(set(summary["samples_by_device"].values())) > 1
 
     # The final model's lineage names the job file and its sha256
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -290,15 +211,17 @@ def test_a_job_file_with_a_natural_partition_trains_on_executorch_devices(stack:
         assert record.parameters["job_file_sha256"] == digest
 
 
-def test_a_regression_job_file_trains_on_pytorch_devices_and_its_mse_falls(stack: Stack) -> None:
-    path = stack.write_job("meters_job.py", textwrap.dedent(METERS_JOB))
+def test_a_regression_job_file_trains_on_pytorch_devices_and_its_mse_falls(
+    local_stack: LocalStack,
+) -> None:
+    stack = local_stack
+    path = write_job(stack, "meters_job.py", textwrap.dedent(METERS_JOB))
     reference = f"{path}:METERS"
-    sim = stack.simulate(reference, 6, "pytorch")
+    sim = simulate(stack, reference, "pytorch")
 
-    reports = run_flow(
-        job=reference, run_id=f"meters-{uuid.uuid4().hex[:6]}", runtime="pytorch", rounds=3, **FLOW
-    )
-    finish(sim)
+    run_id = f"meters-{uuid.uuid4().hex[:6]}"
+    reports = run_flow(**small_run(**FLOW, job=reference, run_id=run_id, runtime="pytorch"))
+    sim.finish()
 
     assert [r.outcome for r in reports] == ["committed"] * 3
     mse = [r.test_metrics["mse"] for r in reports]
@@ -353,14 +276,15 @@ THREE_INPUTS = "nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))"
     ],
 )
 def test_a_bad_job_fails_before_the_first_round_and_writes_nothing(
-    stack: Stack, case: str, job: str, overrides: dict[str, Any], expected: list[str]
+    local_stack: LocalStack, case: str, job: str, overrides: dict[str, Any], expected: list[str]
 ) -> None:
     # Prepare: a good job file, and the broken variants
-    stack.write_job("sides_job.py", sides_source())
-    stack.write_job("buffers_job.py", sides_source(model=BUFFERS))
+    stack = local_stack
+    write_job(stack, "sides_job.py", sides_source())
+    write_job(stack, "buffers_job.py", sides_source(model=BUFFERS))
     # A model that takes 3 features, for data of 2: the dataset check must catch it
-    stack.write_job("shape_job.py", sides_source(input_shape="(3,)", model=THREE_INPUTS))
-    params = {**FLOW, "rounds": 1, "registry_wait_s": 1, "runtime": "pytorch", **overrides}
+    write_job(stack, "shape_job.py", sides_source(input_shape="(3,)", model=THREE_INPUTS))
+    params = small_run(**{**FLOW, "rounds": 1, "registry_wait_s": 1, **overrides})
 
     # Execute
     with pytest.raises(Exception) as failure:

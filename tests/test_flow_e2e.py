@@ -15,98 +15,18 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-from flows.federated import federated_training
 from infra import keys
 from infra.lineage import LineageNode, walk_lineage
-from infra.run_state import RoundReport, read_commit, read_reports
-from infra.settings import GatewaySettings, S3Settings
-from infra.store import S3ObjectStore
+from infra.run_state import read_commit, read_reports
 from tasks.ui import artifact_key
-from tests.support.harness import GatewayThread
+from tests.support.stack import ALWAYS_ON, REPO, LocalStack, run_flow, small_run
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parent.parent
-
-
-@dataclass
-class Stack:
-    s3: S3Settings
-    store: S3ObjectStore
-    gateways: list[str]
-    tmp: Path
-
-    def simulate(
-        self, job: str, devices: int, *, seed: int = 0, **flags: Any
-    ) -> subprocess.Popen[bytes]:
-        """Start the device simulator in its own process (it stops when the job is done)."""
-        args = [
-            sys.executable,
-            "-m",
-            "edge.simulator",
-            "--job",
-            job,
-            "--devices",
-            str(devices),
-            "--seed",
-            str(seed),
-            "--gateway",
-            ",".join(self.gateways),
-            "--quiet",
-            "--max-seconds",
-            "240",
-            "--summary-json",
-            str(self.tmp / f"sim-{job}-{seed}.json"),
-        ]
-        for name, value in flags.items():
-            args += [f"--{name.replace('_', '-')}", str(value)]
-        return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-    def summary(self, job: str, seed: int = 0) -> dict[str, Any]:
-        return json.loads((self.tmp / f"sim-{job}-{seed}.json").read_text())
-
-
-@pytest.fixture
-def stack(
-    s3_settings: S3Settings, prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Stack]:
-    for name, value in {
-        "CANOPY_S3_ENDPOINT_URL": s3_settings.endpoint_url,
-        "CANOPY_S3_BUCKET": s3_settings.bucket,
-        "CANOPY_S3_ACCESS_KEY_ID": "testing",
-        "CANOPY_S3_SECRET_ACCESS_KEY": "testing",
-        "CANOPY_GATEWAY_MANIFEST_CACHE_SECONDS": "0.2",
-    }.items():
-        monkeypatch.setenv(name, str(value))
-    store = S3ObjectStore(s3_settings)
-    settings = GatewaySettings()
-    with (
-        GatewayThread(settings, store, gateway_id="gw-a") as a,
-        GatewayThread(settings, store, gateway_id="gw-b") as b,
-    ):
-        yield Stack(s3=s3_settings, store=store, gateways=[a.url, b.url], tmp=tmp_path)
-
-
-def run_flow(**params: Any) -> list[RoundReport]:
-    return asyncio.run(federated_training(**params))
-
-
-def finish(sim: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    """Wait for the simulator to stop by itself (the job said done) and succeed."""
-    try:
-        err, _ = sim.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        sim.kill()
-        raise
-    assert sim.returncode == 0, err.decode(errors="replace")[-3000:]
 
 
 def lineage_kinds(node: LineageNode) -> set[str]:
@@ -137,25 +57,25 @@ async def artifact_keys(prefix: str) -> set[str]:
     return {a.key for a in arts if a.key}
 
 
-def test_hello_mobile_end_to_end(stack: Stack) -> None:
+def test_hello_mobile_end_to_end(local_stack: LocalStack) -> None:
     # Prepare
+    stack = local_stack
     run_id = f"hello-{uuid.uuid4().hex[:6]}"
     sim = stack.simulate("hello-mobile", 12, dropout=0.0, offline_fraction=0.0)
 
     # Execute
     reports = run_flow(
-        job="hello-mobile",
-        run_id=run_id,
-        runtime="pytorch",
-        rounds=2,
-        tree={"depth": 2, "width": 2},
-        cohort_size=6,
-        min_reports=3,
-        round_deadline_s=60,
-        registry_wait_s=30,
-        num_devices=12,
+        **small_run(
+            job="hello-mobile",
+            run_id=run_id,
+            rounds=2,
+            tree={"depth": 2, "width": 2},
+            cohort_size=6,
+            min_reports=3,
+            num_devices=12,
+        )
     )
-    finish(sim)
+    summary = sim.finish(timeout=60)
 
     # Assert: every round committed with the cohort it asked for
     assert [r.outcome for r in reports] == ["committed", "committed"]
@@ -190,26 +110,25 @@ def test_hello_mobile_end_to_end(stack: Stack) -> None:
     assert artifact_key("hello-mobile", run_id, "round-0001", "global model") in found
     assert artifact_key("hello-mobile", run_id, "summary") in found
 
-    summary = stack.summary("hello-mobile")
     assert summary["accepted"] >= 12 and summary["stop_reason"] == "done"
 
 
-def test_xor_mobile_reaches_full_accuracy_with_executorch_devices(stack: Stack) -> None:
+def test_xor_mobile_reaches_full_accuracy_with_executorch_devices(local_stack: LocalStack) -> None:
+    stack = local_stack
     run_id = f"xor-{uuid.uuid4().hex[:6]}"
-    sim = stack.simulate("xor-mobile", 6, dropout=0.0, offline_fraction=0.0, slow_fraction=0.0)
+    sim = stack.simulate("xor-mobile", 6, **ALWAYS_ON)
     reports = run_flow(
-        job="xor-mobile",
-        run_id=run_id,
-        runtime="executorch",
-        rounds=4,
-        tree={"depth": 1, "width": 2},
-        cohort_size=4,
-        min_reports=2,
-        round_deadline_s=60,
-        registry_wait_s=30,
-        num_devices=6,
+        **small_run(
+            job="xor-mobile",
+            run_id=run_id,
+            runtime="executorch",
+            rounds=4,
+            cohort_size=4,
+            min_reports=2,
+            num_devices=6,
+        )
     )
-    finish(sim)
+    sim.finish(timeout=60)
     assert all(r.outcome == "committed" for r in reports)
     assert all(r.program is not None for r in reports)  # devices trained an ExecuTorch program
     assert reports[-1].test_accuracy == 1.0
@@ -217,24 +136,25 @@ def test_xor_mobile_reaches_full_accuracy_with_executorch_devices(stack: Stack) 
     assert "executorch-export" in lineage_kinds(tree) and lineage_problems(tree) == []
 
 
-def test_round_without_enough_devices_is_abandoned_not_hung(stack: Stack) -> None:
+def test_round_without_enough_devices_is_abandoned_not_hung(local_stack: LocalStack) -> None:
+    stack = local_stack
     run_id = f"few-{uuid.uuid4().hex[:6]}"
     sim = stack.simulate("hello-mobile", 2, seed=7, dropout=0.0, offline_fraction=0.0)
     started = time.monotonic()
     reports = run_flow(
-        job="hello-mobile",
-        run_id=run_id,
-        runtime="pytorch",
-        rounds=1,
-        tree={"depth": 1, "width": 2},
-        cohort_size=5,
-        min_reports=5,
-        round_deadline_s=6,
-        registry_wait_s=5,
-        num_devices=2,
-        partition={"kind": "iid"},
+        **small_run(
+            job="hello-mobile",
+            run_id=run_id,
+            rounds=1,
+            cohort_size=5,
+            min_reports=5,
+            round_deadline_s=6,
+            registry_wait_s=5,
+            num_devices=2,
+            partition={"kind": "iid"},
+        )
     )
-    finish(sim)
+    sim.finish(timeout=60)
     assert time.monotonic() - started < 60
     (report,) = reports
     assert report.outcome == "abandoned" and "min_reports=5" in report.reason
@@ -243,21 +163,17 @@ def test_round_without_enough_devices_is_abandoned_not_hung(stack: Stack) -> Non
     assert commit.global_model.key == keys.global_model_key("hello-mobile", run_id, 0)
 
 
-def test_killed_and_resumed_job_commits_each_round_once(stack: Stack) -> None:
+def test_killed_and_resumed_job_commits_each_round_once(local_stack: LocalStack) -> None:
+    stack = local_stack
     run_id = f"resume-{uuid.uuid4().hex[:6]}"
-    params = {
-        "job": "hello-mobile",
-        "run_id": run_id,
-        "runtime": "pytorch",
-        "rounds": 3,
-        "tree": {"depth": 1, "width": 2},
-        "cohort_size": 4,
-        "min_reports": 2,
-        "round_deadline_s": 60,
-        "registry_wait_s": 30,
-        "num_devices": 8,
-        "partition": {"kind": "iid"},
-    }
+    params = small_run(
+        job="hello-mobile",
+        run_id=run_id,
+        cohort_size=4,
+        min_reports=2,
+        num_devices=8,
+        partition={"kind": "iid"},
+    )
     sim = stack.simulate("hello-mobile", 8, seed=3, dropout=0.0, offline_fraction=0.0)
     # Run the flow in a subprocess and kill it once round 0 is committed.
     code = (
@@ -279,7 +195,7 @@ def test_killed_and_resumed_job_commits_each_round_once(stack: Stack) -> None:
     proc.wait()
 
     reports = run_flow(**params)
-    finish(sim)
+    sim.finish(timeout=60)
 
     commit = read_commit(stack.store, "hello-mobile", run_id)
     assert commit is not None and commit.next_round == 3

@@ -97,13 +97,8 @@ def test_lineage_output_outside_bucket_is_refused() -> None:
         write_lineage(store, rec)
 
 
-def test_canopy_lineage_prints_tree_from_s3(
-    s3_store: S3ObjectStore, s3_settings: S3Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_canopy_lineage_prints_tree_from_s3(s3_store: S3ObjectStore, s3_env: S3Settings) -> None:
     _, new_uri = _chain(s3_store)
-    monkeypatch.setenv("CANOPY_S3_ENDPOINT_URL", s3_settings.endpoint_url or "")
-    monkeypatch.setenv("CANOPY_S3_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("CANOPY_S3_SECRET_ACCESS_KEY", "testing")
     result = CliRunner().invoke(app, ["lineage", new_uri], env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
     assert "global-aggregation" in result.output

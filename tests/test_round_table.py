@@ -113,19 +113,6 @@ def test_chart_svg_has_accuracy_in_percent_and_loss() -> None:
     assert "26.4%" in texts and "10.4%" in texts
 
 
-@pytest.fixture
-def s3_env(s3_settings: S3Settings, monkeypatch: pytest.MonkeyPatch) -> S3Settings:
-    """Point the CLI (which reads CANOPY_S3_*) at the test's bucket."""
-    for name, value in {
-        "CANOPY_S3_ENDPOINT_URL": s3_settings.endpoint_url or "",
-        "CANOPY_S3_BUCKET": s3_settings.bucket,
-        "CANOPY_S3_ACCESS_KEY_ID": "testing",
-        "CANOPY_S3_SECRET_ACCESS_KEY": "testing",
-    }.items():
-        monkeypatch.setenv(name, value)
-    return s3_settings
-
-
 def test_canopy_report_prints_the_table_and_writes_the_chart(
     s3_env: S3Settings, tmp_path: Path
 ) -> None:

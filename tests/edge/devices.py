@@ -2,22 +2,27 @@
 
 ``Device`` speaks the protocol of docs/protocol.md with httpx, one call per
 method, and returns raw responses so that tests can assert on every status and
-code. The round itself is written with ``tests.support.harness.write_round``.
+code. The round itself is written with ``tests.support.harness.write_round``;
+``open_test_round`` writes one of the test job, ``offered_device`` one for a
+single enrolled device and hands back its offer.
 """
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import httpx
 import numpy as np
 
 from aggregation.tensors import TensorDict, encode_tensors
+from edge.manifests import LeafTask
 from edge.routing import leaf_for_device
 from edge.simulator.identity import DeviceKey
 from infra.keys import updates_prefix
 from infra.settings import GatewaySettings
 from infra.store import S3ObjectStore
+from tests.support.harness import write_round
 
 JOB, RUN = "hello-test", "run-1"
 LEAVES = ["leaf-0", "leaf-1"]
@@ -172,3 +177,33 @@ async def enrol_async(client: httpx.AsyncClient, device_id: str, job: str = JOB)
     response = await client.post("/v1/enrol", json=body)
     assert response.status_code == 200, response.text
     return str(response.json()["token"])
+
+
+def open_test_round(
+    store: S3ObjectStore,
+    selected: list[str],
+    *,
+    rnd: int = 0,
+    state: TensorDict = STATE,
+    **options: Any,
+) -> dict[str, LeafTask]:
+    """Open round ``rnd`` of the test job (``JOB``/``RUN`` over ``LEAVES``, model ``STATE``)
+    for the ``selected`` devices; ``options`` are ``write_round``'s."""
+    return write_round(
+        store,
+        job=JOB,
+        run_id=RUN,
+        rnd=rnd,
+        leaves=LEAVES,
+        selected=selected,
+        state=state,
+        **options,
+    )
+
+
+def offered_device(client: httpx.Client, store: S3ObjectStore) -> tuple[Device, dict[str, object]]:
+    """One device of leaf-0, enrolled and selected in round 0 of the test job, and its offer."""
+    device = Device(client, devices_on("leaf-0", 1)[0])
+    device.enrol()
+    open_test_round(store, [device.device_id])
+    return device, device.offer()

@@ -28,16 +28,15 @@ from infra.keys import check_segment
 from infra.store import S3ObjectStore
 from tests.edge.devices import (
     JOB,
-    LEAVES,
-    RUN,
-    STATE,
     Device,
     devices_on,
     enrol_body,
     error,
+    offered_device,
+    open_test_round,
     update_like,
 )
-from tests.support.harness import GatewayThread, write_round
+from tests.support.harness import GatewayThread
 
 SPECS = {"w": TensorSpec((4, 3), "float32"), "b": TensorSpec((3,), "float32")}
 # Every dtype name safetensors defines, including those numpy cannot hold.
@@ -183,18 +182,7 @@ FIELD_BYTES = st.binary(max_size=80).map(
 def test_any_header_bytes_get_a_4xx_or_an_answer(
     s3_store: S3ObjectStore, client: httpx.Client
 ) -> None:
-    device = Device(client, devices_on("leaf-0", 1)[0])
-    device.enrol()
-    write_round(
-        s3_store,
-        job=JOB,
-        run_id=RUN,
-        rnd=0,
-        leaves=LEAVES,
-        selected=[device.device_id],
-        state=STATE,
-    )
-    offer = device.offer()
+    device, offer = offered_device(client, s3_store)
     body = encode_tensors(update_like(0.5))
     names = [
         "Authorization",
@@ -268,7 +256,7 @@ def test_openapi_fuzzing_with_a_valid_token_finds_no_5xx(
     me = devices_on("leaf-0", 1)[0]
     device = Device(client, me)
     device.enrol()
-    write_round(s3_store, job=JOB, run_id=RUN, rnd=0, leaves=LEAVES, selected=[me], state=STATE)
+    open_test_round(s3_store, [me])
     offer = device.offer()
     real = {"job": JOB, "device_id": me, "task_id": str(offer["task_id"])}
     schema = schemathesis.openapi.from_dict(client.get("/openapi.json").json())
@@ -313,18 +301,7 @@ def test_openapi_fuzzing_with_a_valid_token_finds_no_5xx(
 def test_bodies_numpy_cannot_hold_are_422_over_http(
     s3_store: S3ObjectStore, client: httpx.Client
 ) -> None:
-    device = Device(client, devices_on("leaf-0", 1)[0])
-    device.enrol()
-    write_round(
-        s3_store,
-        job=JOB,
-        run_id=RUN,
-        rnd=0,
-        leaves=LEAVES,
-        selected=[device.device_id],
-        state=STATE,
-    )
-    offer = device.offer()
+    device, offer = offered_device(client, s3_store)
     w = encode_tensors({"w": np.zeros((4, 3), np.float16)})  # 2-byte items, like BF16
     header_len = int.from_bytes(w[:8], "little")
     header = json.loads(w[8 : 8 + header_len])

@@ -34,9 +34,11 @@ from tests.edge.devices import (
     enrol_async,
     error,
     gateway_settings,
+    offered_device,
+    open_test_round,
     update_like,
 )
-from tests.support.harness import GatewayThread, read_active, set_round_status, write_round
+from tests.support.harness import GatewayThread, read_active, set_round_status
 
 # --- the happy path ----------------------------------------------------------------------
 
@@ -48,9 +50,7 @@ def test_a_round_over_http(s3_store: S3ObjectStore, client: httpx.Client) -> Non
     devices = {d: Device(client, d) for d in (a, b, idle)}
     for device in devices.values():
         assert device.enrol().status_code == 200
-    tasks = write_round(
-        s3_store, job=JOB, run_id=RUN, rnd=0, leaves=LEAVES, selected=[a, b], state=STATE
-    )
+    tasks = open_test_round(s3_store, [a, b])
 
     # Execute
     offers = {d: devices[d].offer() for d in (a, b)}
@@ -103,17 +103,7 @@ def test_executorch_devices_get_the_program(s3_store: S3ObjectStore, client: htt
     et, pt = Device(client, phone, ("executorch",)), Device(client, laptop, ("pytorch",))
     et.enrol(), pt.enrol()
     program = b"PTE-PROGRAM-BYTES" * 100
-    write_round(
-        s3_store,
-        job=JOB,
-        run_id=RUN,
-        rnd=0,
-        leaves=LEAVES,
-        selected=[phone, laptop],
-        state=STATE,
-        runtime="executorch",
-        program=program,
-    )
+    open_test_round(s3_store, [phone, laptop], runtime="executorch", program=program)
 
     et_offer, pt_offer = et.offer(), pt.offer()
     pte = client.get(str(et_offer["model"]["url"]), headers=et.auth)  # type: ignore[index]
@@ -129,15 +119,7 @@ def test_no_job_done_and_no_program(s3_store: S3ObjectStore, client: httpx.Clien
     device.enrol()
 
     before = device.poll().json()
-    write_round(
-        s3_store,
-        job=JOB,
-        run_id=RUN,
-        rnd=0,
-        leaves=LEAVES,
-        selected=[device.device_id],
-        state=STATE,
-    )
+    open_test_round(s3_store, [device.device_id])
     offer = device.offer()
     missing = client.get(
         str(offer["model"]["url"]).replace("format=safetensors", "format=pte"),  # type: ignore[index]
@@ -155,7 +137,7 @@ def test_no_job_done_and_no_program(s3_store: S3ObjectStore, client: httpx.Clien
 
 
 def test_authentication_failures(s3_store: S3ObjectStore, client: httpx.Client) -> None:
-    write_round(s3_store, job=JOB, run_id=RUN, rnd=0, leaves=LEAVES, selected=[], state=STATE)
+    open_test_round(s3_store, [])
     alice, bob = Device(client, "alice"), Device(client, "bob")
     alice.enrol()
     url = f"/v1/jobs/{JOB}/devices/alice/task"
@@ -259,18 +241,7 @@ BAD_UPDATES: list[tuple[str, TensorDict | bytes, dict[str, str], int, str, str |
 def test_bad_uploads_are_refused_with_reasons(
     s3_store: S3ObjectStore, client: httpx.Client
 ) -> None:
-    device = Device(client, devices_on("leaf-0", 1)[0])
-    device.enrol()
-    write_round(
-        s3_store,
-        job=JOB,
-        run_id=RUN,
-        rnd=0,
-        leaves=LEAVES,
-        selected=[device.device_id],
-        state=STATE,
-    )
-    offer = device.offer()
+    device, offer = offered_device(client, s3_store)
 
     for label, payload, headers, status, code, tensor in BAD_UPDATES:
         body = payload if isinstance(payload, bytes) else encode_tensors(payload)
@@ -290,18 +261,7 @@ def test_bad_uploads_are_refused_with_reasons(
 def test_bodies_over_the_limit_are_413_even_when_streamed(
     s3_store: S3ObjectStore, client: httpx.Client
 ) -> None:
-    device = Device(client, devices_on("leaf-0", 1)[0])
-    device.enrol()
-    write_round(
-        s3_store,
-        job=JOB,
-        run_id=RUN,
-        rnd=0,
-        leaves=LEAVES,
-        selected=[device.device_id],
-        state=STATE,
-    )
-    offer = device.offer()
+    device, offer = offered_device(client, s3_store)
     big = b"\x00" * (200 * 1024)
     chunks_sent = 0
 
@@ -345,15 +305,7 @@ def test_duplicates_late_results_and_closed_rounds(
     devs = {d: Device(client, d) for d in (first, second, third)}
     for d in devs.values():
         d.enrol()
-    write_round(
-        s3_store,
-        job=JOB,
-        run_id=RUN,
-        rnd=0,
-        leaves=LEAVES,
-        selected=[first, second, third],
-        state=STATE,
-    )
+    open_test_round(s3_store, [first, second, third])
     offers = {d: devs[d].offer() for d in devs}
 
     accepted = devs[first].upload(offers[first])
@@ -366,7 +318,7 @@ def test_duplicates_late_results_and_closed_rounds(
     closed_poll = devs[third].poll().json()
     set_round_status(s3_store, read_active(s3_store, JOB), "open")
     # Round 1 opens: results for round 0's task are late.
-    write_round(s3_store, job=JOB, run_id=RUN, rnd=1, leaves=LEAVES, selected=[third], state=STATE)
+    open_test_round(s3_store, [third], rnd=1)
     old_task = devs[second].upload(offers[second])
     old_download = client.get(str(offers[second]["model"]["url"]), headers=devs[second].auth)  # type: ignore[index]
     metrics = client.get("/metrics").text
@@ -389,15 +341,7 @@ def test_duplicates_late_results_and_closed_rounds(
 def test_results_after_the_deadline_are_late(s3_store: S3ObjectStore, client: httpx.Client) -> None:
     device = Device(client, devices_on("leaf-1", 1)[0])
     device.enrol()
-    tasks = write_round(
-        s3_store,
-        job=JOB,
-        run_id=RUN,
-        rnd=0,
-        leaves=LEAVES,
-        selected=[device.device_id],
-        state=STATE,
-    )
+    tasks = open_test_round(s3_store, [device.device_id])
     offer = device.offer()
     expired = tasks["leaf-1"].model_copy(
         update={"deadline": datetime.now(UTC) - timedelta(seconds=1)}
@@ -427,16 +371,7 @@ async def test_concurrent_uploads_share_batches(s3_store: S3ObjectStore) -> None
     with GatewayThread(settings, s3_store, gateway_id="gw-batch") as gw:
         async with httpx.AsyncClient(base_url=gw.url, timeout=20) as client:
             tokens = {d: await enrol_async(client, d) for d in ids}
-            await asyncio.to_thread(
-                write_round,
-                s3_store,
-                job=JOB,
-                run_id=RUN,
-                rnd=0,
-                leaves=LEAVES,
-                selected=ids,
-                state=STATE,
-            )
+            await asyncio.to_thread(open_test_round, s3_store, ids)
 
             async def play(i: int, d: str) -> httpx.Response:
                 auth = {"Authorization": f"Bearer {tokens[d]}"}
@@ -502,18 +437,7 @@ def test_health_metrics_openapi_and_unknown_paths(client: httpx.Client) -> None:
 def test_hostile_requests_never_take_the_gateway_down(
     s3_store: S3ObjectStore, client: httpx.Client
 ) -> None:
-    device = Device(client, devices_on("leaf-0", 1)[0])
-    device.enrol()
-    write_round(
-        s3_store,
-        job=JOB,
-        run_id=RUN,
-        rnd=0,
-        leaves=LEAVES,
-        selected=[device.device_id],
-        state=STATE,
-    )
-    offer = device.offer()
+    device, offer = offered_device(client, s3_store)
     rng = np.random.default_rng(7)
     header_sets = [
         {"X-Canopy-Num-Samples": "1" * 400},
@@ -549,16 +473,7 @@ async def test_memory_budget_turns_excess_uploads_away_with_503(s3_store: S3Obje
     # Prepare: 48 KiB updates, a 64 KiB budget for bodies held at once.
     big: TensorDict = {"w": np.zeros(12_000, np.float32)}
     first, second = devices_on("leaf-0", 2)
-    await asyncio.to_thread(
-        write_round,
-        s3_store,
-        job=JOB,
-        run_id=RUN,
-        rnd=0,
-        leaves=LEAVES,
-        selected=[first, second],
-        state=big,
-    )
+    await asyncio.to_thread(open_test_round, s3_store, [first, second], state=big)
     tuning = GatewayTuning(body_budget_bytes=64 * 1024)
     body = encode_tensors({"w": np.full(12_000, 0.5, np.float32)})
 
@@ -607,18 +522,7 @@ async def test_memory_budget_turns_excess_uploads_away_with_503(s3_store: S3Obje
 def test_a_replay_is_validated_before_it_is_called_a_duplicate(
     s3_store: S3ObjectStore, client: httpx.Client
 ) -> None:
-    device = Device(client, devices_on("leaf-0", 1)[0])
-    device.enrol()
-    write_round(
-        s3_store,
-        job=JOB,
-        run_id=RUN,
-        rnd=0,
-        leaves=LEAVES,
-        selected=[device.device_id],
-        state=STATE,
-    )
-    offer = device.offer()
+    device, offer = offered_device(client, s3_store)
     nan = {**update_like(0.0), "w": np.full((4, 3), np.nan, np.float32)}
 
     accepted = device.upload(offer, update_like(0.5))
@@ -646,9 +550,7 @@ def test_a_task_caps_the_weight_a_device_may_claim(
     devices = {d: Device(client, d) for d in (capped, free)}
     for d in devices.values():
         d.enrol()
-    tasks = write_round(
-        s3_store, job=JOB, run_id=RUN, rnd=0, leaves=LEAVES, selected=[capped, free], state=STATE
-    )
+    tasks = open_test_round(s3_store, [capped, free])
     key = read_active(s3_store, JOB).leaf_manifest_keys["leaf-0"]
     put_json(
         s3_store, key, tasks["leaf-0"].model_copy(update={"max_num_samples": 100}), kind="leaf-task"
@@ -712,7 +614,7 @@ def test_a_round_closed_during_the_batch_write_acknowledges_nobody(
         devices = [Device(client, d) for d in ids]
         for d in devices:
             d.enrol()
-        write_round(s3_store, job=JOB, run_id=RUN, rnd=0, leaves=LEAVES, selected=ids, state=STATE)
+        open_test_round(s3_store, ids)
         offers = [d.offer() for d in devices]
         with ThreadPoolExecutor(3) as pool:
             answers = list(pool.map(lambda i: devices[i].upload(offers[i]), range(3)))
@@ -741,16 +643,7 @@ async def test_close_then_list_finds_every_acknowledged_update(s3_store: S3Objec
     with GatewayThread(settings, s3_store, gateway_id="gw-race") as gw:
         async with httpx.AsyncClient(base_url=gw.url, timeout=20) as client:
             tokens = {d: await enrol_async(client, d) for d in ids}
-            await asyncio.to_thread(
-                write_round,
-                s3_store,
-                job=JOB,
-                run_id=RUN,
-                rnd=0,
-                leaves=LEAVES,
-                selected=ids,
-                state=STATE,
-            )
+            await asyncio.to_thread(open_test_round, s3_store, ids)
 
             async def play(i: int, d: str) -> tuple[str, httpx.Response]:
                 auth = {"Authorization": f"Bearer {tokens[d]}"}

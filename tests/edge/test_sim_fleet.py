@@ -41,6 +41,7 @@ from tests.support.harness import (
     set_round_status,
     write_round,
 )
+from tests.support.stack import fresh_bucket
 
 JOB = "hello-mobile"
 DEVICES, ROUNDS, PER_ROUND = 24, 2, 10
@@ -159,19 +160,9 @@ def simulate(
 
 
 def test_fleet_plays_rounds_reproducibly(moto_endpoint: str, pool: ProcessPoolExecutor) -> None:
-    # Prepare: two buckets, so the two runs share nothing but the seed.
-    def fresh() -> S3Settings:
-        return S3Settings(
-            endpoint_url=moto_endpoint,
-            bucket=f"sim-{uuid.uuid4().hex[:10]}",
-            access_key_id="testing",
-            secret_access_key="testing",  # type: ignore[arg-type]
-            create_bucket=True,
-        )
-
-    # Execute
-    first, flow_a = simulate(fresh(), pool)
-    second, flow_b = simulate(fresh(), pool)
+    # Prepare and execute: two buckets, so the two runs share nothing but the seed.
+    first, flow_a = simulate(fresh_bucket(moto_endpoint, "sim"), pool)
+    second, flow_b = simulate(fresh_bucket(moto_endpoint, "sim"), pool)
 
     # Assert: each round got exactly the expected reports, once each.
     profiles = make_profiles(5, DEVICES, **PROFILE_ARGS)

@@ -52,9 +52,10 @@ import threading
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Literal
 from urllib.parse import urlsplit
+
+from tests.support.service import Service
 
 FaultKind = Literal["error500", "error503", "slow", "reset", "drop_response", "truncate"]
 FAULT_KINDS: tuple[FaultKind, ...] = (
@@ -304,7 +305,7 @@ def _reset(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
-class FaultyProxy:
+class FaultyProxy(Service):
     """An HTTP/1.1 proxy in a background thread; ``url`` is where clients point."""
 
     def __init__(
@@ -375,17 +376,6 @@ class FaultyProxy:
         asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout)
         loop.call_soon_threadsafe(loop.stop)
         self._thread.join(timeout)
-
-    def __enter__(self) -> FaultyProxy:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # ------------------------------------------------------------- the loop
 

@@ -20,7 +20,6 @@ import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import uvicorn
@@ -38,6 +37,7 @@ from infra.health import wait_http_ok
 from infra.keys import global_model_key, program_key
 from infra.settings import GatewaySettings, S3Settings
 from infra.store import ObjectStore
+from tests.support.service import Service
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,7 +67,7 @@ def settings_env(settings: BaseSettings) -> dict[str, str]:
     return env
 
 
-class GatewayThread:
+class GatewayThread(Service):
     """A gateway served by uvicorn in a daemon thread of this process."""
 
     def __init__(
@@ -99,7 +99,7 @@ class GatewayThread:
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True, name="gateway")
 
-    def __enter__(self) -> GatewayThread:
+    def start(self) -> GatewayThread:
         self._thread.start()
         deadline = time.monotonic() + 20
         while not self._server.started:
@@ -108,17 +108,12 @@ class GatewayThread:
             time.sleep(0.01)
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join(timeout=20)
 
 
-class GatewayProcess:
+class GatewayProcess(Service):
     """``python -m edge.gateway`` in a subprocess on a free loopback port."""
 
     def __init__(
@@ -177,17 +172,6 @@ class GatewayProcess:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 self.kill()
-
-    def __enter__(self) -> GatewayProcess:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def write_round(

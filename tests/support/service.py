@@ -1,0 +1,27 @@
+"""What every server a test starts shares: ``with Server(...) as s`` starts it, leaving stops it."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Self
+
+
+class Service:
+    """A context manager over ``start()`` (which returns the started service) and ``stop()``."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
