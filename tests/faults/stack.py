@@ -14,38 +14,33 @@ the test judges through ``store``, which talks to moto directly, so a fault
 never bends the verdict.
 
 ``build_stack`` assembles one (the ``make_stack`` fixture and
-``benchmarks/faults.py`` both call it); ``PrefectServer`` is a Prefect server
-that can be stopped and started again in place. The scenarios themselves are in
-``tests.faults.scenarios``, shared by the tests and the benchmark.
+``benchmarks/faults.py`` both call it). The scenarios themselves are in
+``tests.faults.scenarios``, shared by the tests and the benchmark. The parts
+every stack test shares (the simulator process, ``PrefectServer`` that restarts
+in place, ``wait_for``, ``run_flow``) come from ``tests.support.stack`` and are
+importable from here too.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal
 
 import numpy as np
 
 from edge.jobs.hello import VECTOR_SIZE
 from edge.manifests import DataHint
 from edge.simulator.profiles import DeviceProfile, make_profiles
-from infra.health import wait_http_ok
 from infra.keys import active_job_key, registry_prefix, updates_prefix
-from infra.prefect_server import start_prefect_server
-from infra.process import stop_group
-from infra.run_state import RoundReport
 from infra.settings import GatewaySettings, S3Settings
 from infra.store import S3ObjectStore
 from tests.faults.accounting import ReceiptLedger
@@ -53,25 +48,22 @@ from tests.support.faulty_s3 import FaultPlan, FaultyProxy
 from tests.support.harness import (
     GatewayProcess,
     GatewayThread,
-    free_port,
     read_active,
     set_round_status,
     settings_env,
     write_round,
 )
+from tests.support.stack import MANIFEST_CACHE_S as MANIFEST_CACHE_S
+from tests.support.stack import REPO as REPO
+from tests.support.stack import PrefectServer as PrefectServer
+from tests.support.stack import Simulator as ProcessSimulator
+from tests.support.stack import StackError as StackError
+from tests.support.stack import fail as fail
+from tests.support.stack import run_flow as run_flow
+from tests.support.stack import start_simulator
+from tests.support.stack import wait_for as wait_for
 
-
-class StackError(AssertionError):
-    """A stack part did not do what the test waited for (it never hangs instead)."""
-
-
-def fail(message: str) -> NoReturn:
-    raise StackError(message)
-
-
-REPO = Path(__file__).resolve().parents[2]
 JOB = "hello-mobile"
-MANIFEST_CACHE_S = "0.2"
 
 # A flow in a subprocess: it imports first (torch and Prefect cost seconds), then
 # waits for its parameters on stdin, so a test can start it early and launch it
@@ -85,43 +77,11 @@ _FLOW_CODE = (
 )
 
 
-def wait_for(check: Callable[[], bool], timeout: float, what: str, poll: float = 0.05) -> None:
-    """Poll ``check`` until true; fail the test (never hang) after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            fail(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(poll)
-
-
 @dataclass
-class Simulator:
-    """The device simulator process and its summary file."""
+class Simulator(ProcessSimulator):
+    """The device simulator process, its summary file and its fleet's profiles."""
 
-    proc: subprocess.Popen[bytes]
-    summary_path: Path
-    log: Path
     profiles: list[DeviceProfile]
-
-    def finish(self, timeout: float = 90.0) -> dict[str, Any]:
-        """Wait for it to stop by itself (job done, or --max-seconds) and read its summary."""
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-            fail(f"simulator still running after {timeout:g}s: {self.tail()}")
-        assert self.proc.returncode == 0, self.tail()
-        return json.loads(self.summary_path.read_text())
-
-    def stop(self, timeout: float = 30.0) -> dict[str, Any]:
-        """SIGTERM (a clean stop with a summary), for simulators told to keep polling."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.finish(timeout)
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
 
 
 @dataclass
@@ -196,18 +156,19 @@ class FaultStack:
         self, devices: int, *, seed: int, max_seconds: float = 150, **flags: Any
     ) -> Simulator:
         """Start ``python -m edge.simulator`` against the taps (one training worker)."""
-        summary = self.tmp / f"sim-{seed}.json"
-        log = self.tmp / f"sim-{seed}.log"
-        args = [sys.executable, "-m", "edge.simulator", "--job", JOB, "--devices", str(devices)]
-        args += ["--seed", str(seed), "--gateway", ",".join(self.device_urls), "--quiet"]
-        args += ["--max-seconds", str(max_seconds), "--summary-json", str(summary)]
-        args += ["--runtime", "pytorch", "--workers", "1"]
-        for name, value in flags.items():
-            flag = f"--{name.replace('_', '-')}"
-            args += [flag] if value is True else [flag, str(value)]
-        with log.open("wb") as out:
-            proc = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-        self._procs.append(proc)
+        sim = start_simulator(
+            JOB,
+            devices,
+            self.device_urls,
+            self.tmp,
+            name=str(seed),
+            seed=seed,
+            max_seconds=max_seconds,
+            runtime="pytorch",
+            workers=1,
+            **flags,
+        )
+        self._procs.append(sim.proc)
         profiles = make_profiles(
             seed,
             devices,
@@ -215,7 +176,7 @@ class FaultStack:
             slow_fraction=float(flags.get("slow_fraction", 0.2)),
             offline_fraction=float(flags.get("offline_fraction", 0.1)),
         )
-        return Simulator(proc, summary, log, profiles)
+        return Simulator(sim.proc, sim.summary_path, sim.log, profiles)
 
     def flow_process(self, name: str, **env: str) -> FlowProcess:
         """A flow subprocess that imports now and runs when ``launch`` is called."""
@@ -363,34 +324,6 @@ def build_stack(
     return built
 
 
-class PrefectServer:
-    """A Prefect server of its own (``infra.prefect_server``) that can restart in place.
-
-    ``stop`` then ``start`` brings it back on the same port with the same
-    ``PREFECT_HOME`` (the same SQLite database), as a restarted server would be.
-    """
-
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/api"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self) -> PrefectServer:
-        self.starts += 1
-        log = self.home / f"server-{self.starts}.log"
-        self.proc = start_prefect_server(self.home, self.port, log, ui=False)
-        wait_http_ok(f"{self.url}/health", self.proc, timeout=120, what="prefect server")
-        return self
-
-    def stop(self) -> None:
-        """SIGTERM to its process group (SIGKILL after 20 s), as ``canopy down`` does."""
-        if self.proc is not None:
-            stop_group(self.proc.pid, timeout_s=20)
-            self.proc = None
-
-
 def round_open(active: dict[str, Any] | None, run_id: str, rnd: int) -> bool:
     """Whether an ActiveRound pointer (as JSON) says ``run_id``'s round ``rnd`` is open."""
     return (
@@ -399,10 +332,3 @@ def round_open(active: dict[str, Any] | None, run_id: str, rnd: int) -> bool:
         and active["round"] == rnd
         and active["status"] == "open"
     )
-
-
-def run_flow(**params: Any) -> list[RoundReport]:
-    """The ``federated-training`` flow in this process, against PREFECT_API_URL."""
-    from flows.federated import federated_training
-
-    return asyncio.run(federated_training(**params))
