@@ -13,9 +13,9 @@ comes from three kinds of small JSON objects, all pure pydantic models here:
 * ``LeafTask`` at ``{job}/{run}/round-{r:05d}/tasks/{leaf}.json``
   (``infra.keys.task_manifest_key``; ``evaluation_task_key`` for evaluation
   tasks): the work of one leaf for one round.
-* ``DeviceRecord`` at ``devices/{job}/{device_id}.json`` (``device_key``):
+* ``DeviceRecord`` at ``devices/{job}/{device_id}.json`` (``infra.keys.device_key``):
   written by a gateway when a device enrols for a job; the flow samples each
-  round's cohort by listing ``registry_prefix(job)`` (keys only, no GETs).
+  round's cohort by listing ``infra.keys.registry_prefix(job)`` (keys only, no GETs).
 
 Write them with ``infra.store.put_json(store, key, model, kind=...)`` using the
 ``KIND_*`` constants, read them with ``get_json`` plus ``Model.model_validate``.
@@ -30,7 +30,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from aggregation.tensors import TensorSpec
+from infra.keys import DEVICES_PREFIX as DEVICES_PREFIX
 from infra.keys import check_segment
+from infra.keys import device_key as device_key
+from infra.keys import registry_prefix as registry_prefix
 from infra.store import ObjectRef
 
 Runtime = Literal["executorch", "pytorch"]
@@ -52,25 +55,10 @@ KIND_LEAF_TASK = "leaf-task"
 KIND_DEVICE_RECORD = "device-record"
 KIND_DEVICE_IDENTITY = "device-identity"
 
-DEVICES_PREFIX = "devices/"
 IDENTITIES_PREFIX = "identities/"
 
 MAX_NUM_SAMPLES = 1_000_000_000
 """Hard cap on the sample count (aggregation weight) any device may claim for an update."""
-
-
-def registry_prefix(job: str) -> str:
-    """Prefix under which the devices enrolled for ``job`` are registered."""
-    return f"{DEVICES_PREFIX}{check_segment(job, 'job')}/"
-
-
-def device_key(job: str, device_id: str) -> str:
-    """Where a device's registry record for ``job`` lives: ``devices/{job}/{device_id}.json``.
-
-    Per job, so the flow of one job samples only devices that enrolled for it
-    and the device id is the key's last segment (listing is enough to sample).
-    """
-    return f"{registry_prefix(job)}{check_segment(device_id, 'device id')}.json"
 
 
 def identity_key(device_id: str) -> str:
