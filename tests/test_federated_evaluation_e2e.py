@@ -86,7 +86,9 @@ def test_a_federated_evaluation_puts_device_metrics_beside_the_servers(
     for name, value in second.device_metrics.items():
         weighted = sum(r.metrics[name] * r.num_samples for r in counted.values())
         assert value == pytest.approx(weighted / second.device_eval_samples)
-    assert summary["evaluations_accepted"] >= 3 and summary["stop_reason"] == "done"
+    # (a result whose write the close overtook is answered 409 yet may be read: "sent")
+    assert summary["evaluations_sent"] >= second.devices_evaluated >= 3
+    assert summary["evaluations_accepted"] >= 1 and summary["stop_reason"] == "done"
 
     # ...and in the Prefect round artifact and canopy report's table
     row = asyncio.run(artifact_data(artifact_key(job, run_id, "round-0001")))
