@@ -6,7 +6,8 @@
 * ``guards``      - ``check_update``: refuses bad device updates before they are summed.
 * ``norms``       - ``NormHistogram``: the summed updates' norms, summable up the tree.
 * ``clipping``    - the default adaptive norm bound: a multiple of the median norm,
-  carried from round to round (``NormBoundState``), warmed up per leaf in round 0.
+  carried from round to round (``NormBoundState``), warmed up per leaf in round 0 and
+  checked across leaves (``AdaptiveNormBound.check_leaves``) before the tree adds them.
 * ``strategies``  - FedAvg, FedAvgM, FedAdam, FedYogi, the registry of names and
   ``module:ATTR`` references, ``StrategyConfig`` and ``make_strategy``.
 * ``cohort``, ``collector``, ``topology`` - round planning: cohort selection, a leaf's

@@ -14,7 +14,10 @@ clipped to the adaptive norm bound (``aggregation.clipping``): a multiple of the
 median norm carried from the previous round, or, in round 0, of the median of
 this leaf's first few updates, which are held back until that bound is known.
 Clips are counted by reason too, and the partial carries the norm histogram from
-which the root sets the next round's bound.
+which the root sets the next round's bound. In round 0, :meth:`LeafCollector.norm_summary`
+tells the check across leaves (``AdaptiveNormBound.check_leaves``) what this
+leaf's bound was set from, so a leaf whose updates are all (or mostly)
+poisoned is bounded by the whole round's median.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from aggregation.accumulator import Accumulator
-from aggregation.clipping import AdaptiveNormBound, NormBoundState
+from aggregation.clipping import AdaptiveNormBound, LeafNorms, NormBoundState
 from aggregation.guards import CheckedUpdate, GuardConfig, UpdateRejected, check_update, clip_to
 from aggregation.norms import is_measurable
 from aggregation.partial import PartialAggregate
@@ -73,6 +76,8 @@ class LeafCollector:
     _policy: AdaptiveNormBound | None = field(default=None, init=False, repr=False)
     _bound: float | None = field(default=None, init=False, repr=False)
     _pending: list[CheckedUpdate] = field(default_factory=list, init=False, repr=False)
+    _reference: float | None = field(default=None, init=False, repr=False)
+    _largest: float = field(default=0.0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         # An explicit max_norm overrides the adaptive bound (check_update applies it).
@@ -84,6 +89,20 @@ class LeafCollector:
     def norm_bound(self) -> float | None:
         """The norm bound in force: explicit, adaptive, or None while warming up (or off)."""
         return self.guard.max_norm if self.guard.max_norm is not None else self._bound
+
+    @property
+    def warmup_reference(self) -> float | None:
+        """Round 0: the norm the warm-up bound is a multiple of (None: no warm-up, or not yet)."""
+        return self._reference
+
+    @property
+    def largest_norm(self) -> float:
+        """The largest norm of an update as summed, after its clip (0 before any)."""
+        return self._largest
+
+    def norm_summary(self, partial: PartialAggregate) -> LeafNorms:
+        """What round 0's check across leaves needs of this leaf, given its :meth:`result`."""
+        return LeafNorms(norms=partial.norms, reference=self._reference, largest=self._largest)
 
     @property
     def waiting(self) -> int:
@@ -156,7 +175,8 @@ class LeafCollector:
     def _end_warmup(self, policy: AdaptiveNormBound) -> None:
         """Fix round 0's bound from the held updates, then sum them under it."""
         pending, self._pending = self._pending, []
-        bound = policy.warmup_bound(c.norm for c in pending)
+        self._reference = policy.warmup_reference(c.norm for c in pending)
+        bound = None if self._reference is None else policy.multiplier * self._reference
         self._bound = bound
         for checked in pending:  # all measurable, so bound is not None
             self._sum(checked if bound is None else clip_to(checked, bound, "adaptive-norm"))
@@ -165,6 +185,7 @@ class LeafCollector:
         if self._acc is None:
             self._acc = Accumulator(self.spec)
         self._acc.add_checked(checked)
+        self._largest = max(self._largest, checked.norm * checked.scale)
         if checked.clip_reason is not None:
             self.clipped[checked.clip_reason] += 1
 

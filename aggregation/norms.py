@@ -73,6 +73,17 @@ def bin_centre(index: int) -> float:
     return math.exp2(LOWEST_EXPONENT + (index - 0.5) / BINS_PER_OCTAVE)
 
 
+def bin_ceiling(index: int) -> float:
+    """The top edge of bin ``index``: no norm in it is this large (``inf`` for the overflow bin)."""
+    if index == UNDERFLOW_BIN:
+        return SMALLEST_MEASURABLE
+    if index == OVERFLOW_BIN:
+        return math.inf
+    # the same edges norm_bin compares with, so a norm is always below its bin's ceiling
+    octave, sub = divmod(index - 1, BINS_PER_OCTAVE)
+    return math.ldexp((*_SUB_EDGES, 2.0)[sub], LOWEST_EXPONENT + octave)
+
+
 def _check_counts(counts: Mapping[int, int], what: str) -> dict[int, int]:
     out: dict[int, int] = {}
     for index in sorted(counts):
@@ -156,9 +167,28 @@ class NormHistogram:
         count that is the lower median, so with two updates the smaller one
         decides, and one outsized update among honest ones can never be it.
         """
+        index = self._quantile_bin(q)
+        return None if index is None else bin_centre(index)
+
+    def quantile_ceiling(self, q: float) -> float | None:
+        """An upper bound on the ``q``-quantile: the top edge of its bin (None if no norms).
+
+        At most 19% above the true value, never below it (``inf`` if the
+        quantile is in the overflow bin). A bound set from it can therefore
+        never be lower than the same multiple of the exact quantile.
+        """
+        index = self._quantile_bin(q)
+        return None if index is None else bin_ceiling(index)
+
+    @property
+    def measurable(self) -> int:
+        """Number of measurable norms counted (zero and negligible ones left out)."""
+        return self.total - self._counts.get(UNDERFLOW_BIN, 0)
+
+    def _quantile_bin(self, q: float) -> int | None:
         if not 0.0 < q < 1.0:
             raise ValidationError(f"quantile must be in (0, 1), got {q!r}")
-        measurable = self.total - self._counts.get(UNDERFLOW_BIN, 0)
+        measurable = self.measurable
         if measurable == 0:
             return None
         rank = max(1, math.ceil(q * measurable))
@@ -168,7 +198,7 @@ class NormHistogram:
                 continue
             seen += count
             if seen >= rank:
-                return bin_centre(index)
+                return index
         raise AssertionError("unreachable: ranks are bounded by the total")  # pragma: no cover
 
     # -- wire forms ------------------------------------------------------------------

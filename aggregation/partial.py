@@ -325,6 +325,28 @@ class PartialAggregate:
             norms=self._norms + other._norms,
         )
 
+    def scaled(self, factor: float) -> PartialAggregate:
+        """The partial with every summed update shrunk by ``factor`` in (0, 1].
+
+        Multiplies the tensor sums only: weight, count, metrics and the norm
+        histogram (norms as sent) are kept, exactly as if each update had been
+        clipped by ``factor`` before it was summed. Round 0's check across
+        leaves uses it on an outsized leaf (``aggregation.clipping``).
+        """
+        value = check_weight(factor, "scale factor")
+        if value > 1.0:
+            raise ValidationError(f"scale factor must be in (0, 1], got {value!r}")
+        if value == 1.0 or self.is_zero:
+            return self
+        return PartialAggregate(
+            sums={name: np.asarray(arr * value) for name, arr in self._sums.items()},
+            dtypes=self._dtypes,
+            weight=self._weight,
+            count=self._count,
+            metrics=self._metrics,
+            norms=self._norms,
+        )
+
     def __eq__(self, other: object) -> bool:
         """Exact equality: same names, dtypes, shapes, sums, weight, count, metrics, norms."""
         if not isinstance(other, PartialAggregate):

@@ -4,6 +4,7 @@
       round-0000 ... round-NNNN             (one subflow per round)
         export-program, wait-for-devices, open-round
         r0000-level-0  close-round + collect-leaf x L   (device updates -> leaf partials)
+                       bound-leaf x outsized leaves      (round 0's check across leaves)
         r0000-level-1  sum-node x ...                    (aggregator levels: partial sums)
         r0000-server   sum-root, apply-strategy
         evaluate-model                                   (server: held-out test split)
@@ -38,7 +39,7 @@ from infra.run_state import CommitRecord, RoundReport
 from infra.settings import GatewaySettings, S3Settings
 from infra.store import ObjectRef
 from tasks.aggregate import apply_strategy, sum_node
-from tasks.collect import close_when_due, collect_leaf
+from tasks.collect import check_leaves, close_when_due, collect_leaf
 from tasks.context import RunContext
 from tasks.dispatch import mark_done, open_round, wait_for_devices
 from tasks.evaluation import collect_evaluation, open_evaluation, sum_evaluation
@@ -63,7 +64,8 @@ _D = TrainingParams.model_construct(job="")
 
 @flow(name="leaf-level", validate_parameters=False, log_prints=True)
 async def leaf_level(ctx: RunContext, opened: OpenedRound) -> LeafLevel:
-    """Every leaf collects its devices' updates while the close task watches the count."""
+    """Every leaf collects its devices' updates while the close task watches the count;
+    then round 0's check across leaves bounds any leaf calibrated by outsized updates."""
     closing, *leaves = await asyncio.gather(
         close_when_due(ctx, opened),
         *(
@@ -71,7 +73,7 @@ async def leaf_level(ctx: RunContext, opened: OpenedRound) -> LeafLevel:
             for leaf, ref in opened.task_refs.items()
         ),
     )
-    return LeafLevel(closing=closing, leaves=leaves)
+    return await check_leaves(ctx, opened.round, LeafLevel(closing=closing, leaves=leaves))
 
 
 @flow(name="aggregator-level", validate_parameters=False)

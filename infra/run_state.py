@@ -32,7 +32,11 @@ class RoundReport(BaseModel):
     devices_reported: int
     rejected: dict[str, int] = Field(default_factory=dict)
     clipped: dict[str, int] = Field(
-        default_factory=dict, description="Updates scaled down to the norm bound, per reason."
+        default_factory=dict,
+        description="Updates scaled down to a norm bound, per reason: norm-bound (the run's "
+        "explicit bound), adaptive-norm (a leaf's adaptive bound), adaptive-norm-round (round "
+        "0's check across leaves, which scales a leaf calibrated by outsized updates to the "
+        "round's bound). An update clipped at its leaf and again by the round counts twice.",
     )
     median_norm: float | None = Field(
         default=None, description="Median L2 norm of the round's accepted updates (pre-clip)."

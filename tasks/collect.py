@@ -20,6 +20,12 @@ committed, the flow run fails loudly, and resuming the run by its id redoes the
 round (``commit.json`` still points before it). Finishing the partial without
 that batch would drop updates a gateway acknowledged, silently; a failed run
 that a resume repairs is the better failure.
+
+Once every leaf has finished, ``check_leaves`` runs round 0's check across
+leaves (``aggregation.clipping``): a leaf whose warm-up bound was set by
+outsized updates has its partial scaled down to the round's bound and stored
+again (``partials/{leaf}-bounded``) before any node adds it. In every other
+round, and in an honest round 0, it reads nothing and writes nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from prefect import task
@@ -34,20 +41,27 @@ from prefect.cache_policies import NONE
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 
-from aggregation.clipping import NormBoundState
+from aggregation.clipping import (
+    ROUND_CLIP_REASON,
+    AdaptiveNormBound,
+    LeafNorms,
+    LeafScale,
+    NormBoundState,
+)
 from aggregation.collector import LeafCollector
 from aggregation.guards import GuardConfig
 from edge.manifests import LeafTask
 from edge.round_control import round_is_open, set_round_status
 from infra.errors import CanopyError, StoreError
 from infra.keys import partial_key
-from infra.outputs import Output, Provenance, put_with_lineage
+from infra.outputs import LineageObserver, Output, Provenance, put_with_lineage
 from infra.store import ObjectRef, ObjectStore, get_json
+from tasks.aggregate import load_partial
 from tasks.context import RunContext, current_flow_run_id, store_for
 from tasks.evaluation import count_evaluations
 from tasks.intake import LeafIntake, count_reports
 from tasks.planning import OpenedRound
-from tasks.results import Closing, LeafOutcome
+from tasks.results import Closing, LeafLevel, LeafOutcome
 from tasks.ui import ProgressBar, emit_lineage_events
 
 POLL_SECONDS = 0.25
@@ -196,9 +210,11 @@ async def _read_the_rest(intake: LeafIntake) -> None:
         await _poll(intake)
 
 
-def _store_partial(ctx: RunContext, intake: LeafIntake, started: datetime) -> ObjectRef:
+def _store_partial(
+    ctx: RunContext, intake: LeafIntake, started: datetime
+) -> tuple[ObjectRef, LeafNorms]:
     t, partial = intake.task, intake.collector.result()
-    return put_with_lineage(
+    ref = put_with_lineage(
         intake.store,
         Output(partial_key(t.job, t.run_id, t.round, t.leaf), partial.to_bytes(), kind="partial"),
         Provenance(
@@ -220,6 +236,7 @@ def _store_partial(ctx: RunContext, intake: LeafIntake, started: datetime) -> Ob
         ),
         observers=[emit_lineage_events],
     )
+    return ref, intake.collector.norm_summary(partial)
 
 
 @task(name="collect-leaf", cache_policy=NONE, task_run_name="collect-{leaf}")
@@ -245,7 +262,7 @@ async def collect_leaf(
     )
     intake = LeafIntake(store=store, task=leaf_task, collector=collector)
     await _stream_until_closed(intake, store)
-    ref = await asyncio.to_thread(_store_partial, ctx, intake, started)
+    ref, norms = await asyncio.to_thread(_store_partial, ctx, intake, started)
     if collector.rejected:
         get_run_logger().warning(
             "collect-leaf %s: refused %s; e.g. %s",
@@ -261,8 +278,93 @@ async def collect_leaf(
         rejection_examples=dict(collector.rejection_examples),
         clipped=dict(collector.clipped),
         norm_bound=collector.norm_bound,
+        norms=norms.norms.to_json(),
+        warmup_reference=norms.reference,
+        largest_norm=norms.largest,
         duplicates=collector.duplicates,
         batches=len(intake.batches),
         bytes_in=collector.bytes_in,
         finished_at=time.time(),
+    )
+
+
+async def check_leaves(ctx: RunContext, rnd: int, level: LeafLevel) -> LeafLevel:
+    """Round 0's check across leaves: bound the partial of every outsized leaf.
+
+    Decided from the leaves' summaries alone (``AdaptiveNormBound.check_leaves``),
+    once every leaf has finished and before any node adds partials, so it holds
+    for any tree depth. Only an outsized leaf's partial is read, scaled and
+    stored again; its outcome then points at the bounded partial and counts its
+    updates under ``adaptive-norm-round``, which the round report adds up.
+    """
+    verdicts = AdaptiveNormBound().check_leaves({o.leaf: o.norm_summary() for o in level.leaves})
+    if not verdicts:
+        return level
+    bounded = await asyncio.gather(
+        *(
+            bound_leaf(ctx, rnd, o.leaf, o, verdicts[o.leaf])
+            for o in level.leaves
+            if o.leaf in verdicts
+        )
+    )
+    by_leaf = {o.leaf: o for o in bounded}
+    get_run_logger().warning(
+        "round %d: leaves %s were calibrated by outsized updates; scaled to the round's bound %.4g",
+        rnd,
+        sorted(by_leaf),
+        next(iter(verdicts.values())).bound,
+    )
+    return level.model_copy(update={"leaves": [by_leaf.get(o.leaf, o) for o in level.leaves]})
+
+
+def bounded_leaf(
+    store: ObjectStore,
+    job: str,
+    run_id: str,
+    rnd: int,
+    outcome: LeafOutcome,
+    verdict: LeafScale,
+    *,
+    observers: Sequence[LineageObserver] = (emit_lineage_events,),
+) -> LeafOutcome:
+    """Store ``outcome``'s partial scaled by the verdict; the outcome that points at it."""
+    started = datetime.now(UTC)
+    partial = load_partial(store, outcome.partial).scaled(verdict.factor)
+    node = f"{outcome.leaf}-bounded"
+    ref = put_with_lineage(
+        store,
+        Output(partial_key(job, run_id, rnd, node), partial.to_bytes(), kind="partial"),
+        Provenance(
+            kind="partial-aggregation",
+            inputs=[outcome.partial],
+            parameters={  # no "level": this is the leaf's partial, bounded, not a new node
+                "node": node,
+                "leaf": outcome.leaf,
+                "round": rnd,
+                "check": "round-zero",
+                "scale": verdict.factor,
+                "round_bound": verdict.bound,
+                "devices": partial.count,
+                "weight": partial.weight,
+            },
+            started_at=started,
+            flow_run_id=current_flow_run_id(),
+        ),
+        observers=observers,
+    )
+    clipped = dict(outcome.clipped)
+    clipped[ROUND_CLIP_REASON] = clipped.get(ROUND_CLIP_REASON, 0) + verdict.updates
+    bound = verdict.bound if outcome.norm_bound is None else min(outcome.norm_bound, verdict.bound)
+    return outcome.model_copy(
+        update={"partial": ref, "clipped": clipped, "norm_bound": bound, "finished_at": time.time()}
+    )
+
+
+@task(name="bound-leaf", cache_policy=NONE, task_run_name="bound-{leaf}")
+async def bound_leaf(
+    ctx: RunContext, rnd: int, leaf: str, outcome: LeafOutcome, verdict: LeafScale
+) -> LeafOutcome:
+    """Scale an outsized leaf's partial to round 0's bound (``check_leaves``)."""
+    return await asyncio.to_thread(
+        bounded_leaf, store_for(ctx.s3), ctx.job, ctx.run_id, rnd, outcome, verdict
     )

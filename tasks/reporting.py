@@ -95,6 +95,7 @@ def build_round_report(
         devices_selected=opened.selected,
         devices_reported=root.devices,
         rejected=sum_counts(o.rejected for o in level.leaves),
+        # per reason; a leaf bounded by round 0's check across leaves adds adaptive-norm-round
         clipped=sum_counts(o.clipped for o in level.leaves),
         median_norm=root.median_norm,
         norm_bound=AdaptiveNormBound().bound(root.norm_state) if root.norm_state else None,

@@ -12,7 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from aggregation.clipping import NormBoundState
+from aggregation.clipping import LeafNorms, NormBoundState
+from aggregation.norms import NormHistogram
 from infra.store import ObjectRef
 from tasks.planning import CloseReason, OpenedRound
 
@@ -48,10 +49,29 @@ class LeafOutcome(_Result):
     rejection_examples: dict[str, str]
     clipped: dict[str, int] = Field(default_factory=dict)
     norm_bound: float | None = Field(default=None, description="The bound in force at the end.")
+    norms: dict[str, int] = Field(
+        default_factory=dict,
+        description="Histogram of the norms the leaf summed (aggregation.norms.NormHistogram, "
+        "to_json), for round 0's check across leaves.",
+    )
+    warmup_reference: float | None = Field(
+        default=None, description="Round 0: the norm the leaf's warm-up bound is a multiple of."
+    )
+    largest_norm: float = Field(
+        default=0.0, description="The largest norm of an update as the leaf summed it."
+    )
     duplicates: int
     batches: int
     bytes_in: int
     finished_at: float
+
+    def norm_summary(self) -> LeafNorms:
+        """What round 0's check across leaves knows of this leaf."""
+        return LeafNorms(
+            norms=NormHistogram.from_json(self.norms, source=self.partial.uri),
+            reference=self.warmup_reference,
+            largest=self.largest_norm,
+        )
 
 
 class LeafLevel(_Result):

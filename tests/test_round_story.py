@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from aggregation.clipping import NormBoundState
+from aggregation.clipping import ROUND_CLIP_REASON, AdaptiveNormBound, NormBoundState
+from aggregation.collector import LeafCollector
+from aggregation.partial import PartialAggregate
+from aggregation.tensors import TensorSpec
 from edge.jobs import get_job
 from edge.routing import leaf_for_device
 from flows.federated import federated_training
+from infra import keys
+from infra.lineage import read_lineage
 from infra.run_state import CommitRecord
 from infra.settings import GatewaySettings, S3Settings
 from infra.store import MemoryObjectStore, ObjectRef
+from tasks.collect import bounded_leaf, check_leaves
 from tasks.context import RunContext
 from tasks.dispatch import device_weight_cap
 from tasks.models import run_dataset
@@ -222,6 +230,95 @@ def test_round_report_sums_leaves_and_keeps_the_model_of_an_abandoned_round() ->
     kept = next_commit(commit, abandoned, _results(False).root, ref("r"))
     assert kept.global_model == commit.global_model and kept.next_round == 3
     assert kept.norm_bound == commit.norm_bound  # an abandoned round leaves the bound alone
+
+
+def _stored_leaf(store: MemoryObjectStore, leaf: str, norms: list[float]) -> LeafOutcome:
+    """A leaf's outcome as collect-leaf reports it, its partial in ``store`` (round 0)."""
+    spec = {"w": TensorSpec((3,), "float32")}
+    devices = [f"{leaf}-d{i}" for i in range(len(norms))]
+    collector = LeafCollector(
+        spec=spec, task_id="t", model_version="v", selected=frozenset(devices)
+    )
+    for device, norm in zip(devices, norms, strict=True):
+        collector.offer(
+            device_id=device,
+            task_id="t",
+            model_version="v",
+            num_samples=10,
+            tensors={"w": np.array([norm, 0.0, 0.0], np.float32)},
+            metrics={},
+        )
+    partial = collector.result()
+    summary = collector.norm_summary(partial)
+    key = keys.partial_key("hello-mobile", "default", 0, leaf)
+    return LeafOutcome(
+        leaf=leaf,
+        partial=store.put_bytes(key, partial.to_bytes(), kind="partial"),
+        reported=len(norms),
+        rejected={},
+        rejection_examples={},
+        clipped=dict(collector.clipped),
+        norm_bound=collector.norm_bound,
+        norms=summary.norms.to_json(),
+        warmup_reference=summary.reference,
+        largest_norm=summary.largest,
+        duplicates=0,
+        batches=1,
+        bytes_in=100,
+        finished_at=1000.0,
+    )
+
+
+def test_round_zero_check_bounds_a_leaf_whose_only_update_is_poisoned_and_reports_it() -> None:
+    # Prepare: two honest leaves, and one whose only update is 1000x theirs
+    store = MemoryObjectStore()
+    honest = [_stored_leaf(store, "leaf-0", [1.0, 1.2, 1.5]), _stored_leaf(store, "leaf-1", [1.1])]
+    lone = _stored_leaf(store, "leaf-2", [1000.0])
+    assert not lone.clipped  # the leaf alone could not judge it
+    verdicts = AdaptiveNormBound().check_leaves({o.leaf: o.norm_summary() for o in [*honest, lone]})
+    assert list(verdicts) == ["leaf-2"]
+
+    # Execute
+    bounded = bounded_leaf(
+        store, "hello-mobile", "default", 0, lone, verdicts["leaf-2"], observers=()
+    )
+
+    # Assert: the outcome points at the scaled partial, whose update is at the round's bound
+    bound = verdicts["leaf-2"].bound
+    assert bounded.partial.key == keys.partial_key("hello-mobile", "default", 0, "leaf-2-bounded")
+    assert bounded.clipped == {ROUND_CLIP_REASON: 1} and bounded.norm_bound == bound
+    partial = PartialAggregate.from_bytes(store.get(bounded.partial.key).data)
+    assert partial.count == 1 and partial.norms == lone.norm_summary().norms
+    assert float(partial.sums["w"][0]) / partial.weight == pytest.approx(bound, rel=1e-6)
+    record = read_lineage(store, bounded.partial.key)
+    assert record is not None and [i.uri for i in record.inputs] == [lone.partial.uri]
+    assert "level" not in record.parameters  # not a node of the tree: the leaf, bounded
+    # and the round report counts it beside the leaves' own clips
+    results = _results()
+    level = results.level.model_copy(update={"leaves": [*results.level.leaves, bounded]})
+    commit = CommitRecord(
+        job="hello-mobile", run_id="default", next_round=2, global_model=ref("g2"), updated_at=NOW
+    )
+    report = build_round_report(
+        results.model_copy(update={"level": level}),
+        commit=commit,
+        late=0,
+        min_reports=2,
+        flow_run_id=None,
+        now=1007.5,
+    )
+    assert report.clipped == {"adaptive-norm": 2, ROUND_CLIP_REASON: 1}
+
+
+def test_round_zero_check_reads_and_writes_nothing_in_an_honest_round() -> None:
+    store = MemoryObjectStore()
+    leaves = [_stored_leaf(store, "leaf-0", [1.0, 3.0]), _stored_leaf(store, "leaf-1", [2.0])]
+    level = LeafLevel(
+        closing=Closing(reason="enough-reports", reports_seen=3, closed_at=1000.0), leaves=leaves
+    )
+    ctx = RunContext(params(), S3Settings(bucket="b"), GatewaySettings())
+
+    assert asyncio.run(check_leaves(ctx, 0, level)) is level
 
 
 STRATEGY_FILE = """

@@ -9,12 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregation.clipping import AdaptiveNormBound, NormBoundState
+from aggregation.clipping import AdaptiveNormBound, LeafNorms, LeafScale, NormBoundState
 from aggregation.norms import (
     NUM_BINS,
     OVERFLOW_BIN,
     UNDERFLOW_BIN,
     NormHistogram,
+    bin_ceiling,
     bin_centre,
     norm_bin,
 )
@@ -37,6 +38,20 @@ class TestBins:
         assert norm_bin(1.0) == norm_bin(1.18) != norm_bin(1.19)  # 2**0.25 = 1.189...
         assert norm_bin(2.0) == norm_bin(1.0) + 4  # four bins per octave
         assert bin_centre(UNDERFLOW_BIN) == 0.0
+
+    @settings(max_examples=200, deadline=None)
+    @given(norm=st.floats(min_value=0.0, max_value=1e35))
+    def test_a_norm_is_below_its_bin_ceiling_and_within_a_quarter_octave_of_it(
+        self, norm: float
+    ) -> None:
+        index = norm_bin(norm)
+        ceiling = bin_ceiling(index)
+
+        assert norm < ceiling
+        if index not in (UNDERFLOW_BIN, OVERFLOW_BIN):
+            assert ceiling <= norm * 2**0.25
+            assert norm_bin(ceiling) == index + 1  # the ceiling opens the next bin
+        assert bin_ceiling(OVERFLOW_BIN) == math.inf
 
     @settings(max_examples=100, deadline=None)
     @given(a=norms, b=norms)
@@ -65,6 +80,19 @@ class TestHistogram:
 
         assert got is not None
         assert 2**-0.125 <= exact / got <= 2**0.125 * (1 + 1e-12)
+
+    @settings(max_examples=100, deadline=None)
+    @given(values=st.lists(st.floats(1e-6, 1e6), min_size=1, max_size=40), q=st.floats(0.05, 0.95))
+    def test_quantile_ceiling_is_never_below_the_sorted_rank(
+        self, values: list[float], q: float
+    ) -> None:
+        exact = sorted(values)[max(1, math.ceil(q * len(values))) - 1]
+
+        got = NormHistogram.of(values).quantile_ceiling(q)
+
+        assert got is not None and exact < got <= exact * 2**0.25
+        assert NormHistogram.of([0.0, 0.0]).quantile_ceiling(q) is None
+        assert NormHistogram.of([0.0, 3.0]).measurable == 1
 
     @settings(max_examples=100, deadline=None)
     @given(parts=st.lists(st.lists(norms, max_size=8), min_size=1, max_size=5))
@@ -138,6 +166,42 @@ class TestPolicy:
         # a round with no measurable norm keeps the state
         assert policy.next_state(first, NormHistogram.of([0.0])) is first
         assert policy.next_state(first, NormHistogram.zero()) is first
+
+    def test_round_zero_check_scales_a_leaf_calibrated_by_outsized_updates(self) -> None:
+        policy = AdaptiveNormBound()
+        honest = NormHistogram.of([1.0, 1.5, 2.0, 2.5, 3.0])
+        leaves = {
+            "a": LeafNorms(honest, reference=2.0, largest=3.0),
+            "b": LeafNorms(NormHistogram.of([1.2, 1.4]), reference=1.2, largest=1.4),
+            "lone": LeafNorms(NormHistogram.of([1e6]), reference=1e6, largest=1e6),
+        }
+        bound = policy.round_bound(honest + leaves["b"].norms + leaves["lone"].norms)
+        assert bound is not None and 4 * 1.5 < bound <= 4 * 1.5 * 2**0.25  # lower median: 1.5
+
+        scales = policy.check_leaves(leaves)
+
+        assert scales == {"lone": LeafScale(factor=bound / 1e6, bound=bound, updates=1)}
+
+    def test_round_zero_check_leaves_honest_and_carried_rounds_alone(self) -> None:
+        policy = AdaptiveNormBound()
+        poison = NormHistogram.of([1e6])
+        # an outsized leaf whose bound was carried (no warm-up reference) is not judged
+        carried = {"a": LeafNorms(NormHistogram.of([1.0]), reference=None, largest=1.0)}
+        carried["p"] = LeafNorms(poison, reference=None, largest=4.0)
+        assert policy.check_leaves(carried) == {}
+        # a leaf with an honest reference whose poison its own bound already clipped
+        mixed = {
+            "a": LeafNorms(NormHistogram.of([1.0, 1.1, 1.2]), reference=1.1, largest=1.2),
+            "p": LeafNorms(NormHistogram.of([1.0, 1e6]), reference=1.0, largest=4.0),
+        }
+        assert policy.check_leaves(mixed) == {}
+        # nothing measurable, or a median beyond the histogram's range: no bound to read
+        assert policy.check_leaves({}) == {}
+        assert policy.check_leaves({"z": LeafNorms(NormHistogram.of([0.0]), None, 0.0)}) == {}
+        huge = LeafNorms(NormHistogram.of([1e30, 1e30]), reference=1e30, largest=1e30)
+        assert policy.round_bound(huge.norms) is None and policy.check_leaves({"h": huge}) == {}
+        with pytest.raises(ValidationError, match="largest"):
+            LeafNorms(poison, reference=1.0, largest=math.nan)
 
     def test_state_is_small_json(self) -> None:
         state = NormBoundState(estimate=0.25, rounds=3)

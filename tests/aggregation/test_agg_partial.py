@@ -296,6 +296,30 @@ class TestVectors:
             partial.from_vectors([vectors[0], vectors[1], np.array([4.0, 1.5])])
 
 
+class TestScaled:
+    def test_shrinks_the_sums_only(self) -> None:
+        a = PartialAggregate.from_update(make_update(1), weight=2, metrics={"loss": 1.0}, norm=9)
+        total = a + PartialAggregate.from_update(make_update(2), weight=3, norm=2.0)
+
+        half = total.scaled(0.5)
+
+        assert half.weight == total.weight and half.count == total.count
+        assert half.metrics == total.metrics and half.norms == total.norms
+        for name, arr in total.sums.items():
+            np.testing.assert_array_equal(half.sums[name], arr * 0.5)
+        assert total.scaled(1.0) is total and PartialAggregate.zero().scaled(0.1).is_zero
+        # as if each update had been clipped by the factor before it was summed
+        clipped = PartialAggregate.from_update(
+            {n: v * np.float32(0.5) for n, v in make_update(1).items()}, weight=2
+        )
+        np.testing.assert_allclose(a.scaled(0.5).sums["w"], clipped.sums["w"], rtol=1e-6)
+
+    @pytest.mark.parametrize("factor", [0.0, -0.5, 1.5, float("nan"), float("inf")])
+    def test_refuses_factors_outside_zero_one(self, factor: float) -> None:
+        with pytest.raises(ValidationError, match="scale factor"):
+            PartialAggregate.from_update(make_update(1), weight=1).scaled(factor)
+
+
 class TestNorms:
     def test_partials_carry_and_add_the_norms_they_summed(self) -> None:
         a = PartialAggregate.from_update(make_update(1), weight=2, norm=0.5)

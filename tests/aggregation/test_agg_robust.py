@@ -2,8 +2,14 @@
 
 The leaf's defaults (adaptive norm bound, the task's weight cap) against the three
 poisons found on main: 1000x the honest norm, a finite update of norm 7e30, and an
-honest update claiming 10^9 samples. And the other side of the bargain: honest
-rounds are summed exactly as without the guard.
+honest update claiming 10^9 samples; in round 0, where a leaf has only its own
+updates to judge by, also a leaf whose only update (or every update) is poisoned,
+which round 0's check across leaves bounds by the whole round's median. And the
+other side of the bargain: honest rounds are summed exactly as without the guard.
+
+``run_round`` wires the pure pieces as the flow does: leaf collectors, then the
+check across leaves (``AdaptiveNormBound.check_leaves``, ``PartialAggregate.scaled``)
+on the finished leaf partials, then the root's sum.
 """
 
 from __future__ import annotations
@@ -17,11 +23,12 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from aggregation.accumulator import Accumulator
-from aggregation.clipping import AdaptiveNormBound, NormBoundState
+from aggregation.clipping import AdaptiveNormBound, LeafScale, NormBoundState
 from aggregation.collector import ACCEPTED, LeafCollector
 from aggregation.guards import GuardConfig, check_update
 from aggregation.partial import PartialAggregate
 from aggregation.tensors import TensorDict, TensorSpec
+from aggregation.topology import TreeShape, build_tree
 
 SPEC = {"conv.weight": TensorSpec((4, 3), "float32"), "fc.bias": TensorSpec((5,), "float32")}
 CAP = 1000  # the task's max_num_samples
@@ -55,6 +62,15 @@ def scaled(unit: TensorDict, norm: float) -> TensorDict:
     return {n: (a * norm).astype(np.float32) for n, a in unit.items()}
 
 
+@dataclass(frozen=True)
+class Round:
+    root: PartialAggregate
+    collectors: list[LeafCollector]
+    partials: list[PartialAggregate]  # as the leaves made them
+    checked: list[PartialAggregate]  # after round 0's check across leaves: what the tree adds
+    scales: dict[int, LeafScale]  # the check's verdicts, by leaf
+
+
 def run_round(
     updates: list[Update],
     *,
@@ -62,8 +78,8 @@ def run_round(
     state: NormBoundState,
     adaptive: AdaptiveNormBound | None = POLICY,
     cap: float | None = CAP,
-) -> tuple[PartialAggregate, list[LeafCollector], list[PartialAggregate]]:
-    """Offer the updates (in order) to their leaves' collectors; the root, leaves, partials."""
+) -> Round:
+    """Offer the updates (in order) to their leaves' collectors, check across leaves, sum."""
     collectors = [
         LeafCollector(
             spec=SPEC,
@@ -86,10 +102,14 @@ def run_round(
             metrics={"loss": 1.0},
         )
     partials = [c.result() for c in collectors]
+    scales = POLICY.check_leaves(
+        {i: c.norm_summary(p) for i, (c, p) in enumerate(zip(collectors, partials, strict=True))}
+    )
+    checked = [p.scaled(scales[i].factor) if i in scales else p for i, p in enumerate(partials)]
     root = PartialAggregate.zero()
-    for partial in partials:
+    for partial in checked:
         root = root + partial
-    return root, collectors, partials
+    return Round(root, collectors, partials, checked, scales)
 
 
 def flat(mean: TensorDict) -> np.ndarray:
@@ -140,7 +160,7 @@ def test_one_poisoned_update_moves_the_mean_by_at_most_its_clipped_share(
         poison = Update("poison", scaled(direction(rng), m), 1e9, leaf)
     else:
         # the worst direction: straight against the honest mean (or random, when it is 0)
-        honest_mean, _ = run_round(honest, leaves=leaves, state=state)[0].finalize()
+        honest_mean, _ = run_round(honest, leaves=leaves, state=state).root.finalize()
         against = {n: -a.astype(np.float64) for n, a in honest_mean.items()}
         unit = against if np.linalg.norm(flat(against)) > 0 else direction(rng)
         unit_norm = float(np.linalg.norm(flat(unit)))
@@ -151,11 +171,15 @@ def test_one_poisoned_update_moves_the_mean_by_at_most_its_clipped_share(
     poisoned = [*honest[:at], poison, *honest[at:]]
 
     # Execute
-    clean_root, clean_leaves, _ = run_round(honest, leaves=leaves, state=state)
-    root, collectors, _ = run_round(poisoned, leaves=leaves, state=state)
+    clean = run_round(honest, leaves=leaves, state=state)
+    clean_root = clean.root
+    poisoned_round = run_round(poisoned, leaves=leaves, state=state)
+    root, collectors = poisoned_round.root, poisoned_round.collectors
 
-    # Assert: honest updates are never clipped, with or without the poison
-    assert all(not c.clipped for c in clean_leaves)
+    # Assert: honest updates are never clipped, with or without the poison; the leaf
+    # with the poison has an honest reference, so the check across leaves stays out
+    assert all(not c.clipped for c in clean.collectors) and not clean.scales
+    assert not poisoned_round.scales
     mean_h = flat(clean_root.finalize()[0])
     mean_p = flat(root.finalize()[0])
     if kind == "huge-weight":
@@ -170,7 +194,7 @@ def test_one_poisoned_update_moves_the_mean_by_at_most_its_clipped_share(
     shift = float(np.linalg.norm(mean_p - mean_h))
     assert shift <= limit * (1 + 1e-4) + 1e-6 * m
     # and the guard is what holds it: without it the same poison breaks the limit
-    unguarded, _, _ = run_round(poisoned, leaves=leaves, state=state, adaptive=None)
+    unguarded = run_round(poisoned, leaves=leaves, state=state, adaptive=None).root
     with np.errstate(over="ignore"):
         loose = float(np.linalg.norm(flat(unguarded.finalize()[0]) - mean_h))
     assert loose > limit
@@ -186,9 +210,12 @@ def test_honest_rounds_are_summed_exactly_as_without_the_guard(
     state = NormBoundState() if carried is None else NormBoundState(estimate=carried * m)
 
     # Execute
-    root, collectors, partials = run_round(honest, leaves=leaves, state=state)
+    result = run_round(honest, leaves=leaves, state=state)
+    root, collectors, partials = result.root, result.collectors, result.partials
 
-    # Assert: bit for bit the plain sum of the checked updates (no bound), leaf by leaf
+    # Assert: bit for bit the plain sum of the checked updates (no bound), leaf by leaf,
+    # and round 0's check across leaves scales nothing
+    assert not result.scales and result.checked == partials
     for index, (collector, partial) in enumerate(zip(collectors, partials, strict=True)):
         acc = Accumulator(SPEC)
         for u in honest:
@@ -220,8 +247,9 @@ def test_the_bound_follows_training_across_rounds_and_clips_on_arrival() -> None
             Update(f"d{i}", scaled(direction(rng), m * rng.uniform(1.0, 1.5)), 50.0, i % 3)
             for i in range(12)
         ]
-        root, collectors, _ = run_round(honest, leaves=4, state=state)  # leaf 3 gets nobody
-        assert all(not c.clipped for c in collectors), rnd
+        result = run_round(honest, leaves=4, state=state)  # leaf 3 gets nobody
+        root, collectors = result.root, result.collectors
+        assert all(not c.clipped for c in collectors) and not result.scales, rnd
         median = sorted(u.norm for u in honest)[5]
         state = policy.next_state(state, root.norms)
         assert state.rounds == rnd + 1
@@ -244,16 +272,128 @@ def test_the_bound_follows_training_across_rounds_and_clips_on_arrival() -> None
     assert np.linalg.norm(flat(mean)) == pytest.approx(policy.bound(state), rel=1e-5)
 
 
-def test_round_zero_cannot_judge_a_leaf_whose_only_update_is_poisoned() -> None:
-    """The documented limit of the warm-up: with nothing to compare against, a lone
-    update in round 0 is summed as sent (the carried bound covers it from round 1)."""
+def test_round_zero_bounds_a_leaf_whose_only_update_is_poisoned() -> None:
+    """The leaf cannot tell (its only update is its own reference), but the check across
+    leaves can: the poison is clipped to the round's bound, exactly, before the tree adds."""
     rng = np.random.default_rng(0)
-    poison = Update("p", scaled(direction(rng), 1e6), 10.0, 0)
+    honest = [
+        Update(f"h{i}", scaled(direction(rng), rng.uniform(1.0, 2.0)), 10.0, i % 2)
+        for i in range(8)
+    ]
+    poison = Update("p", scaled(direction(rng), 1e6), 10.0, 2)
 
-    root, (collector,), _ = run_round([poison], leaves=1, state=NormBoundState())
+    result = run_round([*honest, poison], leaves=3, state=NormBoundState())
 
-    assert not collector.clipped and root.count == 1
-    assert collector.norm_bound == pytest.approx(MULTIPLIER * poison.norm, rel=1e-6)
+    lone = result.collectors[2]
+    assert not lone.clipped  # the leaf alone could not judge it ...
+    assert lone.norm_bound == pytest.approx(MULTIPLIER * poison.norm, rel=1e-6)
+    assert list(result.scales) == [2]  # ... the round can
+    verdict = result.scales[2]
+    median = sorted(u.norm for u in [*honest, poison])[4]  # the round's lower median (5 of 9)
+    assert MULTIPLIER * median < verdict.bound <= MULTIPLIER * median * 2**0.25
+    assert verdict.updates == 1 and verdict.factor == pytest.approx(verdict.bound / poison.norm)
+    bounded, _ = result.checked[2].finalize()  # the lone update as the tree adds it
+    assert float(np.linalg.norm(flat(bounded))) == pytest.approx(verdict.bound, rel=1e-5)
+    assert result.checked[:2] == result.partials[:2]  # honest leaves untouched
+    assert result.root.count == 9 and result.root.norms.total == 9
+
+
+@ROBUST
+@given(
+    cohort=honest_cohorts(spread=2.0),
+    kind=st.sampled_from(["1000x", "7e30"]),
+    poisons=st.integers(1, 4),
+    data=st.data(),
+)
+def test_round_zero_bounds_a_leaf_all_of_whose_updates_are_poisoned(
+    cohort: tuple[list[Update], float, int], kind: str, poisons: int, data: st.DataObject
+) -> None:
+    # Prepare: honest leaves, and one more leaf that gets nothing but poison, straight
+    # against the honest mean; the honest updates are the round's majority
+    honest, m, leaves = cohort
+    assume(poisons < len(honest))
+    state = NormBoundState()
+    honest_mean, _ = run_round(honest, leaves=leaves + 1, state=state).root.finalize()
+    mean_h = flat(honest_mean)
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    against = {n: -a.astype(np.float64) for n, a in honest_mean.items()}
+    unit = against if np.linalg.norm(mean_h) > 0 else direction(rng)
+    unit_norm = float(np.linalg.norm(flat(unit)))
+    size = 1000 * 2 * m if kind == "1000x" else 7e30
+    poison = [
+        Update(
+            f"poison-{i}",
+            scaled({n: a / unit_norm for n, a in unit.items()}, size * (1 + i / 10)),
+            float(data.draw(st.integers(1, CAP))),
+            leaves,
+        )
+        for i in range(poisons)
+    ]
+    order = data.draw(st.permutations([*honest, *poison]))
+
+    # Execute
+    result = run_round(list(order), leaves=leaves + 1, state=state)
+
+    # Assert: the poisoned leaf could not judge its updates, the round could: only that
+    # leaf is scaled, and it counts every poison once
+    assert not result.collectors[leaves].clipped
+    assert list(result.scales) == [leaves]
+    verdict = result.scales[leaves]
+    assert verdict.updates == poisons and verdict.bound <= MULTIPLIER * 2 * m * 2**0.25
+    assert result.checked[:leaves] == result.partials[:leaves]
+    # every poison pulls at most the round's bound: the mean moves by at most the
+    # poisons' weight share times (bound + |honest mean|)
+    mean_p = flat(result.root.finalize()[0])
+    share = sum(u.weight for u in poison) / result.root.weight
+    limit = share * (verdict.bound + float(np.linalg.norm(mean_h)))
+    assert float(np.linalg.norm(mean_p - mean_h)) <= limit * (1 + 1e-4) + 1e-6 * m
+    # and the check is what holds it: the leaf partials as the leaves made them break it
+    unchecked = PartialAggregate.zero()
+    for partial in result.partials:
+        unchecked = unchecked + partial
+    with np.errstate(over="ignore"):
+        loose = float(np.linalg.norm(flat(unchecked.finalize()[0]) - mean_h))
+    assert loose > limit
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_the_check_runs_before_the_tree_adds_so_any_depth_gives_the_same_round(
+    depth: int,
+) -> None:
+    """The check needs each leaf's partial on its own (once an aggregator has added a
+    poisoned leaf to honest ones, nothing in the sum says which leaf it was), so it
+    runs on the leaf partials; every level above just adds the checked partials."""
+    rng = np.random.default_rng(7)
+    tree = build_tree(TreeShape(depth=depth, width=2))
+    leaves = len(tree.leaves)
+    honest = [
+        Update(f"h{i}", scaled(direction(rng), rng.uniform(1.0, 2.0)), 20.0, i % (leaves - 1 or 1))
+        for i in range(3 * leaves)
+    ]
+    poison = Update("p", scaled(direction(rng), 5e3), 20.0, leaves - 1)
+    result = run_round([*honest, poison], leaves=leaves, state=NormBoundState())
+    assert list(result.scales) == [leaves - 1]
+    by_name = dict(zip(tree.leaves, result.checked, strict=True))
+
+    # Execute: each level adds its children's partials, as the flow's levels do
+    for level in tree.levels[1:]:
+        for node in level:
+            total = PartialAggregate.zero()
+            for child in node.children:
+                total = total + by_name[child]
+            by_name[node.name] = total
+
+    # Assert: the same round as the flat sum, and the poison bounded within it
+    root = by_name["root"]
+    assert root.count == result.root.count == len(honest) + 1
+    assert root.norms == result.root.norms
+    np.testing.assert_allclose(
+        flat(root.finalize()[0]), flat(result.root.finalize()[0]), rtol=1e-9, atol=1e-12
+    )
+    bound = result.scales[leaves - 1].bound
+    assert bound == POLICY.round_bound(root.norms)
+    poisoned_leaf, _ = result.checked[leaves - 1].finalize()
+    assert float(np.linalg.norm(flat(poisoned_leaf))) == pytest.approx(bound, rel=1e-5)
 
 
 class TestCollector:
