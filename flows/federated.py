@@ -24,7 +24,6 @@ manifests. Every I/O happens in a task; the logic lives in ``aggregation``,
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
 
 from prefect import flow, get_run_logger
@@ -111,13 +110,12 @@ async def device_evaluation_level(
     ctx: RunContext, rnd: int, leaves: Sequence[str], model: ObjectRef
 ) -> DeviceEvaluation:
     """Devices evaluate ``model`` on their own held-out data; their metric sums are added."""
-    started = time.time()
     opened = await open_evaluation(ctx, rnd, leaves, model)
     closing, *outcomes = await asyncio.gather(
         close_when_due(ctx, opened),
         *(collect_evaluation(ctx, leaf, ref) for leaf, ref in opened.task_refs.items()),
     )
-    return await sum_evaluation(ctx, opened, model, closing, outcomes, started)
+    return await sum_evaluation(ctx, opened, model, closing, outcomes)
 
 
 @flow(name="fl-round", validate_parameters=False, log_prints=True)

@@ -192,7 +192,6 @@ def _store_sums(
     opened: OpenedRound,
     model: ObjectRef,
     leaves: Sequence[EvaluationLeaf],
-    started: float,
 ) -> DeviceEvaluation:
     total = EvaluationSums.total(EvaluationSums.from_json(o.sums) for o in leaves)
     rejected: dict[str, int] = {}
@@ -219,7 +218,7 @@ def _store_sums(
             kind="device-evaluation",
             inputs=[model, *(b for o in leaves for b in o.batches)],
             parameters=about,
-            started_at=datetime.fromtimestamp(started, UTC),
+            started_at=datetime.fromtimestamp(opened.started_at, UTC),
             flow_run_id=current_flow_run_id(),
         ),
         observers=[emit_lineage_events],
@@ -231,7 +230,7 @@ def _store_sums(
         selected=opened.selected,
         rejected=rejected,
         ref=ref,
-        started_at=started,
+        started_at=opened.started_at,
         finished_at=time.time(),
     )
 
@@ -243,10 +242,9 @@ async def sum_evaluation(
     model: ObjectRef,
     closing: Closing,
     leaves: Sequence[EvaluationLeaf],
-    started: float,
 ) -> DeviceEvaluation:
     """Add the leaves' metric sums, divide once, store the result (with lineage)."""
-    result = await asyncio.to_thread(_store_sums, ctx, opened, model, leaves, started)
+    result = await asyncio.to_thread(_store_sums, ctx, opened, model, leaves)
     get_run_logger().info(
         "sum-evaluation: round %d, %d device(s) over %d held-out example(s) (%s): %s",
         opened.round,
