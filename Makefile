@@ -7,7 +7,7 @@ STAMP := $(VENV)/.canopy-installed
 CONSTRAINTS := constraints.txt
 LOCK_VENV ?= /tmp/canopy-lock-venv
 
-.PHONY: install run test lint typecheck lock bench clean-stack
+.PHONY: install run test test-postgres lint typecheck lock bench clean-stack
 
 # torch is installed first and pinned: 2.13.0 is a CPU wheel; a looser spec pulls CUDA builds.
 # `local` is the laptop stack's S3 server (moto), needed by `make run` and the tests.
@@ -29,6 +29,24 @@ typecheck: install
 
 test: install
 	$(BIN)/ruff check . && $(BIN)/mypy aggregation infra && $(BIN)/pytest -q
+	@$(MAKE) --no-print-directory test-postgres
+
+# The end-to-end tests once more with Prefect's server on PostgreSQL, which the test
+# session starts itself (infra/postgres.py, CANOPY_TEST_DATABASE in tests/conftest.py).
+# Where PostgreSQL's server is not installed the pass is skipped, saying so; in CI
+# (CI=true) it must run: .ci/run installs Debian's postgresql first.
+POSTGRES_TESTS := tests/test_flow_e2e.py tests/test_postgres.py
+test-postgres: install
+	@if $(BIN)/python -m infra.postgres; then \
+	  echo "== end-to-end tests again, Prefect on PostgreSQL (CANOPY_TEST_DATABASE=postgres) =="; \
+	  CANOPY_TEST_DATABASE=postgres $(BIN)/pytest -q $(POSTGRES_TESTS); \
+	elif [ "$${CI:-}" = true ]; then \
+	  echo "CI=true and PostgreSQL cannot run: the PostgreSQL pass of make test must run in CI"; \
+	  exit 1; \
+	else \
+	  echo "SKIPPED the PostgreSQL pass of make test (the end-to-end tests on Prefect on"; \
+	  echo "PostgreSQL): install its server (apt-get install -y postgresql, as root) to run it"; \
+	fi
 
 # Re-resolve pyproject's ranges in a throwaway venv (no constraints) and pin the result.
 # Run it after changing a dependency, then `make test` and commit constraints.txt.

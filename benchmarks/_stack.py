@@ -4,7 +4,9 @@ Everything here exists so that the benchmark sees the stack a user runs (``canop
 from the outside, without changing it:
 
 * ``BenchStack`` starts moto, a Prefect server (``infra.prefect_server``, SQLite with
-  the same tuning as ``canopy up``), gateways and, on request, the runner serving
+  the same tuning as ``canopy up``, or with ``database="postgres"`` a PostgreSQL
+  from ``infra.postgres`` as ``canopy up --database postgres`` starts it), gateways
+  and, on request, the runner serving
   prefect.yaml, each as its own process group with its log in one folder. Separate
   processes (not threads of the benchmark) so their memory can be told apart.
 * ``Simulator`` runs ``python -m edge.simulator`` for one job with an all-fast fleet.
@@ -76,6 +78,7 @@ class BenchStack:
 
     root: Path
     gateways: int = 2
+    database: str = "sqlite"  # or "postgres"
     services: list[Service] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     gateway_urls: list[str] = field(default_factory=list)
@@ -111,12 +114,22 @@ class BenchStack:
             child_env,
         )
         self.services.append(Service("moto", moto, self.root / "moto.log"))
+        database_url = None
+        if self.database == "postgres":
+            from infra.postgres import PostgresCluster, start_postgres
+
+            self.root.chmod(0o755)  # as root, PostgreSQL runs as `postgres`: it must get in
+            cluster = PostgresCluster(self.root / "postgres", port=free_port())
+            pg_log = self.root / "postgres.log"
+            self.services.append(Service("postgres", start_postgres(cluster, pg_log), pg_log))
+            database_url = cluster.url()
         server = start_prefect_server(
             self.root / "prefect-home",
             api_port,
             self.root / "prefect-server.log",
             ui=False,
             base_env=child_env,
+            database_url=database_url,
         )
         self.services.append(Service("prefect-server", server, self.root / "prefect-server.log"))
         for i, port in enumerate(gw_ports):
@@ -125,11 +138,12 @@ class BenchStack:
             gw_log = self.root / f"gateway-{i}.log"
             self.services.append(Service(f"gateway-{i}", spawn(cmd, gw_log, child_env), gw_log))
         wait_http_ok(f"{self.env['CANOPY_S3_ENDPOINT_URL']}/moto-api/", moto, timeout=60)
-        for i, url in enumerate(self.gateway_urls):
-            wait_http_ok(f"{url}/healthz", self.services[2 + i].proc, timeout=60)
+        gateway_services = [s for s in self.services if s.name.startswith("gateway-")]
+        for url, gateway in zip(self.gateway_urls, gateway_services, strict=True):
+            wait_http_ok(f"{url}/healthz", gateway.proc, timeout=60)
         wait_http_ok(f"{self.api}/health", server, timeout=120)
         log(
-            f"stack up in {time.monotonic() - t0:.1f}s: prefect {self.api}, "
+            f"stack up in {time.monotonic() - t0:.1f}s: prefect {self.api} on {self.database}, "
             f"s3 {self.env['CANOPY_S3_ENDPOINT_URL']}, gateways {', '.join(self.gateway_urls)}"
         )
         return self
@@ -155,10 +169,12 @@ class BenchStack:
         return {s.name: s.proc.pid for s in self.services if s.proc.poll() is None}
 
     def stop(self) -> None:
+        from infra.postgres import stop_postgres
         from infra.process import stop_group
 
         for service in reversed(self.services):
-            stop_group(service.proc.pid, timeout_s=15.0)
+            stop = stop_postgres if service.name == "postgres" else stop_group
+            stop(service.proc.pid, timeout_s=15.0)
         self.services.clear()
 
 

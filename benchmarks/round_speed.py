@@ -13,10 +13,10 @@ sides alike; ratios are what to compare.
    workers call it), the same leaf intake, FedAvg step, adaptive norm bound and
    evaluation, in one process with no I/O. *Canopy* is the ``federated-training``
    flow run in this process against a real Prefect server (SQLite, tuned like
-   ``canopy up``), a moto S3 server, two gateway processes and the simulator
-   process with an all-fast fleet. A round's time is commit to commit (what a
-   run of N rounds costs per round); the report's ``duration_s`` (round flow
-   start to commit) is printed too.
+   ``canopy up``; PostgreSQL with ``--database postgres``), a moto S3 server,
+   two gateway processes and the simulator process with an all-fast fleet. A
+   round's time is commit to commit (what a run of N rounds costs per round); the
+   report's ``duration_s`` (round flow start to commit) is printed too.
 2. **Fixed cost** with closed-form devices (``hello-mobile``, instant training) at
    tree depth 1 and 2: round time for cohorts of 5 and 20 reporting devices, fit
    as ``fixed + per_device x reporting`` (and the same over the plain loop), the
@@ -353,7 +353,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.root = Path(tempfile.mkdtemp(prefix="canopy-round-speed-"))
-        self.stack = BenchStack(self.root)
+        self.stack = BenchStack(self.root, database=args.database)
         self.sims: dict[str, Simulator] = {}
         self.flow_in_process = False
         self.sampler = PssSampler(self._roots)
@@ -1001,6 +1001,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--deploy-runs", type=int, default=1)
     parser.add_argument(
         "--max-seconds", type=float, default=300.0, help="Give up on a run after this long."
+    )
+    parser.add_argument(
+        "--database",
+        choices=["sqlite", "postgres"],
+        default="sqlite",
+        help="Prefect server's database (postgres: one started as `canopy up --database "
+        "postgres` starts it).",
     )
     parser.add_argument("--skip-lenet", action="store_true")
     parser.add_argument("--skip-hello", action="store_true")

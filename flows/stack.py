@@ -2,9 +2,12 @@
 
 ``canopy up`` starts each service as its own process group on 127.0.0.1, waits
 until each answers its health check, and records pids, ports and log paths in
-one folder (``.canopy/stack`` by default). ``canopy down`` reads that record and
-stops exactly those process groups with SIGTERM (a process started in the
-background ignores SIGINT), then SIGKILL for any that linger.
+one folder (``.canopy/stack`` by default). Prefect's database is SQLite in that
+folder, or with ``--database postgres`` a PostgreSQL the stack starts and owns
+(``infra.postgres``; its cluster stays in ``<folder>/postgres`` between stacks).
+``canopy down`` reads that record and stops exactly those process groups with
+SIGTERM (a process started in the background ignores SIGINT), then SIGKILL for
+any that linger; PostgreSQL gets a fast shutdown (SIGINT) first.
 
 Jobs are given as references (a built-in name, ``module:ATTR`` or
 ``path/to/file.py:ATTR``) and checked before anything starts; each gets a
@@ -42,6 +45,14 @@ from flows.deployments import (
 )
 from infra.errors import CanopyError, ConfigError
 from infra.health import NotHealthyError, Process, wait_http_ok, wait_until
+from infra.postgres import (
+    PostgresCluster,
+    PostgresError,
+    check_startable,
+    spawn_postgres,
+    stop_postgres,
+    wait_ready,
+)
 from infra.prefect_server import (
     PREFECT_SERVER_TUNING,
     prefect_server_command,
@@ -50,6 +61,7 @@ from infra.prefect_server import (
 from infra.process import alive, spawn, stop_group
 
 DEFAULT_JOBS = ("hello-mobile", "xor-mobile", "cifar10-mobile")
+POSTGRES = "postgres"  # the service name of Prefect's PostgreSQL, stopped by a fast shutdown
 
 
 class StackError(CanopyError):
@@ -63,9 +75,11 @@ class StackPorts:
     prefect: int = 4200
     s3: int = 4566
     gateways: tuple[int, ...] = (8081, 8082)
+    postgres: int | None = None  # PostgreSQL's port for Prefect's database; None: SQLite
 
     def named(self) -> list[tuple[str, int]]:
         return [
+            *([(POSTGRES, self.postgres)] if self.postgres is not None else []),
             ("prefect-server", self.prefect),
             ("moto-s3", self.s3),
             *((f"gateway-{i}", p) for i, p in enumerate(self.gateways)),
@@ -213,7 +227,8 @@ def check_ports(ports: StackPorts, host: str = "127.0.0.1") -> None:
                     raise
                 raise StackError(
                     f"port {port} for {name} is already in use on {host}; "
-                    "pick free ones with --prefect-port, --s3-port or --gateway-ports"
+                    "pick free ones with --prefect-port, --s3-port, --gateway-ports "
+                    "or --postgres-port"
                 ) from exc
 
 
@@ -263,6 +278,11 @@ def up(
             "pip install -e '.[local]'"
         )
     check_ports(ports)
+    if ports.postgres is not None:
+        try:
+            check_startable(PostgresCluster(root / POSTGRES, port=ports.postgres))
+        except PostgresError as exc:
+            raise StackError(str(exc)) from exc
     simulated = simulated_jobs(jobs)  # a bad job reference fails before anything starts
     names = deployment_names(root)  # and so does a broken deployments.yaml
     env = stack_env(root, ports)
@@ -292,9 +312,25 @@ def up(
         )
         wait_http_ok(f"{s3_url}/moto-api/", proc, timeout=60.0, what=what)
 
+        database_url = None
+        if ports.postgres is not None:
+            cluster = PostgresCluster(root / POSTGRES, port=ports.postgres, host=host)
+            try:
+                proc = spawn_postgres(cluster, log_file(POSTGRES))
+            except PostgresError as exc:
+                raise StackError(str(exc)) from exc
+            pg_url = f"postgresql://{host}:{ports.postgres}/prefect"
+            what = started(POSTGRES, proc.pid, [str(a) for a in proc.args], pg_url)
+            wait_ready(cluster, proc, timeout=60.0, what=what)
+            database_url = cluster.url()
+
         api = env["PREFECT_API_URL"]
         server = start_prefect_server(
-            root / "prefect", ports.prefect, log_file("prefect-server"), base_env=child_env
+            root / "prefect",
+            ports.prefect,
+            log_file("prefect-server"),
+            base_env=child_env,
+            database_url=database_url,
         )
         what = started(
             "prefect-server",
@@ -351,7 +387,8 @@ def down(root: Path, *, timeout_s: float = 15.0, log: Callable[[str], None] = pr
     record = StackRecord.load(path)
     stopped = 0
     for service in reversed(record.services):
-        if stop_group(service.pid, timeout_s):
+        stop = stop_postgres if service.name == POSTGRES else stop_group
+        if stop(service.pid, timeout_s):
             stopped += 1
             log(f"  stopped {service.name} (pid {service.pid})")
     path.unlink()

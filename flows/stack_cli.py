@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,6 +25,7 @@ from edge.data.errors import DatasetUnavailableError
 from edge.jobs import get_job
 from flows import stack
 from flows.deployments import DeploymentSpec, job_deployment, load_deployment_specs
+from infra import postgres
 from infra.errors import CanopyError, ConfigError
 from infra.round_table import RoundTable, metric_line
 from infra.run_state import CommitRecord, read_commit, read_reports
@@ -44,6 +46,28 @@ PrefectPort = Annotated[
 S3Port = Annotated[int, typer.Option("--s3-port", min=1, max=65535, help="moto S3 server port.")]
 GatewayPorts = Annotated[
     str, typer.Option("--gateway-ports", help="Gateway ports, comma-separated: one per gateway.")
+]
+PostgresPort = Annotated[
+    int,
+    typer.Option(
+        "--postgres-port", min=1, max=65535, help="PostgreSQL port (with --database postgres)."
+    ),
+]
+
+
+class Database(StrEnum):
+    sqlite = "sqlite"
+    postgres = "postgres"
+
+
+DatabaseOption = Annotated[
+    Database,
+    typer.Option(
+        "--database",
+        help="Prefect server's database: sqlite (a file in --root) or postgres (a PostgreSQL "
+        "server the stack starts, from Debian's postgresql package; its data in "
+        "--root/postgres).",
+    ),
 ]
 Devices = Annotated[int, typer.Option("--devices", min=1, help="Simulated devices per job.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the simulated device population.")]
@@ -72,7 +96,9 @@ STACK_CLIENT_ENV = (
 )
 
 
-def _ports(prefect_port: int, s3_port: int, gateway_ports: str) -> stack.StackPorts:
+def _ports(
+    prefect_port: int, s3_port: int, gateway_ports: str, postgres_port: int | None = None
+) -> stack.StackPorts:
     try:
         gateways = tuple(int(p) for p in gateway_ports.split(",") if p.strip())
     except ValueError as exc:
@@ -81,7 +107,9 @@ def _ports(prefect_port: int, s3_port: int, gateway_ports: str) -> stack.StackPo
         ) from exc
     if not gateways or not all(0 < p < 65536 for p in gateways):
         raise typer.BadParameter("--gateway-ports needs at least one port in 1-65535")
-    return stack.StackPorts(prefect=prefect_port, s3=s3_port, gateways=gateways)
+    return stack.StackPorts(
+        prefect=prefect_port, s3=s3_port, gateways=gateways, postgres=postgres_port
+    )
 
 
 def _start(
@@ -110,10 +138,14 @@ def up(
     prefect_port: PrefectPort = _PORTS.prefect,
     s3_port: S3Port = _PORTS.s3,
     gateway_ports: GatewayPorts = _GATEWAY_PORTS,
+    database: DatabaseOption = Database.sqlite,
+    postgres_port: PostgresPort = postgres.DEFAULT_PORT,
 ) -> None:
-    """Start Prefect (SQLite), moto S3, gateways, a runner and device simulators."""
+    """Start Prefect (on SQLite, or PostgreSQL with --database postgres), moto S3,
+    gateways, a runner and device simulators."""
     fleet = stack.SimulatedFleet(devices, seed, dropout, slow_fraction, offline_fraction)
-    ports = _ports(prefect_port, s3_port, gateway_ports)
+    on_postgres = database == Database.postgres
+    ports = _ports(prefect_port, s3_port, gateway_ports, postgres_port if on_postgres else None)
     record = _start(root, tuple(j.strip() for j in jobs.split(",") if j.strip()), ports, fleet)
     console.print(f"\nPrefect UI: [link]{record.env['CANOPY_PREFECT_UI_URL']}[/link]")
     console.print("Use the stack from another shell with:")

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from infra.postgres import PostgresCluster
 from infra.settings import GatewaySettings, S3Settings
 from infra.store import S3ObjectStore
 from tests.support.harness import GatewayThread, settings_env
+from tests.support.postgres import requested_database, session_postgres
 from tests.support.stack import (
     MANIFEST_CACHE_S,
     LocalStack,
@@ -47,16 +49,34 @@ def s3_env(s3_settings: S3Settings, monkeypatch: pytest.MonkeyPatch) -> S3Settin
 
 
 @pytest.fixture(scope="session")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real Prefect server (SQLite, tuned like `canopy up`), shared by the session.
+def prefect_postgres() -> Iterator[PostgresCluster | None]:
+    """The session's PostgreSQL when ``CANOPY_TEST_DATABASE=postgres``, else None (SQLite).
+
+    Started by ``infra.postgres`` as ``canopy up --database postgres`` starts it; if it
+    cannot start, every test that needs Prefect errors with the reason.
+    """
+    if requested_database() != "postgres":
+        yield None
+        return
+    with session_postgres() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def prefect_api(
+    tmp_path_factory: pytest.TempPathFactory, prefect_postgres: PostgresCluster | None
+) -> Iterator[str]:
+    """A real Prefect server (tuned like `canopy up`), shared by the session: on SQLite,
+    or on the session's PostgreSQL with ``CANOPY_TEST_DATABASE=postgres``.
 
     Started once (about 10 s) with its own PREFECT_HOME, so no state leaks from a
     developer's machine or between sessions; stopped with SIGTERM.
     """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    database_url = prefect_postgres.url() if prefect_postgres is not None else None
     with (
-        PrefectServer(tmp_path_factory.mktemp("prefect-home")) as server,
+        PrefectServer(tmp_path_factory.mktemp("prefect-home"), database_url=database_url) as server,
         temporary_settings(updates={PREFECT_API_URL: server.url}),
     ):
         os.environ["PREFECT_API_URL"] = server.url  # for subprocesses the tests start

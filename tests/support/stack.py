@@ -104,8 +104,11 @@ class PrefectServer(Service):
     place (same port, same database). ``url`` is its API URL.
     """
 
-    def __init__(self, home: Path, port: int | None = None) -> None:
+    def __init__(
+        self, home: Path, port: int | None = None, database_url: str | None = None
+    ) -> None:
         self.home = home
+        self.database_url = database_url  # None: SQLite in ``home``
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -114,7 +117,9 @@ class PrefectServer(Service):
     def start(self, timeout: float = 120.0) -> PrefectServer:
         self.starts += 1
         log = self.home / f"server-{self.starts}.log"
-        self.proc = start_prefect_server(self.home, self.port, log, ui=False)
+        self.proc = start_prefect_server(
+            self.home, self.port, log, ui=False, database_url=self.database_url
+        )
         wait_http_ok(f"{self.url}/health", self.proc, timeout=timeout, what="prefect server")
         return self
 
