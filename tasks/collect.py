@@ -62,7 +62,7 @@ from tasks.evaluation import count_evaluations
 from tasks.intake import LeafIntake, count_reports
 from tasks.planning import OpenedRound
 from tasks.results import Closing, LeafLevel, LeafOutcome
-from tasks.ui import ProgressBar, emit_lineage_events
+from tasks.ui import ProgressBar, emit_lineage_events, warn_refused
 
 POLL_SECONDS = 0.25
 # The close task counts the whole round's uploads with one LIST per poll (a leaf
@@ -263,13 +263,7 @@ async def collect_leaf(
     intake = LeafIntake(store=store, task=leaf_task, collector=collector)
     await _stream_until_closed(intake, store)
     ref, norms = await asyncio.to_thread(_store_partial, ctx, intake, started)
-    if collector.rejected:
-        get_run_logger().warning(
-            "collect-leaf %s: refused %s; e.g. %s",
-            leaf,
-            dict(collector.rejected),
-            "; ".join(collector.rejection_examples.values()),
-        )
+    warn_refused("collect-leaf", leaf, collector.rejected, collector.rejection_examples)
     return LeafOutcome(
         leaf=leaf,
         partial=ref,

@@ -2,15 +2,18 @@
 
 Gateways are stateless: opening a round means writing each leaf's ``LeafTask``
 and then the job's ``ActiveRound`` pointer (``edge.round_control.open_round``);
-the plan itself is the pure ``tasks.planning.plan_round``. Closing is the close
-task's job (``tasks.collect``); ``mark_done`` tells devices the job is over.
+the plan itself is the pure ``tasks.planning.plan_round``. ``open_planned`` is
+the one way a task opens a round (training here, evaluation in
+``tasks.evaluation``). Closing is the close task's job (``tasks.collect``);
+``mark_done`` tells devices the job is over.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from prefect import task
@@ -26,7 +29,7 @@ from infra.run_state import CommitRecord
 from infra.store import ObjectRef, ObjectStore
 from tasks.context import RunContext, store_for
 from tasks.models import run_dataset
-from tasks.planning import OpenedRound, plan_round
+from tasks.planning import OpenedRound, RoundPlan, plan_round
 from tasks.results import ProgramExport
 from tasks.run_cache import current_cache
 
@@ -85,6 +88,40 @@ async def wait_for_devices(ctx: RunContext) -> list[str]:
     return devices
 
 
+@dataclass(frozen=True)
+class PlanBasis:
+    """What any plan reads from S3 and the clock: the model's tensors, the weight cap, now."""
+
+    store: ObjectStore
+    tensor_spec: dict[str, tuple[list[int], str]]
+    now: datetime
+    max_num_samples: int
+
+
+def open_planned(
+    ctx: RunContext, model: ObjectRef, plan: Callable[[PlanBasis], RoundPlan]
+) -> OpenedRound:
+    """The one way a task opens a round: plan it, write every leaf's task, then the pointer.
+
+    ``plan`` is the kind-specific part (``plan_round`` or ``plan_evaluation``
+    with its own arguments); the writing is ``edge.round_control.open_round``.
+    """
+    started = time.time()
+    store = store_for(ctx.s3)
+    planned = plan(
+        PlanBasis(
+            store=store,
+            tensor_spec=tensor_spec(store, model),
+            now=datetime.now(UTC),
+            max_num_samples=device_weight_cap(ctx, store),
+        )
+    )
+    refs = round_control.open_round(store, planned.tasks, planned.active)
+    return OpenedRound(
+        **planned.shared(), task_refs=refs, started_at=started, finished_at=time.time()
+    )
+
+
 @task(name="open-round", cache_policy=NONE, retries=2, retry_delay_seconds=[1, 3])
 async def open_round(
     ctx: RunContext,
@@ -95,30 +132,24 @@ async def open_round(
     program: ProgramExport | None,
 ) -> OpenedRound:
     """Plan the round, write every leaf's task, then point the gateways at it."""
-    global_model = commit.global_model
-    started = time.time()
-    store = store_for(ctx.s3)
+    norm_state = NormBoundState.model_validate(commit.norm_bound or {})
 
-    def write() -> OpenedRound:
-        plan = plan_round(
+    def plan(basis: PlanBasis) -> RoundPlan:
+        return plan_round(
             ctx.params,
             ctx.job_spec(),
             rnd=rnd,
             devices=devices,
             leaves=leaves,
-            global_model=global_model,
+            global_model=commit.global_model,
             program=program.ref if program is not None else None,
-            tensor_spec=tensor_spec(store, global_model),
-            now=datetime.now(UTC),
-            max_num_samples=device_weight_cap(ctx, store),
-            norm_state=NormBoundState.model_validate(commit.norm_bound or {}),
-        )
-        refs = round_control.open_round(store, plan.tasks, plan.active)
-        return OpenedRound(
-            **plan.shared(), task_refs=refs, started_at=started, finished_at=time.time()
+            tensor_spec=basis.tensor_spec,
+            now=basis.now,
+            max_num_samples=basis.max_num_samples,
+            norm_state=norm_state,
         )
 
-    opened = await asyncio.to_thread(write)
+    opened = await asyncio.to_thread(open_planned, ctx, commit.global_model, plan)
     get_run_logger().info(
         "open-round: round %d asks %d device(s) on %d leaves, closes at %d reports or %s",
         rnd,

@@ -39,10 +39,10 @@ from infra.keys import (
 from infra.outputs import Output, Provenance, put_with_lineage
 from infra.store import ObjectRef, ObjectStore, get_json
 from tasks.context import RunContext, current_flow_run_id, store_for
-from tasks.dispatch import device_weight_cap, registered_devices, tensor_spec
-from tasks.planning import OpenedRound, plan_evaluation
+from tasks.dispatch import PlanBasis, open_planned, registered_devices
+from tasks.planning import OpenedRound, RoundPlan, plan_evaluation
 from tasks.results import Closing, DeviceEvaluation, EvaluationLeaf
-from tasks.ui import emit_lineage_events
+from tasks.ui import emit_lineage_events, warn_refused
 
 POLL_SECONDS = 0.25
 CLOSE_OVERDUE_S = 120.0
@@ -60,28 +60,21 @@ async def open_evaluation(
     ctx: RunContext, rnd: int, leaves: Sequence[str], model: ObjectRef
 ) -> OpenedRound:
     """Sample the registry, write every leaf's evaluate task, then point the gateways at it."""
-    started = time.time()
-    store = store_for(ctx.s3)
 
-    def write() -> OpenedRound:
-        devices = registered_devices(store, ctx.job)  # keys only: one LIST
-        plan = plan_evaluation(
+    def plan(basis: PlanBasis) -> RoundPlan:
+        return plan_evaluation(
             ctx.params,
             ctx.job_spec(),
             rnd=rnd,
-            devices=devices,
+            devices=registered_devices(basis.store, ctx.job),  # keys only: one LIST
             leaves=leaves,
             global_model=model,
-            tensor_spec=tensor_spec(store, model),
-            now=datetime.now(UTC),
-            max_num_samples=device_weight_cap(ctx, store),
-        )
-        refs = round_control.open_round(store, plan.tasks, plan.active)
-        return OpenedRound(
-            **plan.shared(), task_refs=refs, started_at=started, finished_at=time.time()
+            tensor_spec=basis.tensor_spec,
+            now=basis.now,
+            max_num_samples=basis.max_num_samples,
         )
 
-    opened = await asyncio.to_thread(write)
+    opened = await asyncio.to_thread(open_planned, ctx, model, plan)
     get_run_logger().info(
         "open-evaluation: round %d asks %d device(s) to evaluate model %s, closes at %d "
         "results or %s",
@@ -169,13 +162,7 @@ async def collect_evaluation(ctx: RunContext, leaf: str, task_ref: ObjectRef) ->
     )
     intake = EvaluationIntake(store=store, task=leaf_task, collector=collector)
     await _read_until_closed(intake)
-    if collector.rejected:
-        get_run_logger().warning(
-            "collect-evaluation %s: refused %s; e.g. %s",
-            leaf,
-            dict(collector.rejected),
-            "; ".join(collector.rejection_examples.values()),
-        )
+    warn_refused("collect-evaluation", leaf, collector.rejected, collector.rejection_examples)
     return EvaluationLeaf(
         leaf=leaf,
         sums=collector.result().to_json(),

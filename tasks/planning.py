@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, NotRequired, TypedDict, Unpack
 
 from pydantic import BaseModel, ConfigDict
 
@@ -22,7 +22,7 @@ from aggregation.cohort import pace_seconds, reports_needed, select_cohort
 from aggregation.strategies.base import round_hyperparams
 from edge.jobs import JobSpec
 from edge.jobs.spec import TrainHyperparams
-from edge.manifests import ActiveRound, DataHint, LeafTask
+from edge.manifests import ActiveRound, DataHint, LeafTask, WorkKind
 from edge.round_control import active_round, leaf_tasks
 from edge.routing import assign_leaves
 from infra.store import ObjectRef
@@ -118,77 +118,41 @@ def client_hyperparams(params: TrainingParams, job: JobSpec, rnd: int) -> dict[s
     return {**checked.model_dump(), "seed": params.seed * 100_003 + rnd}
 
 
+class PlanInputs(TypedDict):
+    """What every plan is made from, whatever the devices are asked to do."""
+
+    rnd: int
+    devices: Sequence[str]
+    leaves: Sequence[str]
+    global_model: ObjectRef
+    tensor_spec: Mapping[str, tuple[list[int], str]]
+    now: datetime
+    max_num_samples: NotRequired[int | None]
+
+
 def plan_round(
     params: TrainingParams,
     job: JobSpec,
     *,
-    rnd: int,
-    devices: Sequence[str],
-    leaves: Sequence[str],
-    global_model: ObjectRef,
     program: ObjectRef | None,
-    tensor_spec: Mapping[str, tuple[list[int], str]],
-    now: datetime,
-    max_num_samples: int | None = None,
     norm_state: NormBoundState | None = None,
+    **inputs: Unpack[PlanInputs],
 ) -> RoundPlan:
     """Sample the cohort, route it to leaves, write each leaf's task and the open pointer."""
-    selected = select_cohort(
-        devices,
-        cohort_size=params.cohort_size,
-        over_selection=params.over_selection,
-        seed=params.seed,
-        rnd=rnd,
-    )
-    deadline = now + timedelta(seconds=params.round_deadline_s)
-    tasks = leaf_tasks(
-        job=job.name,
-        run_id=params.run_id,
-        rnd=rnd,
-        selected_by_leaf=assign_leaves(selected, leaves),
-        global_model=global_model,
-        program=program,
-        tensor_spec=tensor_spec,
-        hyperparams=client_hyperparams(params, job, rnd),
-        runtime=params.runtime,
-        deadline=deadline,
-        data_hint=data_hint(params, job),
-        max_num_samples=max_num_samples,
-    )
-    active = active_round(
-        job=job.name,
-        run_id=params.run_id,
-        rnd=rnd,
-        leaves=leaves,
-        status="open",
-        opened_at=now,
-        # Between rounds everyone polls; while a round runs only the unselected do.
-        poll_seconds=pace_seconds(len(devices), polls_per_second=FLEET_POLLS_PER_SECOND),
-        idle_poll_seconds=pace_seconds(len(devices), polls_per_second=FLEET_POLLS_PER_SECOND / 2),
-    )
-    return RoundPlan(
-        round=rnd,
-        tasks=tasks,
-        active=active,
-        selected=len(selected),
-        registered=len(devices),
-        target=reports_needed(cohort_size=params.cohort_size, selected=len(selected)),
-        deadline=deadline,
+    hyperparams = client_hyperparams(params, job, inputs["rnd"])
+    return _plan(
+        params,
+        job,
+        inputs,
+        _Work(
+            kind="train", cohort_size=params.cohort_size, program=program, hyperparams=hyperparams
+        ),
         norm_state=norm_state or NormBoundState(),
     )
 
 
 def plan_evaluation(
-    params: TrainingParams,
-    job: JobSpec,
-    *,
-    rnd: int,
-    devices: Sequence[str],
-    leaves: Sequence[str],
-    global_model: ObjectRef,
-    tensor_spec: Mapping[str, tuple[list[int], str]],
-    now: datetime,
-    max_num_samples: int | None = None,
+    params: TrainingParams, job: JobSpec, **inputs: Unpack[PlanInputs]
 ) -> RoundPlan:
     """Round ``rnd``'s federated evaluation of ``global_model`` (the model the round made).
 
@@ -199,31 +163,62 @@ def plan_evaluation(
     results or its deadline; there is no minimum, a federated evaluation only
     reports what came in.
     """
-    cohort = params.evaluation_cohort
+    work = _Work(
+        kind="evaluate",
+        cohort_size=params.evaluation_cohort,
+        program=None,
+        hyperparams={},
+        metrics=job.metric_names,
+    )
+    return _plan(params, job, inputs, work, norm_state=NormBoundState())
+
+
+@dataclass(frozen=True)
+class _Work:
+    """What a training round and an evaluation differ in: the kind-specific part of a plan."""
+
+    kind: WorkKind
+    cohort_size: int
+    program: ObjectRef | None
+    hyperparams: Mapping[str, Any]
+    metrics: Sequence[str] = ()
+
+
+def _plan(
+    params: TrainingParams,
+    job: JobSpec,
+    inputs: PlanInputs,
+    work: _Work,
+    *,
+    norm_state: NormBoundState,
+) -> RoundPlan:
+    """The one planner: cohort, deadline, every leaf's task, the pointer, the close target."""
+    rnd, devices, leaves = inputs["rnd"], inputs["devices"], inputs["leaves"]
     selected = select_cohort(
         devices,
-        cohort_size=cohort,
+        cohort_size=work.cohort_size,
         over_selection=params.over_selection,
         seed=params.seed,
         rnd=rnd,
-        purpose="evaluate",
+        # Training draws the cohort it always drew; another kind draws one of its own.
+        purpose="" if work.kind == "train" else work.kind,
     )
-    deadline = now + timedelta(seconds=params.round_deadline_s)
+    deadline = inputs["now"] + timedelta(seconds=params.round_deadline_s)
     tasks = leaf_tasks(
         job=job.name,
         run_id=params.run_id,
         rnd=rnd,
         selected_by_leaf=assign_leaves(selected, leaves),
-        global_model=global_model,
-        program=None,
-        tensor_spec=tensor_spec,
-        hyperparams={},
+        global_model=inputs["global_model"],
+        program=work.program,
+        tensor_spec=inputs["tensor_spec"],
+        hyperparams=work.hyperparams,
         runtime=params.runtime,
         deadline=deadline,
         data_hint=data_hint(params, job),
-        max_num_samples=max_num_samples,
-        kind="evaluate",
-        metrics=job.metric_names,
+        max_num_samples=inputs.get("max_num_samples"),
+        kind=work.kind,
+        metrics=work.metrics,
     )
     active = active_round(
         job=job.name,
@@ -231,10 +226,11 @@ def plan_evaluation(
         rnd=rnd,
         leaves=leaves,
         status="open",
-        opened_at=now,
+        opened_at=inputs["now"],
+        # Between rounds everyone polls; while a round runs only the unselected do.
         poll_seconds=pace_seconds(len(devices), polls_per_second=FLEET_POLLS_PER_SECOND),
         idle_poll_seconds=pace_seconds(len(devices), polls_per_second=FLEET_POLLS_PER_SECOND / 2),
-        kind="evaluate",
+        kind=work.kind,
     )
     return RoundPlan(
         round=rnd,
@@ -242,7 +238,7 @@ def plan_evaluation(
         active=active,
         selected=len(selected),
         registered=len(devices),
-        target=reports_needed(cohort_size=cohort, selected=len(selected)),
+        target=reports_needed(cohort_size=work.cohort_size, selected=len(selected)),
         deadline=deadline,
-        norm_state=NormBoundState(),
+        norm_state=norm_state,
     )

@@ -26,6 +26,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NONE
 from prefect.events import emit_event
+from prefect.logging import get_run_logger
 
 from infra.charts import line_chart_svg, sparkline, svg_data_uri
 from infra.keys import lineage_key
@@ -67,6 +68,20 @@ def emit_lineage_events(record: LineageRecord) -> None:
             },
             related=related,
             payload={"kind": record.kind, "sha256": out.sha256, "parameters": record.parameters},
+        )
+
+
+def warn_refused(
+    task_name: str, leaf: str, rejected: Mapping[str, int], examples: Mapping[str, str]
+) -> None:
+    """Log what a leaf's collection refused, one example a reason (nothing if it refused none)."""
+    if rejected:
+        get_run_logger().warning(
+            "%s %s: refused %s; e.g. %s",
+            task_name,
+            leaf,
+            dict(rejected),
+            "; ".join(examples.values()),
         )
 
 
