@@ -54,7 +54,6 @@ import logging  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
-import uuid  # noqa: E402
 from collections import Counter  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from typing import Any  # noqa: E402
@@ -70,32 +69,14 @@ from tests.faults.scenarios import (  # noqa: E402
     s3_faults,
 )
 from tests.faults.stack import FaultStack, PrefectServer, build_stack  # noqa: E402
-from tests.support.harness import free_port  # noqa: E402
+from tests.support.stack import fresh_bucket, moto_server  # noqa: E402
 
 SCENARIOS = ("hostile", "dropout", "s3", "kill", "prefect")
 
 
-@contextlib.contextmanager
-def moto_server() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-
-
-def fresh_bucket(endpoint: str, name: str) -> tuple[S3Settings, S3ObjectStore]:
-    s3 = S3Settings(
-        endpoint_url=endpoint,
-        bucket=f"faults-{name}-{uuid.uuid4().hex[:8]}",
-        access_key_id="testing",
-        secret_access_key="testing",  # type: ignore[arg-type]
-        create_bucket=True,
-    )
+def scenario_bucket(endpoint: str, name: str) -> tuple[S3Settings, S3ObjectStore]:
+    """A bucket of the scenario's own on the one moto server, and its store."""
+    s3 = fresh_bucket(endpoint, f"faults-{name}")
     return s3, S3ObjectStore(s3)
 
 
@@ -115,7 +96,7 @@ class Bench:
     @contextlib.contextmanager
     def stack_maker(self, name: str) -> Iterator[Callable[..., FaultStack]]:
         """What the ``make_stack`` fixture gives a test, for one scenario."""
-        s3, store = fresh_bucket(self.endpoint, name)
+        s3, store = scenario_bucket(self.endpoint, name)
         tmp = self.root / name
         tmp.mkdir(parents=True, exist_ok=True)
         saved = dict(os.environ)
@@ -139,7 +120,7 @@ class Bench:
         started = time.monotonic()
         try:
             if name == "hostile":
-                _, store = fresh_bucket(self.endpoint, name)
+                _, store = scenario_bucket(self.endpoint, name)
                 return hostile_outcome(
                     run_hostile(store, bodies=a.hostile_bodies, headers=a.hostile_headers)
                 )

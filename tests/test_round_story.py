@@ -7,13 +7,10 @@ import inspect
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from aggregation.clipping import ROUND_CLIP_REASON, AdaptiveNormBound, NormBoundState
-from aggregation.collector import LeafCollector
 from aggregation.partial import PartialAggregate
-from aggregation.tensors import TensorSpec
 from edge.jobs import get_job
 from edge.routing import leaf_for_device
 from flows.federated import federated_training
@@ -38,6 +35,7 @@ from tasks.results import (
     RootResult,
     RoundResults,
 )
+from tests.support.outcomes import stored_leaf
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 
@@ -232,48 +230,11 @@ def test_round_report_sums_leaves_and_keeps_the_model_of_an_abandoned_round() ->
     assert kept.norm_bound == commit.norm_bound  # an abandoned round leaves the bound alone
 
 
-def _stored_leaf(store: MemoryObjectStore, leaf: str, norms: list[float]) -> LeafOutcome:
-    """A leaf's outcome as collect-leaf reports it, its partial in ``store`` (round 0)."""
-    spec = {"w": TensorSpec((3,), "float32")}
-    devices = [f"{leaf}-d{i}" for i in range(len(norms))]
-    collector = LeafCollector(
-        spec=spec, task_id="t", model_version="v", selected=frozenset(devices)
-    )
-    for device, norm in zip(devices, norms, strict=True):
-        collector.offer(
-            device_id=device,
-            task_id="t",
-            model_version="v",
-            num_samples=10,
-            tensors={"w": np.array([norm, 0.0, 0.0], np.float32)},
-            metrics={},
-        )
-    partial = collector.result()
-    summary = collector.norm_summary(partial)
-    key = keys.partial_key("hello-mobile", "default", 0, leaf)
-    return LeafOutcome(
-        leaf=leaf,
-        partial=store.put_bytes(key, partial.to_bytes(), kind="partial"),
-        reported=len(norms),
-        rejected={},
-        rejection_examples={},
-        clipped=dict(collector.clipped),
-        norm_bound=collector.norm_bound,
-        norms=summary.norms.to_json(),
-        warmup_reference=summary.reference,
-        largest_norm=summary.largest,
-        duplicates=0,
-        batches=1,
-        bytes_in=100,
-        finished_at=1000.0,
-    )
-
-
 def test_round_zero_check_bounds_a_leaf_whose_only_update_is_poisoned_and_reports_it() -> None:
     # Prepare: two honest leaves, and one whose only update is 1000x theirs
     store = MemoryObjectStore()
-    honest = [_stored_leaf(store, "leaf-0", [1.0, 1.2, 1.5]), _stored_leaf(store, "leaf-1", [1.1])]
-    lone = _stored_leaf(store, "leaf-2", [1000.0])
+    honest = [stored_leaf(store, "leaf-0", [1.0, 1.2, 1.5]), stored_leaf(store, "leaf-1", [1.1])]
+    lone = stored_leaf(store, "leaf-2", [1000.0])
     assert not lone.clipped  # the leaf alone could not judge it
     verdicts = AdaptiveNormBound().check_leaves({o.leaf: o.norm_summary() for o in [*honest, lone]})
     assert list(verdicts) == ["leaf-2"]
@@ -312,7 +273,7 @@ def test_round_zero_check_bounds_a_leaf_whose_only_update_is_poisoned_and_report
 
 def test_round_zero_check_reads_and_writes_nothing_in_an_honest_round() -> None:
     store = MemoryObjectStore()
-    leaves = [_stored_leaf(store, "leaf-0", [1.0, 3.0]), _stored_leaf(store, "leaf-1", [2.0])]
+    leaves = [stored_leaf(store, "leaf-0", [1.0, 3.0]), stored_leaf(store, "leaf-1", [2.0])]
     level = LeafLevel(
         closing=Closing(reason="enough-reports", reports_seen=3, closed_at=1000.0), leaves=leaves
     )

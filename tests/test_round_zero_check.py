@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import asyncio
 
-import numpy as np
 import pytest
 from prefect import flow
 
 from aggregation.clipping import ROUND_CLIP_REASON
-from aggregation.collector import LeafCollector
 from aggregation.partial import PartialAggregate
-from aggregation.tensors import TensorSpec
 from infra import keys
 from infra.lineage import read_lineage
 from infra.settings import GatewaySettings, S3Settings
@@ -25,47 +22,11 @@ from infra.store import S3ObjectStore
 from tasks.collect import check_leaves
 from tasks.context import RunContext
 from tasks.params import TrainingParams
-from tasks.results import Closing, LeafLevel, LeafOutcome
+from tasks.results import Closing, LeafLevel
+from tests.support.outcomes import stored_leaf
 
 pytestmark = pytest.mark.slow
 JOB, RUN = "hello-mobile", "zero-check"
-
-
-def stored_leaf(store: S3ObjectStore, leaf: str, norms: list[float]) -> LeafOutcome:
-    """A round-0 leaf's outcome as collect-leaf reports it, its partial in S3."""
-    spec = {"w": TensorSpec((3,), "float32")}
-    devices = [f"{leaf}-d{i}" for i in range(len(norms))]
-    collector = LeafCollector(
-        spec=spec, task_id="t", model_version="v", selected=frozenset(devices)
-    )
-    for device, norm in zip(devices, norms, strict=True):
-        collector.offer(
-            device_id=device,
-            task_id="t",
-            model_version="v",
-            num_samples=10,
-            tensors={"w": np.array([0.0, norm, 0.0], np.float32)},
-            metrics={},
-        )
-    partial = collector.result()
-    summary = collector.norm_summary(partial)
-    ref = store.put_bytes(keys.partial_key(JOB, RUN, 0, leaf), partial.to_bytes(), kind="partial")
-    return LeafOutcome(
-        leaf=leaf,
-        partial=ref,
-        reported=len(norms),
-        rejected={},
-        rejection_examples={},
-        clipped=dict(collector.clipped),
-        norm_bound=collector.norm_bound,
-        norms=summary.norms.to_json(),
-        warmup_reference=summary.reference,
-        largest_norm=summary.largest,
-        duplicates=0,
-        batches=1,
-        bytes_in=100,
-        finished_at=0.0,
-    )
 
 
 @flow(name="round-zero-check-test", validate_parameters=False)
@@ -78,10 +39,10 @@ def test_the_leaf_level_bounds_a_lone_poisoned_leaf_in_s3(
 ) -> None:
     # Prepare: three honest leaves and one whose only update is 1000x theirs
     leaves = [
-        stored_leaf(s3_store, "leaf-0", [1.0, 1.4, 1.9]),
-        stored_leaf(s3_store, "leaf-1", [1.2, 1.6]),
-        stored_leaf(s3_store, "leaf-2", [1.1]),
-        stored_leaf(s3_store, "leaf-3", [1500.0]),
+        stored_leaf(s3_store, "leaf-0", [1.0, 1.4, 1.9], run_id=RUN, axis=1),
+        stored_leaf(s3_store, "leaf-1", [1.2, 1.6], run_id=RUN, axis=1),
+        stored_leaf(s3_store, "leaf-2", [1.1], run_id=RUN, axis=1),
+        stored_leaf(s3_store, "leaf-3", [1500.0], run_id=RUN, axis=1),
     ]
     level = LeafLevel(
         closing=Closing(reason="enough-reports", reports_seen=7, closed_at=0.0), leaves=leaves

@@ -139,6 +139,17 @@ class Device:
         return self.client.post(str(offer["upload_url"]), content=payload, headers=sent)
 
 
+def upload_headers(device: Device, offer: dict[str, object], **extra: str) -> dict[str, str]:
+    """The headers of ``device``'s upload for ``offer`` (12 samples), ``extra`` over them."""
+    return {
+        **device.auth,
+        "Content-Type": "application/octet-stream",
+        "X-Canopy-Model-Version": str(offer["model_version"]),
+        "X-Canopy-Num-Samples": "12",
+        **extra,
+    }
+
+
 def update_like(value: float) -> TensorDict:
     return {name: np.full(arr.shape, value, arr.dtype) for name, arr in STATE.items()}
 
@@ -201,9 +212,12 @@ def open_test_round(
     )
 
 
-def offered_device(client: httpx.Client, store: S3ObjectStore) -> tuple[Device, dict[str, object]]:
-    """One device of leaf-0, enrolled and selected in round 0 of the test job, and its offer."""
-    device = Device(client, devices_on("leaf-0", 1)[0])
+def offered_device(
+    client: httpx.Client, store: S3ObjectStore, *, leaf: str = "leaf-0", **options: Any
+) -> tuple[Device, dict[str, object]]:
+    """One device of ``leaf``, enrolled and selected in round 0 of the test job, and its offer;
+    ``options`` are ``write_round``'s (``kind="evaluate"`` offers an evaluation)."""
+    device = Device(client, devices_on(leaf, 1)[0])
     device.enrol()
-    open_test_round(store, [device.device_id])
+    open_test_round(store, [device.device_id], **options)
     return device, device.offer()

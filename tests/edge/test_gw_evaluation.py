@@ -13,37 +13,36 @@ from __future__ import annotations
 import asyncio
 import json
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 
-from aggregation.tensors import encode_tensors
 from edge.gateway.rounds import RoundDirectory, StoreCalls
 from edge.gateway.tuning import GatewayTuning
 from edge.manifests import Runtime
 from edge.protocol import ProtocolError, parse_evaluation
-from edge.round_control import active_round, leaf_tasks, open_round
-from edge.routing import assign_leaves
 from edge.update_batch import BatchContext, decode_update_batch
-from infra.keys import evaluation_results_prefix, global_model_key
+from infra.keys import evaluation_results_prefix
 from infra.lineage import read_lineage
 from infra.store import S3ObjectStore
 from tests.edge.devices import (
     JOB,
-    LEAVES,
     RUN,
-    STATE,
     Device,
     batches,
     devices_on,
     error,
+    offered_device,
+    open_test_round,
     update_like,
 )
-from tests.support.harness import read_active, set_round_status, write_round
+from tests.support.harness import read_active, set_round_status
 
 METRICS = ["loss", "accuracy"]
+# What opens a round's federated evaluation rather than its training (write_round's options).
+EVALUATION: dict[str, Any] = {"kind": "evaluate", "metrics": METRICS, "max_num_samples": 100}
 
 
 def evaluation_batches(store: S3ObjectStore, leaf: str, rnd: int = 0) -> list[str]:
@@ -76,37 +75,7 @@ def open_evaluation(
     store: S3ObjectStore, selected: list[str], rnd: int = 0, runtime: Runtime = "pytorch"
 ) -> None:
     """Open round ``rnd``'s federated evaluation as the flow's open-evaluation task does."""
-    model = store.put_bytes(
-        global_model_key(JOB, RUN, rnd + 1), encode_tensors(STATE), kind="global-model"
-    )
-    now = datetime.now(UTC)
-    tasks = leaf_tasks(
-        job=JOB,
-        run_id=RUN,
-        rnd=rnd,
-        selected_by_leaf=assign_leaves(selected, LEAVES),
-        global_model=model,
-        program=None,
-        tensor_spec={name: (list(arr.shape), arr.dtype.name) for name, arr in STATE.items()},
-        hyperparams={},
-        runtime=runtime,
-        deadline=now + timedelta(seconds=120),
-        max_num_samples=100,
-        kind="evaluate",
-        metrics=METRICS,
-    )
-    pointer = active_round(
-        job=JOB,
-        run_id=RUN,
-        rnd=rnd,
-        leaves=LEAVES,
-        status="open",
-        opened_at=now,
-        poll_seconds=0.5,
-        idle_poll_seconds=1.0,
-        kind="evaluate",
-    )
-    open_round(store, tasks, pointer)
+    open_test_round(store, selected, rnd=rnd, runtime=runtime, **EVALUATION)
 
 
 def test_an_evaluate_task_is_offered_and_its_metrics_are_stored(
@@ -190,10 +159,7 @@ def test_bad_evaluation_results_are_refused_with_a_typed_4xx(
     status: int,
     code: str,
 ) -> None:
-    device = Device(client, devices_on("leaf-1", 1)[0])
-    device.enrol()
-    open_evaluation(s3_store, [device.device_id])
-    offer = device.offer()
+    device, offer = offered_device(client, s3_store, leaf="leaf-1", **EVALUATION)
 
     response = post_result(device, offer, body, content_type=content_type, samples=samples)
 
@@ -211,9 +177,7 @@ def test_metrics_sent_to_a_training_task_and_updates_to_an_evaluation_are_refuse
     devices = {d: Device(client, d) for d in (trainer, evaluator)}
     for device in devices.values():
         device.enrol()
-    write_round(
-        s3_store, job=JOB, run_id=RUN, rnd=0, leaves=LEAVES, selected=[trainer], state=STATE
-    )
+    open_test_round(s3_store, [trainer])
     train_offer = devices[trainer].offer()
 
     metrics_to_training = post_result(devices[trainer], train_offer, b'{"metrics": {"loss": 1}}')

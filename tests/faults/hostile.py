@@ -15,7 +15,7 @@ job (``tests.edge.devices``: tensors ``w`` 4x3 and ``b`` 3, float32) with
   hypothesis strategy (``tests.edge.test_gw_fuzz.headers_and_data``) and raw
   bytes, uploaded by a selected device;
 * **header bytes**: any bytes HTTP lets through in one header field
-  (``tests.edge.test_gw_fuzz.FIELD_BYTES``) of an upload (and of a poll, for
+  (``tests.edge.test_gw_fuzz.HEADER_FIELD``) of an upload (and of a poll, for
   ``Authorization``), and as the ``Range`` of a model download;
 * **poison** that is well-formed and therefore accepted by the gateway: an
   update with 1000x the honest norm and a finite one of norm ~7e30, next to
@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -54,16 +55,21 @@ from infra.store import S3ObjectStore
 from tasks.intake import LeafIntake
 from tests.edge.devices import (
     JOB,
-    LEAVES,
-    RUN,
-    STATE,
     Device,
     devices_on,
     gateway_settings,
+    open_test_round,
     update_like,
+    upload_headers,
 )
-from tests.edge.test_gw_fuzz import FIELD_BYTES, ITEM_BYTES, headers_and_data, safetensors_body
-from tests.support.harness import GatewayThread, write_round
+from tests.edge.test_gw_fuzz import (
+    HEADER_FIELD,
+    ITEM_BYTES,
+    headers_and_data,
+    safetensors_body,
+    with_field,
+)
+from tests.support.harness import GatewayThread
 
 MAX_NUM_SAMPLES = 1000
 HONEST = 6  # honest devices next to the poisoners on leaf-0
@@ -110,16 +116,6 @@ class HostileReport:
             self.problems.append(f"{label}: expected {expect}, got {key}")
 
 
-def _headers(device: Device, offer: dict[str, object], **extra: str) -> dict[str, str]:
-    return {
-        **device.auth,
-        "Content-Type": "application/octet-stream",
-        "X-Canopy-Model-Version": str(offer["model_version"]),
-        "X-Canopy-Num-Samples": "12",
-        **extra,
-    }
-
-
 def _exotic_body(dtype: str) -> bytes:
     item = ITEM_BYTES.get(dtype, 1)
     header = {
@@ -138,7 +134,7 @@ def _named(client: httpx.Client, me: Device, offer: dict[str, object], out: Host
     def up(
         label: str, expect: str, body: bytes = ok, headers: dict[str, str] | None = None
     ) -> None:
-        sent = _headers(me, offer, **(headers or {}))
+        sent = upload_headers(me, offer, **(headers or {}))
         out.record(label, client.post(url, content=body, headers=sent), expect)
 
     for dtype in EXOTIC_DTYPES:
@@ -189,7 +185,7 @@ def _named(client: httpx.Client, me: Device, offer: dict[str, object], out: Host
     other = url.replace(f"/devices/{me.device_id}/", "/devices/someone-else/")
     out.record(
         "another device's path",
-        client.post(other, content=ok, headers=_headers(me, offer)),
+        client.post(other, content=ok, headers=upload_headers(me, offer)),
         "403 device_mismatch",
     )
     thief = Device(client, me.device_id, key=DeviceKey.derive("not-the-device's-key"))
@@ -222,68 +218,67 @@ def _named(client: httpx.Client, me: Device, offer: dict[str, object], out: Host
     )
 
     # the replay: accepted once, then the same task with bad bodies is a 422, not a duplicate
-    first = client.post(url, content=ok, headers=_headers(me, offer))
+    first = client.post(url, content=ok, headers=upload_headers(me, offer))
     if first.status_code != 200 or first.json().get("duplicate"):
         out.problems.append(
             f"the honest upload was not accepted: {first.status_code} {first.text[:200]}"
         )
     up("NaN replay of an accepted upload", "422 non_finite", nan)
     up("garbage replay of an accepted upload", "422 malformed_update", b"\x00garbage" * 10)
-    again = client.post(url, content=ok, headers=_headers(me, offer))
+    again = client.post(url, content=ok, headers=upload_headers(me, offer))
     if again.status_code != 200 or not again.json().get("duplicate"):
         out.problems.append(
             f"an honest replay is not a duplicate: {again.status_code} {again.text[:200]}"
         )
 
 
-def _built_bodies(
-    client: httpx.Client,
-    me: Device,
-    offer: dict[str, object],
-    out: HostileReport,
-    n: int,
-    rng_seed: int,
-) -> None:
-    url = str(offer["upload_url"])
+@dataclass(frozen=True)
+class _Target:
+    """Where the built inputs go: the gateway's client, a selected device, its offer, the tally."""
 
-    @seed(rng_seed)
-    @settings(max_examples=n, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    client: httpx.Client
+    me: Device
+    offer: dict[str, object]
+    out: HostileReport
+
+
+def _examples(n: int, rng_seed: int) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Hypothesis as the corpus runs it: ``n`` examples from ``rng_seed``, nothing remembered."""
+
+    def run_as(test: Callable[..., None]) -> Callable[..., None]:
+        return seed(rng_seed)(
+            settings(
+                max_examples=n,
+                deadline=None,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+            )(test)
+        )
+
+    return run_as
+
+
+def _built_bodies(at: _Target, n: int, rng_seed: int) -> None:
+    url = str(at.offer["upload_url"])
+
+    @_examples(n, rng_seed)
     @given(body=st.one_of(headers_and_data(), st.binary(max_size=256)))
     def one(body: bytes) -> None:
-        out.record("built body", client.post(url, content=body, headers=_headers(me, offer)))
+        sent = upload_headers(at.me, at.offer)
+        at.out.record("built body", at.client.post(url, content=body, headers=sent))
 
     one()
 
 
-def _header_bytes(
-    client: httpx.Client,
-    me: Device,
-    offer: dict[str, object],
-    out: HostileReport,
-    n: int,
-    rng_seed: int,
-) -> None:
+def _header_bytes(at: _Target, n: int, rng_seed: int) -> None:
+    client, me, offer, out = at.client, at.me, at.offer, at.out
     url, model_url = str(offer["upload_url"]), str(offer["model"]["url"])  # type: ignore[index]
     body = encode_tensors(update_like(0.1))
-    names = [
-        "Authorization",
-        "X-Canopy-Model-Version",
-        "X-Canopy-Num-Samples",
-        "X-Canopy-Metrics",
-        "Content-Type",
-        "Range",
-    ]
 
-    @seed(rng_seed)
-    @settings(max_examples=n, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    @given(
-        name=st.sampled_from(names),
-        value=FIELD_BYTES,
-        prefix=st.sampled_from([b"", b"Bearer ", b"Bearer v1.e30."]),
-    )
+    @_examples(n, rng_seed)
+    @given(**HEADER_FIELD)
     def one(name: str, value: bytes, prefix: bytes) -> None:
-        sent = {k.encode(): v.encode() for k, v in _headers(me, offer).items() if k != name}
-        sent[name.encode()] = ((prefix if name == "Authorization" else b"") + value).strip(b" \t")
+        sent = with_field(upload_headers(me, offer), name, value, prefix)
         auth = sent.get(b"Authorization", b"")
         label = f"header {name}={value[:40]!r}"
         out.record(label, client.post(url, content=body, headers=list(sent.items())))
@@ -356,16 +351,7 @@ def run_hostile(
             enrolled = device.enrol()
             if enrolled.status_code != 200:
                 out.problems.append(f"enrolment of {device.device_id}: {enrolled.text[:200]}")
-        tasks = write_round(
-            store,
-            job=JOB,
-            run_id=RUN,
-            rnd=0,
-            leaves=LEAVES,
-            selected=leaf0,
-            state=STATE,
-            max_num_samples=MAX_NUM_SAMPLES,
-        )
+        tasks = open_test_round(store, leaf0, max_num_samples=MAX_NUM_SAMPLES)
         mine = devices[me]
         offer = mine.offer()
         _named(client, mine, offer, out)
@@ -374,12 +360,15 @@ def run_hostile(
         out.record(
             "a device that was not asked",
             client.post(
-                url, content=encode_tensors(update_like(0.1)), headers=_headers(stranger, offer)
+                url,
+                content=encode_tensors(update_like(0.1)),
+                headers=upload_headers(stranger, offer),
             ),
             "403 not_selected",
         )
-        _built_bodies(client, mine, offer, out, bodies, rng_seed)
-        _header_bytes(client, mine, offer, out, headers, rng_seed)
+        target = _Target(client, mine, offer, out)
+        _built_bodies(target, bodies, rng_seed)
+        _header_bytes(target, headers, rng_seed)
         _poison(store, tasks["leaf-0"], [devices[d] for d in poisoners], out)
         health = client.get("/healthz")
         if health.status_code != 200:

@@ -30,7 +30,7 @@ from aggregation.tensors import TensorDict, encode_tensors
 from edge import round_control
 from edge.gateway.app import create_app
 from edge.gateway.tuning import GatewayTuning
-from edge.manifests import ActiveRound, DataHint, LeafTask, RoundStatus, Runtime
+from edge.manifests import ActiveRound, DataHint, LeafTask, RoundStatus, Runtime, WorkKind
 from edge.round_control import active_round, leaf_tasks, open_round
 from edge.routing import assign_leaves
 from infra.health import wait_http_ok
@@ -191,15 +191,20 @@ def write_round(
     poll_seconds: float = 0.5,
     idle_poll_seconds: float = 1.0,
     max_num_samples: int | None = None,
+    kind: WorkKind = "train",
+    metrics: Sequence[str] = (),
 ) -> dict[str, LeafTask]:
     """Open a round as the flow does, without Prefect; return the leaf tasks.
 
     For tests, benchmarks and experiments: store the global model (and
     program), then ``edge.round_control.open_round`` with the selected devices
     routed by ``leaf_for_device``, exactly the calls the flow's open task makes.
+    ``kind="evaluate"`` opens the round's federated evaluation instead (tasks
+    naming ``metrics``), of the model the round made: the next round's global model.
     """
+    model_round = rnd if kind == "train" else rnd + 1
     global_ref = store.put_bytes(
-        global_model_key(job, run_id, rnd), encode_tensors(state), kind="global-model"
+        global_model_key(job, run_id, model_round), encode_tensors(state), kind="global-model"
     )
     program_ref = (
         store.put_bytes(program_key(job, run_id, rnd), program, kind="executorch-program")
@@ -220,6 +225,8 @@ def write_round(
         deadline=now + timedelta(seconds=deadline_seconds),
         data_hint=data_hint,
         max_num_samples=max_num_samples,
+        kind=kind,
+        metrics=metrics,
     )
     pointer = active_round(
         job=job,
@@ -230,6 +237,7 @@ def write_round(
         opened_at=now,
         poll_seconds=poll_seconds,
         idle_poll_seconds=idle_poll_seconds,
+        kind=kind,
     )
     open_round(store, tasks, pointer)
     return tasks
