@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from types import TracebackType
 from typing import Self
 
 
-class Service:
+class Service(ABC):
     """A context manager over ``start()`` (which returns the started service) and ``stop()``."""
 
+    @abstractmethod
     def start(self) -> Self:
-        raise NotImplementedError
+        """Start the server and return it once it answers."""
 
+    @abstractmethod
     def stop(self) -> None:
-        raise NotImplementedError
+        """Stop the server and everything it started."""
 
     def __enter__(self) -> Self:
         return self.start()
