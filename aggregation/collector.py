@@ -39,6 +39,34 @@ ACCEPTED = "accepted"
 DUPLICATE = "duplicate"
 
 
+
+def task_refusal(
+    device_id: str,
+    task_id: str,
+    model_version: str,
+    *,
+    selected: frozenset[str],
+    expected_task: str,
+    expected_version: str,
+    did: str,
+    whose: str,
+) -> tuple[str | None, str]:
+    """Why a device's answer is not for this task (reason, detail), or ``(None, "")``.
+
+    The checks every leaf intake makes before looking at a body, training or
+    evaluation: the device was asked, answers this task, used this model.
+    """
+    if device_id not in selected:
+        return "not-selected", f"device {device_id} was not selected for task {expected_task}"
+    if task_id != expected_task:
+        return "wrong-task", f"device {device_id} answered task {task_id}, not {expected_task}"
+    if model_version != expected_version:
+        return "stale-model", (
+            f"device {device_id} {did} model {model_version[:12]}, "
+            f"not {whose} {expected_version[:12]}"
+        )
+    return None, ""
+
 @dataclass
 class LeafCollector:
     """Running state of one leaf in one round; feed it updates with :meth:`offer`.
@@ -149,16 +177,16 @@ class LeafCollector:
         return ACCEPTED
 
     def _refusal(self, device_id: str, task_id: str, model_version: str) -> tuple[str | None, str]:
-        if device_id not in self.selected:
-            return "not-selected", f"device {device_id} was not selected for task {self.task_id}"
-        if task_id != self.task_id:
-            return "wrong-task", f"device {device_id} answered task {task_id}, not {self.task_id}"
-        if model_version != self.model_version:
-            return "stale-model", (
-                f"device {device_id} trained model {model_version[:12]}, "
-                f"not the round's {self.model_version[:12]}"
-            )
-        return None, ""
+        return task_refusal(
+            device_id,
+            task_id,
+            model_version,
+            selected=self.selected,
+            expected_task=self.task_id,
+            expected_version=self.model_version,
+            did="trained",
+            whose="the round's",
+        )
 
     def _admit(self, checked: CheckedUpdate) -> None:
         """Sum a checked update under the bound in force, or hold it for the warm-up."""

@@ -27,11 +27,11 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from aggregation.collector import ACCEPTED, DUPLICATE, task_refusal
 from aggregation.partial import MetricSum
 from infra.errors import ValidationError
 
-ACCEPTED = "accepted"
-DUPLICATE = "duplicate"
+__all__ = ["ACCEPTED", "DUPLICATE", "EvaluationCollector", "EvaluationSums", "add_metric_sums"]
 
 
 def add_metric_sums(*parts: Mapping[str, MetricSum]) -> dict[str, MetricSum]:
@@ -198,15 +198,18 @@ class EvaluationCollector:
         num_samples: int,
         metrics: Mapping[str, float],
     ) -> tuple[str | None, str]:
-        if device_id not in self.selected:
-            return "not-selected", f"device {device_id} was not selected for task {self.task_id}"
-        if task_id != self.task_id:
-            return "wrong-task", f"device {device_id} answered task {task_id}, not {self.task_id}"
-        if model_version != self.model_version:
-            return "stale-model", (
-                f"device {device_id} evaluated model {model_version[:12]}, "
-                f"not the task's {self.model_version[:12]}"
-            )
+        reason, detail = task_refusal(
+            device_id,
+            task_id,
+            model_version,
+            selected=self.selected,
+            expected_task=self.task_id,
+            expected_version=self.model_version,
+            did="evaluated",
+            whose="the task's",
+        )
+        if reason is not None:
+            return reason, detail
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             return "bad-weight", f"device {device_id} claims {num_samples!r} examples"
         if self.max_samples is not None and num_samples > self.max_samples:
