@@ -25,6 +25,7 @@ Outside any run::
 
     control/active/{job}.json                            which run/round gateways serve for a job
     devices/{job}/{device_id}.json                       a device enrolled for a job (registry)
+    devices/{job}/index/{writer}-{seq:06d}-n{count}.json  ids a gateway enrolled (registry index)
     _lineage/{key}.json                                  lineage record of the object at {key}
 
 Round numbers in keys have five digits (``round-00007``); Prefect's flow-run
@@ -177,6 +178,22 @@ def device_key(job: str, device_id: str) -> str:
     and the device id is the key's last segment (listing is enough to sample).
     """
     return f"{registry_prefix(job)}{check_segment(device_id, 'device id')}.json"
+
+
+def registry_index_prefix(job: str) -> str:
+    """Prefix of the job's registry index shards (``edge.registry_index``).
+
+    Inside the registry prefix, so a registry is one folder; device ids are key
+    segments (no ``/``), so no device record can ever sit under it.
+    """
+    return f"{registry_prefix(job)}index/"
+
+
+def registry_shard_key(job: str, writer: str, seq: int, count: int) -> str:
+    """One index shard: ``count`` ids the gateway process ``writer`` enrolled, its ``seq``-th."""
+    if seq < 0 or count < 1:
+        raise ValueError(f"a shard has seq >= 0 and at least one id, got seq={seq} count={count}")
+    return f"{registry_index_prefix(job)}{check_segment(writer, 'writer')}-{seq:06d}-n{count}.json"
 
 
 def lineage_key(object_key: str) -> str:

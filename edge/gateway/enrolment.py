@@ -4,8 +4,10 @@ A device asks for a challenge, signs it with its key and enrols with the
 fleet's enrolment secret, its public key and the signature. The gateway checks
 them in that order (secret, challenge, signature), then the binding of the id
 to the key (``identities/{device_id}.json``, trust on first use, see
-``identity``), and only then writes the per-job registry records the flow
-samples from and issues the token.
+``identity``), and only then writes the per-job registry records (the source
+of truth for the device's details), adds the id to the job's registry index
+(``registry_index``: shards the flow samples from without listing every
+record) and issues the token.
 
 Binding a new id reads, writes and reads the identity back. The store offers no
 conditional PUT, so two first enrolments of one new id racing within a few
@@ -16,6 +18,7 @@ which S3, MinIO and moto support) would close that window entirely.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import secrets
 import time
@@ -32,6 +35,7 @@ from edge.gateway.identity import (
     verify_proof,
 )
 from edge.gateway.metrics import GatewayMetrics
+from edge.gateway.registry_index import IndexWriter
 from edge.gateway.rounds import RoundDirectory, StoreCalls, unavailable
 from edge.gateway.tokens import issue_token
 from edge.gateway.tuning import GatewayTuning
@@ -75,6 +79,7 @@ class EnrolmentDesk:
         self._rounds = rounds
         self._metrics = metrics
         self._gateway_id = gateway_id
+        self.index = IndexWriter(calls, gateway_id=gateway_id)
         self._token_secret = settings.token_secret.get_secret_value().encode()
         self._challenge_key = challenge_key(self._token_secret)
         self._enrolment_secret = settings.enrolment_secret.get_secret_value().encode()
@@ -107,7 +112,8 @@ class EnrolmentDesk:
         verify_proof(request.public_key, request.signature, request.device_id, request.challenge)
         await self._bind(request.device_id, canonical_public_key(request.public_key), now)
         runtimes = sorted(set(request.runtimes))
-        for job in sorted(set(request.jobs)):
+        jobs = sorted(set(request.jobs))
+        for job in jobs:
             record = DeviceRecord(
                 device_id=request.device_id,
                 job=job,
@@ -122,6 +128,8 @@ class EnrolmentDesk:
                 functools.partial(put_json, self._calls.store, key, record, kind=KIND_DEVICE_RECORD)
             )
             self._rounds.remember_enrolled(job, request.device_id)
+        # The record first, then the index: an indexed id always has its record.
+        await asyncio.gather(*(self.index.add(job, request.device_id) for job in jobs))
         token, expires = issue_token(
             self._token_secret,
             request.device_id,

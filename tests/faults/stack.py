@@ -39,6 +39,7 @@ import numpy as np
 
 from edge.jobs.hello import VECTOR_SIZE
 from edge.manifests import DataHint
+from edge.registry_index import record_ids
 from edge.simulator.profiles import DeviceProfile, make_profiles
 from infra.keys import active_job_key, registry_prefix, updates_prefix
 from infra.settings import GatewaySettings, S3Settings
@@ -195,7 +196,8 @@ class FaultStack:
         return FlowProcess(proc, log, ready)
 
     def enrolled(self) -> int:
-        return len(self.store.list_keys(registry_prefix(JOB)))
+        prefix = registry_prefix(JOB)  # device records only, not the registry index's shards
+        return len(record_ids(prefix, self.store.list_keys(prefix)))
 
     def wait_enrolled(self, devices: int, sim: Simulator, timeout: float = 120.0) -> None:
         """Block until the whole fleet is in the registry, so every run samples the same."""
