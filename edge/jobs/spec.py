@@ -27,11 +27,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn import functional as F
 
@@ -39,49 +38,20 @@ from aggregation.tensors import TensorDict
 from edge.data.config import DatasetConfig
 from edge.data.dataset import Dataset
 from edge.data.partition import PartitionScheme
+from edge.jobs.hyperparams import (
+    ALL_RUNTIMES,
+    TASK_METRICS,
+    RuntimeName,
+    TaskKind,
+    TrainHyperparams,
+)
 from infra.errors import ConfigError
 from infra.keys import check_segment
 from infra.store import ObjectStore
 
-RuntimeName = Literal["executorch", "pytorch"]
-ALL_RUNTIMES: frozenset[RuntimeName] = frozenset({"executorch", "pytorch"})
-
-TaskKind = Literal["classification", "regression"]
-TASK_METRICS: dict[TaskKind, tuple[str, ...]] = {
-    "classification": ("loss", "accuracy"),
-    "regression": ("loss", "mse", "mae"),
-}
-
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ModelFactory = Callable[[], nn.Module]
 ExampleBatchFn = Callable[[int, int], tuple[np.ndarray, np.ndarray]]
-
-
-class TrainHyperparams(BaseModel):
-    """Local training hyperparameters a round sends to its devices."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    local_epochs: int = Field(default=1, ge=1, le=1000, description="Passes over local data.")
-    max_steps: int | None = Field(
-        default=None,
-        ge=1,
-        description="Stop after this many optimizer steps even if epochs remain (None: no cap).",
-    )
-    batch_size: int = Field(
-        default=32,
-        ge=1,
-        le=4096,
-        description="Examples per step. ExecuTorch programs are exported for one batch size.",
-    )
-    lr: float = Field(default=0.05, gt=0, le=10, allow_inf_nan=False, description="SGD step size.")
-    momentum: float = Field(
-        default=0.0,
-        ge=0,
-        lt=1,
-        allow_inf_nan=False,
-        description="SGD momentum; the buffer carries across every batch of the local training.",
-    )
 
 
 @dataclass(frozen=True)
