@@ -5,39 +5,142 @@ and then the job's ``ActiveRound`` pointer (``edge.round_control.open_round``);
 the plan itself is the pure ``tasks.planning.plan_round``. ``open_planned`` is
 the one way a task opens a round (training here, evaluation in
 ``tasks.evaluation``). Closing is the close task's job (``tasks.collect``);
-``mark_done`` tells devices the job is over.
+``mark_done`` tells devices the job is over. The registry is read through its
+index (``read_registry``): a round reads the shards gateways added since the
+last one, and hands ``open-round`` a reference to the ids, not the ids.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Literal
 
+import pydantic
 from prefect import task
 from prefect.cache_policies import NONE
 from prefect.logging import get_run_logger
+from pydantic import BaseModel, ConfigDict
 
 from aggregation.clipping import NormBoundState
 from aggregation.tensors import decode_tensors, spec_of
 from edge import round_control
 from edge.data.partition import partition_indices
-from infra.keys import registry_prefix
+from edge.registry_index import IndexShard, RegistryIndex, record_ids
+from infra.errors import CanopyError
+from infra.keys import registry_index_prefix, registry_prefix
 from infra.run_state import CommitRecord
-from infra.store import ObjectRef, ObjectStore
+from infra.store import ObjectRef, ObjectStore, get_json
 from tasks.context import RunContext, store_for
 from tasks.models import run_dataset
 from tasks.planning import OpenedRound, RoundPlan, plan_round
 from tasks.results import ProgramExport
 from tasks.run_cache import current_cache
 
+log = logging.getLogger("canopy.registry")
+
+# New index shards are read this many at a time (a run's first read takes them all).
+SHARD_READERS = 8
+
+
+class RegistryView(BaseModel):
+    """What ``wait-for-devices`` hands ``open-round``: a reference to the ids, not the ids.
+
+    Prefect records a task's parameters and results; ten thousand ids would travel
+    through the API twice a round. The ids stay in the run cache under ``digest``.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    job: str
+    devices: int
+    source: Literal["index", "records"]
+    shards: int
+    new_shards: int
+    digest: str
+
+
+@dataclass(frozen=True)
+class RegistryRead:
+    """One read of a job's registry: the ids, where they came from, what it cost."""
+
+    ids: list[str]
+    source: Literal["index", "records"]
+    shards: int  # shards listed (index) or record keys listed (records)
+    new_shards: int  # shards read (GET) by this read
+
+    def view(self, job: str) -> RegistryView:
+        digest = hashlib.sha256("\n".join(self.ids).encode()).hexdigest()
+        return RegistryView(
+            job=job,
+            devices=len(self.ids),
+            source=self.source,
+            shards=self.shards,
+            new_shards=self.new_shards,
+            digest=digest,
+        )
+
+
+def read_registry(store: ObjectStore, job: str, index: RegistryIndex) -> RegistryRead:
+    """The ids enrolled for ``job``: from the index's shards when it has any.
+
+    One LIST of the index prefix (a page per thousand shards) and one GET per
+    shard ``index`` has not read yet, so a round costs O(new shards), never a
+    listing of every device record. A registry without a single shard was
+    written by gateways older than the index: its records are listed instead
+    (keys only), as before the index. An unreadable shard is skipped and tried
+    again at the next read.
+    """
+    keys = store.list_keys(registry_index_prefix(job))
+    if not keys and not index.shards:
+        prefix = registry_prefix(job)
+        ids = record_ids(prefix, store.list_keys(prefix))
+        return RegistryRead(ids=sorted(ids), source="records", shards=len(ids), new_shards=0)
+    new = index.unseen(keys)
+
+    def fetch(key: str) -> tuple[str, IndexShard | None]:
+        try:
+            return key, IndexShard.model_validate(get_json(store, key))
+        except (CanopyError, pydantic.ValidationError) as exc:
+            log.warning("registry index shard %s is unreadable, skipped for now: %s", key, exc)
+            return key, None
+
+    if new:
+        with ThreadPoolExecutor(min(SHARD_READERS, len(new))) as pool:
+            for key, shard in pool.map(fetch, new):
+                if shard is not None:
+                    index.add(key, shard)
+    return RegistryRead(
+        ids=index.sorted_ids(), source="index", shards=len(keys), new_shards=len(new)
+    )
+
+
+def run_registry(store: ObjectStore, job: str) -> RegistryRead:
+    """``read_registry`` with the run's index (kept in the run cache between rounds)."""
+    index = current_cache().registry(job, lambda: RegistryIndex(job))
+    return read_registry(store, job, index)
+
 
 def registered_devices(store: ObjectStore, job: str) -> list[str]:
-    """Device ids enrolled for ``job`` (from the registry keys; no per-device GET)."""
-    prefix = registry_prefix(job)
-    return [key[len(prefix) : -len(".json")] for key in store.list_keys(prefix)]
+    """Device ids enrolled for ``job`` (index shards, or record keys; never a GET per device)."""
+    return run_registry(store, job).ids
+
+
+def devices_of(store: ObjectStore, view: RegistryView | Sequence[str]) -> list[str]:
+    """The ids a ``RegistryView`` refers to: from the run cache, else read again.
+
+    A plain list of ids (older callers) is taken as it is.
+    """
+    if not isinstance(view, RegistryView):
+        return list(view)
+    kept = current_cache().snapshots.get(view.digest)
+    return kept if kept is not None else run_registry(store, view.job).ids
 
 
 def tensor_spec(store: ObjectStore, model: ObjectRef) -> dict[str, tuple[list[int], str]]:
@@ -72,20 +175,32 @@ def device_weight_cap(ctx: RunContext, store: ObjectStore) -> int:
 
 
 @task(name="wait-for-devices", cache_policy=NONE, retries=2, retry_delay_seconds=[2, 5])
-async def wait_for_devices(ctx: RunContext) -> list[str]:
-    """Wait (up to ``registry_wait_s``) until enough devices have enrolled for the job."""
+async def wait_for_devices(ctx: RunContext) -> RegistryView:
+    """Wait (up to ``registry_wait_s``) until enough devices have enrolled for the job.
+
+    Returns a reference to the ids (kept in the run cache), not the ids.
+    """
     store = store_for(ctx.s3)
     wanted = ctx.params.selected_per_round
     deadline = time.monotonic() + ctx.params.registry_wait_s
     while True:
-        devices = await asyncio.to_thread(registered_devices, store, ctx.job)
-        if len(devices) >= wanted or time.monotonic() >= deadline:
+        read = await asyncio.to_thread(run_registry, store, ctx.job)
+        if len(read.ids) >= wanted or time.monotonic() >= deadline:
             break
         await asyncio.sleep(1.0)
+    view = read.view(ctx.job)
+    current_cache().keep_snapshot(view.digest, read.ids)
     get_run_logger().info(
-        "wait-for-devices: %d device(s) enrolled for %s (want %d)", len(devices), ctx.job, wanted
+        "wait-for-devices: %d device(s) enrolled for %s (want %d), from the %s "
+        "(%d listed, %d shard(s) read now)",
+        view.devices,
+        ctx.job,
+        wanted,
+        view.source,
+        view.shards,
+        view.new_shards,
     )
-    return devices
+    return view
 
 
 @dataclass(frozen=True)
@@ -126,12 +241,13 @@ def open_planned(
 async def open_round(
     ctx: RunContext,
     rnd: int,
-    devices: list[str],
+    devices: RegistryView | list[str],
     leaves: Sequence[str],
     commit: CommitRecord,
     program: ProgramExport | None,
 ) -> OpenedRound:
     """Plan the round, write every leaf's task, then point the gateways at it."""
+    ids = devices_of(store_for(ctx.s3), devices)
     norm_state = NormBoundState.model_validate(commit.norm_bound or {})
 
     def plan(basis: PlanBasis) -> RoundPlan:
@@ -139,7 +255,7 @@ async def open_round(
             ctx.params,
             ctx.job_spec(),
             rnd=rnd,
-            devices=devices,
+            devices=ids,
             leaves=leaves,
             global_model=commit.global_model,
             program=program.ref if program is not None else None,

@@ -1,10 +1,15 @@
-"""What a flow run loads once and keeps until it ends: templates, datasets, weight caps.
+"""What a flow run loads once and keeps until it ends: templates, datasets, weight caps,
+the device registry's index.
 
 A run exports its ExecuTorch program once and patches each round's weights into
 that template, and evaluates every round on the same held-out data; reloading
-either per round would cost seconds. ``run_cache()`` gives these objects an
-explicit lifetime, the ``federated-training`` flow run that opens it, instead of
-module globals that outlive runs in a long-lived runner process. Tasks reach the
+either per round would cost seconds. The registry's index is read shard by
+shard as gateways add them (``tasks.dispatch.read_registry``), so a round reads
+only the shards enrolled since the last one, and the ids of what a round saw
+stay here under their digest instead of travelling through Prefect.
+``run_cache()`` gives these objects an explicit lifetime, the
+``federated-training`` flow run that opens it, instead of module globals that
+outlive runs in a long-lived runner process. Tasks reach the
 open cache through a context variable (Prefect runs a flow's async tasks and
 subflows in copies of its context); outside a run they get a fresh, empty one,
 so a task called on its own still works, only uncached.
@@ -21,6 +26,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # the template module loads ExecuTorch, which PyTorch runs never need
     from edge.data.dataset import Dataset
     from edge.jobs import JobSpec
+    from edge.registry_index import RegistryIndex
     from edge.training.template import ProgramTemplate
 
 
@@ -32,6 +38,8 @@ class RunCache:
     datasets: dict[tuple[str, str], Dataset] = field(default_factory=dict)
     weight_caps: dict[str, int] = field(default_factory=dict)
     jobs: dict[str, JobSpec] = field(default_factory=dict)
+    registries: dict[str, RegistryIndex] = field(default_factory=dict)
+    snapshots: dict[str, list[str]] = field(default_factory=dict)
 
     def template(
         self, key: str, sha256: str, load: Callable[[], ProgramTemplate]
@@ -50,6 +58,18 @@ class RunCache:
         if reference not in self.jobs:
             self.jobs[reference] = load()
         return self.jobs[reference]
+
+    def registry(self, job: str, create: Callable[[], RegistryIndex]) -> RegistryIndex:
+        """The job's registry index as read so far in this run (shards read, their ids)."""
+        if job not in self.registries:
+            self.registries[job] = create()
+        return self.registries[job]
+
+    def keep_snapshot(self, digest: str, ids: list[str]) -> None:
+        """Keep the ids a registry read returned, by their digest (the last few only)."""
+        self.snapshots[digest] = ids
+        while len(self.snapshots) > 4:
+            del self.snapshots[next(iter(self.snapshots))]
 
     def weight_cap(self, partition_json: str, compute: Callable[[], int]) -> int:
         if partition_json not in self.weight_caps:
