@@ -11,15 +11,18 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prefect.runtime import flow_run
 
-from edge.jobs import JobSpec, get_job
-from edge.jobs.registry import JobSource, job_source
 from infra.settings import GatewaySettings, S3Settings
 from infra.store import S3ObjectStore
 from tasks.params import TrainingParams
 from tasks.run_cache import current_cache
+
+if TYPE_CHECKING:  # the registry imports every built-in job's model, torch included
+    from edge.jobs import JobSpec
+    from edge.jobs.registry import JobSource
 
 
 @dataclass(frozen=True)
@@ -45,11 +48,17 @@ class RunContext:
 
     def job_spec(self) -> JobSpec:
         """The job's spec, resolved from its reference once per run."""
+        # Imported here, not at the top: a process that never resolves a job (an edge
+        # worker's leaf run) then starts without torch (docs/orchestration.md).
+        from edge.jobs import get_job
+
         ref = self.params.job
         return current_cache().job(ref, lambda: get_job(ref))
 
     def job_source(self) -> JobSource:
         """Where the job's code lives (file and sha256), for lineage records."""
+        from edge.jobs.registry import job_source
+
         return job_source(self.params.job, self.job_spec())
 
 

@@ -8,7 +8,7 @@ work starts. Everything below the flow receives plain, already-valid values.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -16,7 +16,9 @@ from aggregation.strategies.config import StrategyConfig
 from aggregation.topology import TreeShape
 from edge.data.config import DatasetConfig
 from edge.data.partition import PartitionScheme
-from edge.jobs.spec import JobSpec, TrainHyperparams
+
+if TYPE_CHECKING:  # edge.jobs imports torch; a leaf run on an edge worker needs none of it
+    from edge.jobs import JobSpec, TrainHyperparams
 
 
 class TrainingParams(BaseModel):
@@ -136,6 +138,8 @@ class TrainingParams(BaseModel):
 
 def local_hyperparams(params: TrainingParams, job: JobSpec) -> TrainHyperparams:
     """The job's default local training, overridden by what the run sets."""
+    from edge.jobs import TrainHyperparams  # see the TYPE_CHECKING import above
+
     overrides = {
         name: getattr(params, name)
         for name in ("local_epochs", "max_steps", "batch_size", "lr", "momentum")

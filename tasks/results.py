@@ -12,9 +12,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from aggregation.clipping import LeafNorms, NormBoundState
-from aggregation.norms import NormHistogram
+from aggregation.clipping import NormBoundState
 from infra.store import ObjectRef
+from tasks.leaf_outcome import LeafOutcome  # apart: edge workers import it, light
 from tasks.planning import CloseReason, OpenedRound
 
 
@@ -37,41 +37,6 @@ class Closing(_Result):
     reason: CloseReason
     reports_seen: int = Field(description="Uploads in S3 when the round closed (from key names).")
     closed_at: float
-
-
-class LeafOutcome(_Result):
-    """What one leaf contributed: its partial in S3 and the intake counts."""
-
-    leaf: str
-    partial: ObjectRef
-    reported: int
-    rejected: dict[str, int]
-    rejection_examples: dict[str, str]
-    clipped: dict[str, int] = Field(default_factory=dict)
-    norm_bound: float | None = Field(default=None, description="The bound in force at the end.")
-    norms: dict[str, int] = Field(
-        default_factory=dict,
-        description="Histogram of the norms the leaf summed (aggregation.norms.NormHistogram, "
-        "to_json), for round 0's check across leaves.",
-    )
-    warmup_reference: float | None = Field(
-        default=None, description="Round 0: the norm the leaf's warm-up bound is a multiple of."
-    )
-    largest_norm: float = Field(
-        default=0.0, description="The largest norm of an update as the leaf summed it."
-    )
-    duplicates: int
-    batches: int
-    bytes_in: int
-    finished_at: float
-
-    def norm_summary(self) -> LeafNorms:
-        """What round 0's check across leaves knows of this leaf."""
-        return LeafNorms(
-            norms=NormHistogram.from_json(self.norms, source=self.partial.uri),
-            reference=self.warmup_reference,
-            largest=self.largest_norm,
-        )
 
 
 class LeafLevel(_Result):
