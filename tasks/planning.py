@@ -13,20 +13,21 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal, NotRequired, TypedDict, Unpack
+from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict, Unpack
 
 from pydantic import BaseModel, ConfigDict
 
 from aggregation.clipping import NormBoundState
 from aggregation.cohort import pace_seconds, reports_needed, select_cohort
 from aggregation.strategies.base import round_hyperparams
-from edge.jobs import JobSpec
-from edge.jobs.spec import TrainHyperparams
 from edge.manifests import ActiveRound, DataHint, LeafTask, WorkKind
 from edge.round_control import active_round, leaf_tasks
 from edge.routing import assign_leaves
 from infra.store import ObjectRef
 from tasks.params import TrainingParams, local_hyperparams
+
+if TYPE_CHECKING:  # edge.jobs imports torch: an edge worker's leaf run imports this module
+    from edge.jobs import JobSpec
 
 # Polls per second the whole fleet may send the gateways while waiting for work.
 FLEET_POLLS_PER_SECOND = 200.0
@@ -114,7 +115,7 @@ def client_hyperparams(params: TrainingParams, job: JobSpec, rnd: int) -> dict[s
     """
     defaults = local_hyperparams(params, job)
     scheduled = round_hyperparams(params.strategy.build(), rnd=rnd, defaults=defaults.model_dump())
-    checked = TrainHyperparams.model_validate(scheduled)  # value ranges: lr > 0, ...
+    checked = type(defaults).model_validate(scheduled)  # TrainHyperparams: lr > 0, ...
     return {**checked.model_dump(), "seed": params.seed * 100_003 + rnd}
 
 

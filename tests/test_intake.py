@@ -22,7 +22,7 @@ from edge.update_batch import BatchContext, DeviceUpdate, encode_update_batch
 from infra.errors import StoreError
 from infra.keys import batch_name, update_batch_key
 from infra.store import MemoryObjectStore, StoredObject
-from tasks import collect
+from tasks import leaf as collect  # the leaf's collection (tasks.collect re-exports it)
 from tasks.intake import CORRUPT_BATCH, LeafIntake
 from tests.support.harness import read_active, set_round_status, write_round
 
