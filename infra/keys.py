@@ -12,6 +12,7 @@ Every object of a training run lives under ``{job}/{run}/``::
     {job}/{run}/round-{r:05d}/updates/{leaf}/{batch}.safetensors
                                                          group-committed device updates
     {job}/{run}/round-{r:05d}/partials/{node}.safetensors  summed partial aggregate of a node
+    {job}/{run}/round-{r:05d}/leaves/{leaf}.json         a leaf's outcome, from an edge worker
     {job}/{run}/round-{r:05d}/report.json                round metrics and outcome
     {job}/{run}/round-{r:05d}/device-evaluation/tasks/{leaf}.json
                                                          evaluation task of one leaf (federated
@@ -156,6 +157,12 @@ def device_evaluation_key(job: str, run: str, rnd: int) -> str:
 
 def partial_key(job: str, run: str, rnd: int, node: str) -> str:
     return f"{round_prefix(job, run, rnd)}partials/{check_segment(node, 'node')}.safetensors"
+
+
+def leaf_outcome_key(job: str, run: str, rnd: int, leaf: str) -> str:
+    """What a leaf collected, as the ``edge-leaf`` flow on an edge worker stores it (JSON):
+    how the round reads a leaf that ran on the edge pool (Prefect results are no store)."""
+    return f"{round_prefix(job, run, rnd)}leaves/{check_segment(leaf, 'leaf')}.json"
 
 
 def round_report_key(job: str, run: str, rnd: int) -> str:
