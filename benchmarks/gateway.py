@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -42,11 +43,14 @@ sys.path.insert(0, str(REPO))  # tests.support is test code, not part of the ins
 
 from aggregation.tensors import encode_tensors  # noqa: E402
 from edge.jobs.hello import HELLO_MOBILE  # noqa: E402
+from edge.protocol import challenge_path, enrol_path  # noqa: E402
+from edge.simulator.identity import DeviceKey  # noqa: E402
 from infra.settings import GatewaySettings, S3Settings  # noqa: E402
 from infra.store import S3ObjectStore  # noqa: E402
-from tests.support.harness import GatewayProcess, free_port, write_round  # noqa: E402
+from tests.support.harness import free_port, settings_env, write_round  # noqa: E402
 
 JOB, RUN = "hello-mobile", "bench"
+JSON = {"Content-Type": "application/json"}
 SECRET = "canopy-local-enrolment"
 
 
@@ -174,7 +178,14 @@ async def run_phase(phase: Phase, items: list[Call]) -> None:
     phase.seconds = time.perf_counter() - started
 
 
-async def drive(urls: list[str], devices: list[str], polls: int, concurrency: int) -> list[Phase]:
+async def drive(
+    servers: list[Server],
+    urls: list[str],
+    devices: list[str],
+    polls: int,
+    concurrency: int,
+    profile: bool,
+) -> tuple[list[Phase], Cost]:
     clients = [RawHttp(u, max(1, concurrency // len(urls))) for u in urls]
     for client in clients:
         await client.open()
@@ -188,15 +199,27 @@ async def drive(urls: list[str], devices: list[str], polls: int, concurrency: in
 
     def enrol(d: str) -> Call:
         async def call() -> tuple[int, bytes, float]:
+            asked = json.dumps({"device_id": d}).encode()
+            status, answer, first = await home[d].request("POST", challenge_path(), JSON, asked)
+            if status != 200:
+                return status, answer, first
+            challenge = json.loads(answer)["challenge"]
+            key = DeviceKey.derive(d)
             payload = json.dumps(
-                {"device_id": d, "enrolment_secret": SECRET, "jobs": [JOB], "runtimes": ["pytorch"]}
+                {
+                    "device_id": d,
+                    "enrolment_secret": SECRET,
+                    "jobs": [JOB],
+                    "runtimes": ["pytorch"],
+                    "public_key": key.public_key,
+                    "challenge": challenge,
+                    "signature": key.sign(d, challenge),
+                }
             ).encode()
-            status, answer, seconds = await home[d].request(
-                "POST", "/v1/enrol", {"Content-Type": "application/json"}, payload
-            )
+            status, answer, second = await home[d].request("POST", enrol_path(), JSON, payload)
             if status == 200:
                 tokens[d] = json.loads(answer)["token"]
-            return status, answer, seconds
+            return status, answer, first + second
 
         return call
 
@@ -232,10 +255,19 @@ async def drive(urls: list[str], devices: list[str], polls: int, concurrency: in
     await run_phase(phases[1], [poll(d) for _ in range(polls) for d in enrolled])
     ready = [d for d in enrolled if d in offers]
     await run_phase(phases[2], [download(d) for d in ready])
-    await run_phase(phases[3], [upload(d) for d in ready])
+
+    async def uploads() -> int:
+        await run_phase(phases[3], [upload(d) for d in ready])
+        return len(phases[3].latencies)
+
+    for server in servers if profile else []:
+        server.signal(signal.SIGUSR1)
+    cost = await measured_uploads(servers, "gateway", uploads)
+    for server in servers if profile else []:
+        server.signal(signal.SIGUSR2)
     for client in clients:
         await client.close()
-    return phases
+    return phases, cost
 
 
 def batches_written(url: str) -> tuple[float, float]:
@@ -250,6 +282,142 @@ def batches_written(url: str) -> tuple[float, float]:
     return writes, accepted
 
 
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a gateway with several worker processes)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(CPU seconds of the whole process tree, of the event loop threads alone).
+
+    From /proc: user + system time. A process's main thread (tid = pid) runs
+    the event loop; the rest is the I/O thread pool (boto3 calls, batch encoding).
+    """
+    total = loop = 0.0
+    for proc in process_tree(pid):
+        for task in Path(f"/proc/{proc}/task").iterdir():
+            try:
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            seconds = (int(fields[11]) + int(fields[12])) / TICKS
+            total += seconds
+            if int(task.name) == proc:
+                loop += seconds
+    return total, loop
+
+
+class Server:
+    """A benchmark subprocess (``gateway_servers.py``): the gateway or the floor."""
+
+    def __init__(self, kind: str, args: list[str], env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, str(REPO / "benchmarks" / "gateway_servers.py"), kind]
+        self.proc = subprocess.Popen(
+            [*command, "--port", str(self.port), *args], env={**os.environ, **env}, cwd=REPO
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{kind} server on port {self.port} did not start")
+            time.sleep(0.1)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def signal(self, number: int) -> None:
+        self.proc.send_signal(number)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@dataclass
+class Cost:
+    """Acknowledged uploads over the CPU seconds the server(s) spent on them."""
+
+    name: str
+    acknowledged: int
+    wall_seconds: float
+    cpu: float
+    loop_cpu: float
+
+    @property
+    def per_core(self) -> float:
+        return self.acknowledged / self.cpu if self.cpu else 0.0
+
+    def line(self) -> str:
+        per_upload = self.cpu / max(self.acknowledged, 1) * 1000
+        loop_share = self.loop_cpu / max(self.acknowledged, 1) * 1000
+        return (
+            f"{self.name:<10} {self.acknowledged:>6} acknowledged in {self.wall_seconds:5.2f} s: "
+            f"{self.acknowledged / self.wall_seconds:>6.0f} uploads/s wall, "
+            f"{per_upload:.3f} ms CPU per upload ({loop_share:.3f} on the event loop) = "
+            f"{self.per_core:>6.0f} uploads/s per core"
+        )
+
+
+async def measured_uploads(
+    servers: list[Server], name: str, run: Callable[[], Awaitable[int]]
+) -> Cost:
+    """Run an upload phase and charge it the CPU time of ``servers``' process trees."""
+    before = [cpu_seconds(s.pid) for s in servers]
+    started = time.perf_counter()
+    acknowledged = await run()
+    wall = time.perf_counter() - started
+    after = [cpu_seconds(s.pid) for s in servers]
+    cpu = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
+    loop = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
+    return Cost(name, acknowledged, wall, cpu, loop)
+
+
+async def floor_uploads(url: str, count: int, concurrency: int) -> int:
+    """The upload phase's requests (same body, same paths) against the floor server."""
+    client = RawHttp(url, concurrency)
+    await client.open()
+    body = encode_tensors({"vector": np.full(256, 0.01, np.float32)})
+    headers = {"Content-Type": "application/octet-stream", "X-Canopy-Num-Samples": "32"}
+    phase = Phase("floor")
+
+    def upload(i: int) -> Call:
+        path = f"/v1/jobs/{JOB}/devices/floor-{i:05d}/tasks/t/result"
+        return lambda: client.request("POST", path, headers, body)
+
+    await run_phase(phase, [upload(i) for i in range(count)])
+    await client.close()
+    return len(phase.latencies)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=1000, help="concurrent devices K (<= 5000+)")
@@ -258,6 +426,14 @@ def main() -> None:
     parser.add_argument(
         "--concurrency", type=int, default=128, help="open connections (requests in flight)"
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="cProfile each gateway's event loop during "
+        "the upload phase into this folder (gw-N.prof)",
+    )
+    parser.add_argument("--no-floor", action="store_true", help="skip the lower-bound server")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
 
@@ -283,19 +459,38 @@ def main() -> None:
         deadline_seconds=3600,
     )
     settings = GatewaySettings()
-    gateways = [
-        GatewayProcess(s3, settings, gateway_id=f"gw-{i}").start() for i in range(args.gateways)
-    ]
+    env = {**settings_env(s3), **settings_env(settings)}
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    servers: list[Server] = []
     try:
-        before = [rss_mb(g.pid) for g in gateways]
-        phases = asyncio.run(
-            drive([g.url for g in gateways], devices, args.polls, args.concurrency)
+        for i in range(args.gateways):
+            extra = ["--profile", str(args.profile / f"gw-{i}.prof")] if args.profile else []
+            servers.append(Server("gateway", ["--gateway-id", f"gw-{i}", *extra], env))
+        urls = [g.url for g in servers]
+        before = [rss_mb(g.pid) for g in servers]
+        phases, cost = asyncio.run(
+            drive(servers, urls, devices, args.polls, args.concurrency, args.profile is not None)
         )
-        after = [rss_mb(g.pid) for g in gateways]
-        batch_stats = [batches_written(g.url) for g in gateways]
+        after = [rss_mb(g.pid) for g in servers]
+        batch_stats = [batches_written(g.url) for g in servers]
+        floor_cost = None
+        if not args.no_floor:
+            floor_args = ["--endpoint", endpoint, "--bucket", s3.bucket]
+            floor_args += ["--max-updates", str(settings.group_commit_max_updates)]
+            floor_args += ["--max-wait-ms", str(settings.group_commit_max_wait_ms)]
+            floor = Server("floor", floor_args, {})
+            servers.append(floor)
+            count = len(phases[3].latencies)
+            floor_cost = asyncio.run(
+                measured_uploads(
+                    [floor], "floor", lambda: floor_uploads(floor.url, count, args.concurrency)
+                )
+            )
+            floor_puts = httpx.get(f"{floor.url}/healthz", timeout=10).json()["puts"]
     finally:
-        for g in gateways:
-            g.stop()
+        for server in servers:
+            server.stop()
         moto.kill()
 
     per_gateway = args.devices / args.gateways
@@ -303,7 +498,7 @@ def main() -> None:
     writes = sum(w for w, _ in batch_stats)
     accepted = sum(a for _, a in batch_stats)
     upload = phases[3]
-    updates_per_second = len(upload.latencies) / upload.seconds / args.gateways
+    updates_per_second = len(upload.latencies) / upload.seconds
     print(
         f"gateway benchmark: {args.devices} devices, {args.gateways} gateway process(es), "
         f"{os.cpu_count()} CPU cores shared with moto and the load generator"
@@ -317,6 +512,15 @@ def main() -> None:
     for i, (b, a, per) in enumerate(zip(before, after, rss_per_1000, strict=True)):
         print(
             f"memory     gw-{i}: RSS {b:.0f} MB idle -> {a:.0f} MB, {per:.1f} MB per 1,000 devices"
+        )
+    print(cost.line())
+    if floor_cost is not None:
+        print(floor_cost.line() + f" ({count / max(floor_puts, 1):.1f} uploads per PUT)")
+        print(
+            "floor = bare ASGI on the same uvicorn: read body, one PUT + one GET per batch, ack; "
+            f"gateway/floor CPU per upload = {cost.cpu / floor_cost.cpu:.2f}x"
+            if floor_cost.cpu
+            else "floor used no measurable CPU"
         )
     if args.json:
         args.json.write_text(
@@ -340,12 +544,22 @@ def main() -> None:
                     },
                     "batch_writes": writes,
                     "rss_mb_per_1000_devices": rss_per_1000,
-                    "upload_updates_per_second_per_gateway": updates_per_second,
+                    "upload_cpu_seconds": cost.cpu,
+                    "upload_loop_cpu_seconds": cost.loop_cpu,
+                    "uploads_per_second_wall": updates_per_second,
+                    "uploads_per_second_per_core": cost.per_core,
+                    "floor_uploads_per_second_per_core": floor_cost.per_core
+                    if floor_cost
+                    else None,
                 },
                 indent=2,
             )
         )
-    print(f"upload throughput: {updates_per_second:.0f} updates/s per gateway process")
+    floor_text = f", floor {floor_cost.per_core:.0f}" if floor_cost else ""
+    print(
+        f"durably acknowledged uploads/s per gateway core: {cost.per_core:.0f} "
+        f"(wall {updates_per_second:.0f} uploads/s over {args.gateways} gateway(s){floor_text})"
+    )
 
 
 if __name__ == "__main__":
