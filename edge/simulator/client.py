@@ -92,8 +92,19 @@ class UploadOutcome:
     retry_after: float | None = None
 
 
+# Connections one ``httpx.AsyncClient`` holds at most. httpcore's pool walks all its
+# connections (and, for each idle one, all of them again) whenever a request starts
+# or ends, so one pool of thousands of long-held polls costs a core by itself;
+# many small pools keep that walk short.
+POOL_SLICE = 128
+
+
 class GatewayPool:
-    """One keep-alive ``httpx.AsyncClient`` per gateway URL, shared by every device."""
+    """Keep-alive ``httpx.AsyncClient``s per gateway URL, shared by every device.
+
+    ``max_connections`` per gateway are split over ``ceil(max_connections /
+    POOL_SLICE)`` clients; a device always uses the same one (its ``slot``).
+    """
 
     def __init__(
         self,
@@ -105,29 +116,35 @@ class GatewayPool:
     ) -> None:
         if not urls:
             raise ValueError("at least one gateway URL is needed")
-        limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        )
+        slices = -(-max_connections // POOL_SLICE)
+        per_slice = -(-max_connections // slices)
+        limits = httpx.Limits(max_connections=per_slice, max_keepalive_connections=per_slice)
         self.urls = list(urls)
         self._clients = [
-            httpx.AsyncClient(
-                base_url=url,
-                verify=verify,
-                limits=limits,
-                timeout=httpx.Timeout(timeout, connect=10.0, pool=None),
-            )
+            [
+                httpx.AsyncClient(
+                    base_url=url,
+                    verify=verify,
+                    limits=limits,
+                    timeout=httpx.Timeout(timeout, connect=10.0, pool=None),
+                )
+                for _ in range(slices)
+            ]
             for url in self.urls
         ]
 
     def __len__(self) -> int:
         return len(self._clients)
 
-    def client(self, index: int) -> httpx.AsyncClient:
-        return self._clients[index % len(self._clients)]
+    def client(self, index: int, slot: int = 0) -> httpx.AsyncClient:
+        """Gateway ``index`` (modulo their number), through its ``slot``-th client."""
+        clients = self._clients[index % len(self._clients)]
+        return clients[slot % len(clients)]
 
     async def aclose(self) -> None:
-        for client in self._clients:
-            await client.aclose()
+        for clients in self._clients:
+            for client in clients:
+                await client.aclose()
 
 
 def _error(response: httpx.Response, operation: str = "request") -> ErrorAnswer:
@@ -159,6 +176,7 @@ class DeviceClient:
         self.device_id = device_id
         self.key = key or DeviceKey.derive(device_id)
         self.gateway = home
+        self.slot = home // len(pool)  # devices of one home gateway spread over its clients
         self.job = job
         self.runtimes = list(runtimes)
         self._secret = enrolment_secret
@@ -174,7 +192,9 @@ class DeviceClient:
         last: Exception | None = None
         for _ in range(len(self.pool)):
             try:
-                return await self.pool.client(self.gateway).request(method, url, **kwargs)  # type: ignore[arg-type]
+                return await self.pool.client(self.gateway, self.slot).request(
+                    method, url, **kwargs
+                )  # type: ignore[arg-type]
             except httpx.TransportError as exc:
                 last = exc
                 self.gateway += 1
@@ -228,9 +248,7 @@ class DeviceClient:
     ) -> TaskAnswer | RetryAnswer | NoJobAnswer | DoneAnswer:
         """Ask for work; ``wait`` > 0 lets the gateway hold the answer (a long poll)."""
         params = {"wait": f"{wait:g}"} if wait > 0 else None
-        response = await self._authorised(
-            "GET", task_path(self.job, self.device_id), params=params
-        )
+        response = await self._authorised("GET", task_path(self.job, self.device_id), params=params)
         if response.status_code != 200:
             raise _error(response, "poll")
         try:

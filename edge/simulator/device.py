@@ -171,6 +171,8 @@ async def run_device(fleet: Fleet, client: DeviceClient, profile: DeviceProfile)
     s = fleet.summary
     handled: set[str] = set()
     backoff = 1.0
+    if fleet.config.ramp_seconds > 0:
+        await fleet.sleep(fleet.config.ramp_seconds * profile.index / fleet.config.devices)
     while not fleet.stop.is_set():
         try:
             if not client.enrolled:

@@ -41,6 +41,9 @@ class SimulationConfig:
     # pools (max_connections x gateways) poll on the gateway's pace instead.
     long_poll_seconds: float = 20.0
     upload_attempts: int = 3  # for 503 answers (the gateway could not store)
+    # Devices start spread over this many seconds (device i after i/devices of it), so
+    # ten thousand phones do not all open connections and enrol in the same instant.
+    ramp_seconds: float = 0.0
 
 
 class Fleet:
