@@ -1,0 +1,45 @@
+"""The large-fleet knobs of the simulator: pool slicing, the JSON config, the start ramp."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from edge.simulator.client import POOL_SLICE, DeviceClient, GatewayPool
+from edge.simulator.crowd import crowd_config
+
+URLS = ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+
+
+def test_a_gateways_connections_are_split_over_small_pools_and_a_device_keeps_its_own() -> None:
+    async def main() -> None:
+        pool = GatewayPool(URLS, max_connections=3 * POOL_SLICE + 1)
+        try:
+            clients = {id(pool.client(0, slot)) for slot in range(10)}
+            assert len(clients) == 4  # ceil((3 * 128 + 1) / 128) clients for gateway 0
+            assert pool.client(0, 1) is pool.client(2, 5)  # index and slot wrap around
+            assert pool.client(1, 0) is not pool.client(0, 0)
+            device = DeviceClient(
+                pool, device_id="d", home=7, job="j", runtimes=["pytorch"], enrolment_secret="s"
+            )
+            assert (device.gateway % 2, device.slot) == (1, 3)  # home 7: gateway 1, slot 7 // 2
+        finally:
+            await pool.aclose()
+
+    asyncio.run(main())
+
+
+def test_the_crowd_config_takes_every_simulation_field_and_refuses_unknown_ones() -> None:
+    config = crowd_config(
+        {
+            "job": "hello-mobile",
+            "devices": 5,
+            "gateways": URLS,
+            "max_connections": 900,
+            "ramp_seconds": 2,
+        }
+    )
+    assert (config.max_connections, config.ramp_seconds, config.progress) == (900, 2, False)
+    with pytest.raises(ValueError, match="unknown simulation fields \\['max_conections'\\]"):
+        crowd_config({"job": "j", "devices": 1, "gateways": URLS, "max_conections": 5})
