@@ -38,6 +38,13 @@ from edge.gateway.openapi import (
 )
 from edge.gateway.service import GatewayService
 from edge.gateway.tuning import GatewayTuning
+from edge.gateway.upload_route import (
+    UPLOAD_PARAMS,
+    UPLOAD_TEMPLATE,
+    UploadHandler,
+    UploadRoute,
+    check_ids,
+)
 from edge.protocol import (
     API_PREFIX,
     HEADER_GATEWAY,
@@ -45,7 +52,6 @@ from edge.protocol import (
     HEADER_MODEL_VERSION,
     HEADER_SHA256,
     MAX_JSON_BODY_BYTES,
-    MAX_TASK_ID_CHARS,
     ChallengeRequest,
     ChallengeResponse,
     EnrolRequest,
@@ -57,8 +63,6 @@ from edge.protocol import (
     ProtocolError,
     UploadReceipt,
     parse_range,
-    parse_upload_headers,
-    valid_id,
 )
 from infra.settings import GatewaySettings
 from infra.store import ObjectStore
@@ -68,14 +72,7 @@ log = logging.getLogger("canopy.gateway")
 
 def _ids(request: Request, *names: str) -> tuple[str, ...]:
     """Path parameters, checked by hand (FastAPI's per-parameter validation is the slow part)."""
-    values = tuple(str(request.path_params[name]) for name in names)
-    for name, value in zip(names, values, strict=True):
-        ok = 0 < len(value) <= MAX_TASK_ID_CHARS if name == "task_id" else valid_id(value)
-        if not ok:
-            raise ProtocolError(
-                422, ErrorCode.BAD_REQUEST, f"path parameter {name} {value[:64]!r} is invalid"
-            )
-    return values
+    return check_ids(names, [str(request.path_params[name]) for name in names])
 
 
 def _format(request: Request) -> ModelFormat | None:
@@ -140,12 +137,15 @@ def create_app(
     )
     app.state.service = service
     app.state.metrics = metrics
-    app.add_middleware(
-        ObservabilityMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes
-    )
     install_error_handlers(app, metrics)
     gateway_header = {HEADER_GATEWAY: service.gateway_id}
     budget = BodyBudget(max(service.tuning.body_budget_bytes, settings.max_body_bytes))
+    uploads = UploadHandler(service, metrics, settings, budget)
+    # Added first, so it runs inside the observability middleware (timed and counted).
+    app.add_middleware(UploadRoute, handler=uploads, gateway_id=service.gateway_id)
+    app.add_middleware(
+        ObservabilityMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes
+    )
 
     @app.post(
         f"{API_PREFIX}/enrol/challenge",
@@ -248,33 +248,24 @@ def create_app(
         )
 
     @app.post(
-        f"{API_PREFIX}/jobs/{{job}}/devices/{{device_id}}/tasks/{{task_id}}/result",
+        UPLOAD_TEMPLATE,
         response_model=UploadReceipt,
         responses=error_responses(401, 403, 409, 413, 415, 422, 503),
         openapi_extra={
             **binary_body(settings.max_body_bytes),
             "security": BEARER,
-            "parameters": [*path_params("job", "device_id", "task_id"), *UPLOAD_HEADERS],
+            "parameters": [*path_params(*UPLOAD_PARAMS), *UPLOAD_HEADERS],
         },
         summary="Upload the update (new - old) as safetensors, or an evaluation's metrics as JSON",
     )
     async def upload(request: Request) -> Any:
-        try:
-            job, device_id, task_id = _ids(request, "job", "device_id", "task_id")
-            claims = service.authenticate(request.headers.get("authorization"), device_id)
-            parsed = parse_upload_headers(request.headers)
-            view = await service.uploads.admit(job, claims, task_id, parsed)
-            train = view.task.kind == "train"
-            limit = settings.max_body_bytes if train else MAX_JSON_BODY_BYTES
-            body = await read_body(request, limit, budget)
-            try:
-                receipt = await service.uploads.accept(view, claims, body, parsed)
-            finally:
-                budget.give(len(body))
-        except ProtocolError as exc:
-            metrics.results_rejected.labels(reason=exc.code.value).inc()
-            raise
+        """Served by ``UploadRoute`` before FastAPI sees it; here for the OpenAPI document
+        and for apps mounted under a root path."""
+        ids = [str(request.path_params[name]) for name in UPLOAD_PARAMS]
+        receipt = await uploads.receipt(ids, request.headers, request.stream())
         return JSONResponse(receipt.model_dump(mode="json"), headers=gateway_header)
+
+    uploads.route = next(r for r in app.routes if getattr(r, "path", None) == UPLOAD_TEMPLATE)
 
     @app.get("/healthz", response_model=Health, summary="Liveness")
     async def healthz() -> Health:

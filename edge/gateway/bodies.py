@@ -7,6 +7,8 @@ buffering first and checking after.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from starlette.requests import Request
 
 from edge.protocol import ErrorCode, ProtocolError
@@ -39,12 +41,19 @@ class BodyBudget:
 
 
 async def read_body(request: Request, limit: int, budget: BodyBudget) -> bytes:
-    """Read the body, refusing with 413 as soon as it passes ``limit`` bytes.
+    """Read a request's body, refusing with 413 as soon as it passes ``limit`` bytes.
 
     The bytes read are taken from ``budget``; the caller gives back ``len(body)``
     when done with it (on failure here, this function gives them back itself).
     """
-    declared = request.headers.get("content-length")
+    return await read_chunks(request.headers.get("content-length"), request.stream(), limit, budget)
+
+
+async def read_chunks(
+    declared: str | None, chunks: AsyncIterator[bytes], limit: int, budget: BodyBudget
+) -> bytes:
+    """``read_body`` for any source of body chunks (the raw ASGI upload route reads
+    ``receive`` itself); ``declared`` is the ``Content-Length`` header, if any."""
     if (
         declared is not None
         and declared.strip().isascii()
@@ -52,19 +61,19 @@ async def read_body(request: Request, limit: int, budget: BodyBudget) -> bytes:
         and int(declared) > limit
     ):
         raise too_large(limit)
-    chunks: list[bytes] = []
+    parts: list[bytes] = []
     total = 0
     try:
-        async for chunk in request.stream():
+        async for chunk in chunks:
             if total + len(chunk) > limit:
                 raise too_large(limit)
             budget.take(len(chunk))
             total += len(chunk)
-            chunks.append(chunk)
+            parts.append(chunk)
     except BaseException:
         budget.give(total)
         raise
-    return b"".join(chunks)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def too_large(limit: int) -> ProtocolError:
