@@ -3,7 +3,9 @@
     federated-training                      (one run of a job, resumable by run id)
       round-0000 ... round-NNNN             (one subflow per round)
         export-program, wait-for-devices, open-round
-        r0000-level-0  close-round + collect-leaf x L   (device updates -> leaf partials)
+        r0000-level-0  close-round + collect-leaf x L   (device updates -> leaf partials;
+                                                          leaf_mode="edge-pool": edge-leaf
+                                                          runs on the edge work pool)
                        bound-leaf x outsized leaves      (round 0's check across leaves)
         r0000-level-1  sum-node x ...                    (aggregator levels: partial sums)
         r0000-server   sum-root, apply-strategy
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.states import Completed, State
@@ -34,6 +37,7 @@ from aggregation.strategies.config import StrategyConfig
 from aggregation.topology import Node, Tree, TreeShape, build_tree
 from edge.data.config import DatasetConfig
 from edge.data.partition import PartitionScheme
+from flows.edge_leaf import collect_on_edge
 from infra.run_state import CommitRecord, RoundReport
 from infra.settings import GatewaySettings, S3Settings
 from infra.store import ObjectRef
@@ -64,14 +68,24 @@ _D = TrainingParams.model_construct(job="")
 @flow(name="leaf-level", validate_parameters=False, log_prints=True)
 async def leaf_level(ctx: RunContext, opened: OpenedRound) -> LeafLevel:
     """Every leaf collects its devices' updates while the close task watches the count;
-    then round 0's check across leaves bounds any leaf calibrated by outsized updates."""
-    closing, *leaves = await asyncio.gather(
-        close_when_due(ctx, opened),
-        *(
-            collect_leaf(ctx, leaf, ref, opened.norm_state)
-            for leaf, ref in opened.task_refs.items()
-        ),
-    )
+    then round 0's check across leaves bounds any leaf calibrated by outsized updates.
+
+    The leaves run here, or with ``leaf_mode="edge-pool"`` as ``edge-leaf`` runs on
+    the edge work pool, children of this subflow (``flows.edge_leaf``).
+    """
+    if ctx.params.leaf_mode == "edge-pool":  # each leaf an edge-leaf run beside the gateways
+        closing, leaves = await asyncio.gather(
+            close_when_due(ctx, opened),
+            collect_on_edge(ctx, opened.round, opened.task_refs, opened.norm_state),
+        )
+    else:
+        closing, *leaves = await asyncio.gather(
+            close_when_due(ctx, opened),
+            *(
+                collect_leaf(ctx, leaf, ref, opened.norm_state)
+                for leaf, ref in opened.task_refs.items()
+            ),
+        )
     return await check_leaves(ctx, opened.round, LeafLevel(closing=closing, leaves=leaves))
 
 
@@ -213,6 +227,7 @@ async def federated_training(
     eval_every: int | None = _D.eval_every,
     eval_cohort_size: int | None = _D.eval_cohort_size,
     eval_holdout: float = _D.eval_holdout,
+    leaf_mode: Literal["in-process", "edge-pool"] = _D.leaf_mode,
 ) -> list[RoundReport]:
     """Train ``job`` federatedly for ``rounds`` committed rounds; resume by ``run_id``.
 

@@ -105,6 +105,12 @@ class TrainingParams(BaseModel):
         description="Simulated devices: fraction of each partition held out (never trained on) "
         "for federated evaluation; only with eval_every.",
     )
+    leaf_mode: Literal["in-process", "edge-pool"] = Field(
+        default="in-process",
+        description="Where each leaf collects its devices' updates: in this flow's process, "
+        "or as an edge-leaf run on the 'edge' work pool, whose workers sit beside the "
+        "gateways (flows/edge_leaf.py). Same results bit for bit.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingParams:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import subprocess
 import time
 import uuid
@@ -22,9 +23,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from edge.simulator.command import simulator_command
-from infra.health import wait_http_ok
+from infra.edge_workers import worker_command, worker_env, worker_name, workers_online
+from infra.health import wait_http_ok, wait_until
 from infra.prefect_server import start_prefect_server
-from infra.process import stop_group
+from infra.process import spawn, stop_group
 from infra.run_state import RoundReport
 from infra.settings import S3Settings
 from infra.store import S3ObjectStore
@@ -231,3 +233,29 @@ class LocalStack:
         """Kill what a failed test left running."""
         for sim in self._simulators:
             sim.kill()
+
+
+@contextlib.contextmanager
+def edge_workers(
+    api_url: str, s3: S3Settings, count: int, folder: Path, *, timeout: float = 90.0
+) -> Iterator[list[str]]:
+    """``count`` process workers of the ``edge`` work pool, as ``canopy up --edge-workers``
+    starts them; the pool and the ``edge-leaf`` deployment are (re-)applied first.
+
+    Workers take S3's endpoint and credentials from ``s3`` (each leaf run reads the
+    bucket from its task's reference, so one set of workers serves every test's
+    bucket). Yields their names; stops them with SIGTERM to their process groups.
+    """
+    from flows.edge_leaf import register_edge_leaf
+    from tests.support.harness import settings_env
+
+    asyncio.run(register_edge_leaf())
+    env = worker_env({**os.environ, **settings_env(s3)}, api_url)
+    names = [worker_name(i) for i in range(count)]
+    procs = [spawn(worker_command(n), folder / f"{n}.log", env) for n in names]
+    try:
+        wait_until(workers_online(api_url, names), timeout, "edge workers", procs[0])
+        yield names
+    finally:
+        for proc in procs:
+            stop_group(proc.pid, timeout_s=20)
