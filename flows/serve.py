@@ -2,13 +2,18 @@
 
 `canopy up` runs this; it is the local stand-in for a process work pool and
 worker. Flow runs execute in subprocesses of this runner, with the runner's
-environment (S3 endpoint, Prefect API URL) and working directory.
+environment (S3 endpoint, Prefect API URL) and working directory, forked from
+a process that has already imported the flow (``flows.warm_start``).
 
 ``--user-deployments FILE`` (the stack's ``deployments.yaml``, written by
 ``canopy deploy``) is read at start and watched while the runner runs: a
 deployment added or changed there is registered with Prefect and served within
 a poll interval, so a user's job gets a deployment without restarting the
 stack or interrupting the runs in progress.
+
+Every deployment is served with the stack's ``leaf_mode`` when it sets none
+(``CANOPY_EDGE_LEAF_MODE``: ``canopy up --edge-workers N`` runs leaves on the
+``edge`` work pool, ``flows.edge_leaf``).
 """
 
 from __future__ import annotations
@@ -22,8 +27,14 @@ from pathlib import Path
 from prefect.exceptions import TerminationSignal
 from prefect.runner import Runner
 
-from flows.deployments import DeploymentSpec, load_deployment_specs, load_user_deployments
+from flows.deployments import (
+    DeploymentSpec,
+    load_deployment_specs,
+    load_user_deployments,
+    served_parameters,
+)
 from flows.federated import federated_training
+from flows.warm_start import use_warm_processes, uses_warm_processes
 from infra.errors import CanopyError
 
 log = logging.getLogger("canopy.serve")
@@ -35,13 +46,24 @@ QUERY_SECONDS = 0.5
 
 
 async def _serve_spec(runner: Runner, spec: DeploymentSpec) -> None:
-    deployment = await federated_training.ato_deployment(
-        name=spec.name,
-        description=spec.description,
-        tags=spec.tags,
-        parameters=spec.parameters,
-    )
-    await runner.aadd_deployment(deployment)
+    if uses_warm_processes():
+        # As a flow the runner holds in memory, so its runs fork from the warm
+        # process (flows.warm_start) instead of re-importing the flow module.
+        await runner.aadd_flow(
+            federated_training,
+            name=spec.name,
+            description=spec.description,
+            tags=spec.tags,
+            parameters=served_parameters(spec),
+        )
+    else:  # Prefect's own path: each run imports the flow from its entrypoint, cold
+        deployment = await federated_training.ato_deployment(
+            name=spec.name,
+            description=spec.description,
+            tags=spec.tags,
+            parameters=served_parameters(spec),
+        )
+        await runner.aadd_deployment(deployment)
     print(f"serving federated-training/{spec.name}", flush=True)
 
 
@@ -83,8 +105,16 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     return stat.st_mtime_ns, stat.st_size
 
 
-async def serve_deployments(user_file: Path | None = None, *, poll_s: float = 1.0) -> None:
-    """Serve prefect.yaml's deployments and, with ``user_file``, the user's."""
+async def serve_deployments(
+    user_file: Path | None = None, *, poll_s: float = 1.0, warm: bool = True
+) -> None:
+    """Serve prefect.yaml's deployments and, with ``user_file``, the user's.
+
+    ``warm=False`` keeps Prefect's own cold ``spawn`` start, for comparison
+    (benchmarks/round_speed.py measures both side by side).
+    """
+    if warm:
+        use_warm_processes()
     runner = Runner(limit=RUN_LIMIT, query_seconds=QUERY_SECONDS)
     builtin = load_deployment_specs()
     for spec in builtin:
@@ -111,9 +141,15 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="YAML of `canopy deploy`'s deployments to serve too (watched for changes).",
     )
+    parser.add_argument(
+        "--cold-start",
+        action="store_true",
+        help="Start each flow run in a fresh interpreter (Prefect's default) instead of "
+        "forking it from a process that has imported the flow: slower, for comparison.",
+    )
     args = parser.parse_args(argv)
     try:
-        asyncio.run(serve_deployments(args.user_deployments))
+        asyncio.run(serve_deployments(args.user_deployments, warm=not args.cold_start))
     except (KeyboardInterrupt, TerminationSignal):
         log.info("runner stopped")
 
