@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from edge.jobs.spec import JobSpec
 from infra.errors import ConfigError
 from infra.keys import check_segment
+from infra.settings import EdgePoolSettings
 from tasks.params import TrainingParams
 
 PREFECT_YAML = Path(__file__).resolve().parent.parent / "prefect.yaml"
@@ -54,6 +55,13 @@ def load_deployment_specs(path: Path = PREFECT_YAML) -> list[DeploymentSpec]:
             )
         TrainingParams.model_validate(spec.parameters)  # a bad default fails here, not at run
     return specs
+
+
+def served_parameters(spec: DeploymentSpec, edge: EdgePoolSettings | None = None) -> dict[str, Any]:
+    """The parameters a runner serves ``spec`` with: its own, plus the stack's ``leaf_mode``
+    (``CANOPY_EDGE_LEAF_MODE``, set by ``canopy up --edge-workers``) unless it sets one."""
+    mode = (edge or EdgePoolSettings()).leaf_mode
+    return {"leaf_mode": mode, **spec.parameters} if mode is not None else dict(spec.parameters)
 
 
 def user_deployments_path(root: Path) -> Path:

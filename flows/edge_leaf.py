@@ -28,6 +28,7 @@ fails the round the same way; so do the other leaves' runs when one fails.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import time
 from pathlib import Path
@@ -227,3 +228,19 @@ async def register_edge_leaf(pool: str = EDGE_POOL, working_dir: Path = REPO) ->
         description="One leaf's collection of device updates, run beside the gateways.",
     )
     return await deployment.aapply()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m flows.edge_leaf``: create the pool and (re-)apply the deployment."""
+    parser = argparse.ArgumentParser(prog="python -m flows.edge_leaf", description=__doc__)
+    parser.add_argument("--pool", default=EDGE_POOL, help="The process work pool's name.")
+    parser.add_argument(
+        "--working-dir", type=Path, default=REPO, help="Where workers run leaves from."
+    )
+    args = parser.parse_args(argv)
+    deployment_id = asyncio.run(register_edge_leaf(args.pool, args.working_dir.resolve()))
+    print(f"{DEPLOYMENT} on work pool {args.pool!r}: deployment {deployment_id}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

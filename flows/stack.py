@@ -23,6 +23,7 @@ import importlib.util
 import json
 import os
 import socket
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -43,6 +44,7 @@ from flows.deployments import (
     record_user_deployments,
     user_deployments_path,
 )
+from infra.edge_workers import EDGE_POOL, worker_command, worker_env, worker_name, workers_online
 from infra.errors import CanopyError, ConfigError
 from infra.health import NotHealthyError, Process, wait_http_ok, wait_until
 from infra.postgres import (
@@ -262,9 +264,15 @@ def up(
     ports: StackPorts = StackPorts(),
     jobs: tuple[str, ...] = DEFAULT_JOBS,
     fleet: SimulatedFleet = SimulatedFleet(),
+    edge_workers: int = 0,
     log: Callable[[str], None] = print,
 ) -> StackRecord:
-    """Start the stack (refusing if one recorded in ``root`` is still running)."""
+    """Start the stack (refusing if one recorded in ``root`` is still running).
+
+    With ``edge_workers`` N > 0 it also creates the ``edge`` work pool and its
+    ``edge-leaf`` deployment and starts N process workers of it, and the runner
+    runs every deployment's leaves on that pool (``leaf_mode: edge-pool``).
+    """
     root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     path = record_path(root)
@@ -286,6 +294,8 @@ def up(
     simulated = simulated_jobs(jobs)  # a bad job reference fails before anything starts
     names = deployment_names(root)  # and so does a broken deployments.yaml
     env = stack_env(root, ports)
+    if edge_workers > 0:  # the runner serves every deployment with its leaves on the pool
+        env["CANOPY_EDGE_LEAF_MODE"] = "edge-pool"
     child_env = {**os.environ, **env}
     record = StackRecord(root=str(root), env=env, jobs=simulated, devices=fleet.devices)
     py = sys.executable
@@ -346,6 +356,9 @@ def up(
             proc, what = launch(f"gateway-{i}", cmd, url)
             wait_http_ok(f"{url}/healthz", proc, timeout=60.0, what=what)
 
+        if edge_workers > 0:
+            _start_edge_workers(edge_workers, env, child_env, log_file, started)
+
         since = datetime.now(UTC)
         serve = [py, "-m", "flows.serve", "--user-deployments", str(user_deployments_path(root))]
         proc, what = launch("runner", serve, None)
@@ -361,6 +374,30 @@ def up(
         down(root, log=lambda _msg: None)
         raise
     return record
+
+
+def _start_edge_workers(
+    count: int,
+    env: dict[str, str],
+    child_env: dict[str, str],
+    log_file: Callable[[str], Path],
+    started: Callable[[str, int, list[str], str | None], str],
+) -> None:
+    """The ``edge`` pool and its deployment (one short process), then ``count`` workers,
+    waited for until each has sent the API its first heartbeat."""
+    py, api = sys.executable, env["PREFECT_API_URL"]
+    register = [py, "-m", "flows.edge_leaf", "--pool", EDGE_POOL]
+    done = subprocess.run(register, env=child_env, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise StackError(f"registering the edge-leaf deployment failed: {done.stderr[-2000:]}")
+    names = [worker_name(i) for i in range(count)]
+    procs = []
+    for name in names:
+        cmd = worker_command(name)
+        proc = spawn(cmd, log_file(name), worker_env(child_env, api))
+        procs.append((proc, started(name, proc.pid, cmd, None)))
+    for (proc, what), name in zip(procs, names, strict=True):
+        wait_until(workers_online(api, [name]), 90.0, what, proc)
 
 
 def simulator_command(job: str, gateway_urls: list[str], fleet: SimulatedFleet) -> list[str]:

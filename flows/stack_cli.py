@@ -70,6 +70,15 @@ DatabaseOption = Annotated[
     ),
 ]
 Devices = Annotated[int, typer.Option("--devices", min=1, help="Simulated devices per job.")]
+EdgeWorkers = Annotated[
+    int,
+    typer.Option(
+        "--edge-workers",
+        min=0,
+        help="Start N Prefect process workers of the 'edge' work pool and run every "
+        "deployment's leaves there (leaf_mode: edge-pool); 0 keeps leaves in the flow.",
+    ),
+]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the simulated device population.")]
 Dropout = Annotated[
     float,
@@ -113,11 +122,22 @@ def _ports(
 
 
 def _start(
-    root: Path, jobs: tuple[str, ...], ports: stack.StackPorts, fleet: stack.SimulatedFleet
+    root: Path,
+    jobs: tuple[str, ...],
+    ports: stack.StackPorts,
+    fleet: stack.SimulatedFleet,
+    edge_workers: int = 0,
 ) -> stack.StackRecord:
     console.print(f"[bold]Starting the Canopy stack[/bold] (logs in {root}/logs)")
     try:
-        return stack.up(root, ports=ports, jobs=jobs, fleet=fleet, log=console.print)
+        return stack.up(
+            root,
+            ports=ports,
+            jobs=jobs,
+            fleet=fleet,
+            edge_workers=edge_workers,
+            log=console.print,
+        )
     except stack.StackError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
@@ -140,13 +160,15 @@ def up(
     gateway_ports: GatewayPorts = _GATEWAY_PORTS,
     database: DatabaseOption = Database.sqlite,
     postgres_port: PostgresPort = postgres.DEFAULT_PORT,
+    edge_workers: EdgeWorkers = 0,
 ) -> None:
     """Start Prefect (on SQLite, or PostgreSQL with --database postgres), moto S3,
     gateways, a runner and device simulators."""
     fleet = stack.SimulatedFleet(devices, seed, dropout, slow_fraction, offline_fraction)
     on_postgres = database == Database.postgres
     ports = _ports(prefect_port, s3_port, gateway_ports, postgres_port if on_postgres else None)
-    record = _start(root, tuple(j.strip() for j in jobs.split(",") if j.strip()), ports, fleet)
+    references = tuple(j.strip() for j in jobs.split(",") if j.strip())
+    record = _start(root, references, ports, fleet, edge_workers)
     console.print(f"\nPrefect UI: [link]{record.env['CANOPY_PREFECT_UI_URL']}[/link]")
     console.print("Use the stack from another shell with:")
     for name in STACK_CLIENT_ENV:
@@ -345,6 +367,7 @@ def demo(
     prefect_port: PrefectPort = _PORTS.prefect,
     s3_port: S3Port = _PORTS.s3,
     gateway_ports: GatewayPorts = _GATEWAY_PORTS,
+    edge_workers: EdgeWorkers = 0,
 ) -> None:
     """Bring the stack up, run one deployment with --watch, print its rounds, stop the stack."""
     try:
@@ -360,7 +383,8 @@ def demo(
     # As many simulated phones as the deployment partitions its data for.
     devices = int(spec.parameters.get("num_devices", _FLEET.devices))
     fleet = stack.SimulatedFleet(devices, _FLEET.seed, dropout, slow_fraction, offline_fraction)
-    record = _start(root, (reference,), _ports(prefect_port, s3_port, gateway_ports), fleet)
+    ports = _ports(prefect_port, s3_port, gateway_ports)
+    record = _start(root, (reference,), ports, fleet, edge_workers)
     run_id = f"demo-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     env = {**os.environ, **record.env}
     cmd = [

@@ -9,6 +9,8 @@ tests free to point two components at two different endpoints.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -98,4 +100,19 @@ class GatewaySettings(BaseSettings):
         default=0.5,
         ge=0,
         description="How long a gateway reuses a task manifest read from S3.",
+    )
+
+
+class EdgePoolSettings(BaseSettings):
+    """Where a runner's deployments collect their leaves (``flows.edge_leaf``)."""
+
+    model_config = SettingsConfigDict(env_prefix="CANOPY_EDGE_", extra="ignore")
+
+    leaf_mode: Literal["in-process", "edge-pool"] | None = Field(
+        default=None,
+        description=(
+            "The leaf_mode the stack's runner gives every deployment that does not set one; "
+            "None leaves the flow's default (in-process). `canopy up --edge-workers N` sets "
+            "edge-pool, so each round's leaves run on the 'edge' work pool's workers."
+        ),
     )
