@@ -34,13 +34,13 @@ What it prints, and how each figure is measured:
 
 The last line: devices reported, round time, S3 requests per device.
 
-The leaf level on an ``edge`` work pool (``canopy up --edge-workers N``, leaf
-collection as deployments through ``run_deployment``) was not on main when
-this was written; this benchmark runs the leaf level inside the flow. Plugging
-it in means starting the edge pool's workers beside the gateways (as
-``canopy up --edge-workers`` does) and passing the flow the parameter that
-routes leaves to the pool; the figures printed stay the same, with the leaf
-work counted in the workers' PSS and their S3 requests at moto.
+``--edge-workers N`` runs the leaf level on the ``edge`` work pool: N Prefect
+process workers started as ``canopy up --edge-workers N`` starts them
+(``tests.support.stack.edge_workers``), and the flow with
+``leaf_mode="edge-pool"``, so each leaf's collection is an ``edge-leaf`` run
+on a worker (``run_deployment``). The workers' processes count in the peak PSS
+and their S3 requests at moto like everyone else's. Without it (the default)
+the leaf level runs inside the flow.
 
     .venv/bin/python benchmarks/scale.py                 # 10,000 devices
     .venv/bin/python benchmarks/scale.py --devices 1000  # a quick run
@@ -67,7 +67,13 @@ from urllib.parse import parse_qs, unquote, urlsplit
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks._stack import BenchStack, HttpLog, PointerWatcher, PssSampler  # noqa: E402
+from benchmarks._stack import (  # noqa: E402
+    BenchStack,
+    HttpLog,
+    PointerWatcher,
+    PssSampler,
+    _children_map,
+)
 
 JOB = "hello-mobile"
 # One simulator process per this many devices: the HTTP of five thousand phones is
@@ -240,6 +246,9 @@ def main() -> None:
     )
     parser.add_argument("--ramp", type=float, default=None, help="device start ramp (s)")
     parser.add_argument("--short-polls", action="store_true", help="no long polls")
+    parser.add_argument(
+        "--edge-workers", type=int, default=0, help="run the leaves on N edge pool workers"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the stack's folder")
     args = parser.parse_args()
 
@@ -254,7 +263,10 @@ def main() -> None:
     http.install()
 
     def roots() -> dict[str, int]:
-        return {"bench+flow": os.getpid(), **stack.pids(), **crowd.pids()}
+        known = {"bench+flow": os.getpid(), **stack.pids(), **crowd.pids()}
+        # anything else this process started (the edge pool's workers) counts too
+        others = _children_map().get(os.getpid(), [])
+        return {**known, **{f"child-{p}": p for p in others if p not in known.values()}}
 
     try:
         with PssSampler(roots) as pss:
@@ -288,9 +300,19 @@ def main() -> None:
             }
             from tests.support.stack import run_flow
 
-            flow_started = time.time()
-            with PointerWatcher([JOB], interval=0.5) as pointer:
-                reports = run_flow(**params)
+            with contextlib.ExitStack() as pool:
+                if args.edge_workers:
+                    from infra.settings import S3Settings
+                    from tests.support.stack import edge_workers
+
+                    pool.enter_context(
+                        edge_workers(stack.api, S3Settings(), args.edge_workers, root)
+                    )
+                    params["leaf_mode"] = "edge-pool"
+                moto.mark()  # the workers' start is not the round's
+                flow_started = time.time()
+                with PointerWatcher([JOB], interval=0.5) as pointer:
+                    reports = run_flow(**params)
             flow_s = time.time() - flow_started
             round_requests = moto.since_mark()
             opened = pointer.seen(run_id, 0, "open")

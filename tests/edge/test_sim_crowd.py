@@ -17,7 +17,7 @@ def test_a_gateways_connections_are_split_over_small_pools_and_a_device_keeps_it
         pool = GatewayPool(URLS, max_connections=3 * POOL_SLICE + 1)
         try:
             clients = {id(pool.client(0, slot)) for slot in range(10)}
-            assert len(clients) == 4  # ceil((3 * 128 + 1) / 128) clients for gateway 0
+            assert len(clients) == 4  # ceil((3 * POOL_SLICE + 1) / POOL_SLICE) for gateway 0
             assert pool.client(0, 1) is pool.client(2, 5)  # index and slot wrap around
             assert pool.client(1, 0) is not pool.client(0, 0)
             device = DeviceClient(
