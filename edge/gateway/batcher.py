@@ -4,10 +4,11 @@ Each accepted update joins the open batch of its (job, run, round, leaf, kind:
 training updates and evaluation results never share a batch). The
 batch is written when it holds ``max_updates`` updates or ``max_wait`` seconds
 after its first update arrived, whichever comes first; but while the leaf's
-previous batch is still being written, a batch that is not full waits for that
-write to return. Batches therefore grow by themselves when storage is slow
-(classic group commit): the number of PUTs follows what S3 can absorb, not the
-number of devices. Every device waiting on
+previous batch is still being committed (written, then fenced), a batch that is
+not full waits for that commit to end (``batch_policy.flush_decision``).
+Batches therefore grow by themselves when storage is slow (classic group
+commit): the number of PUTs follows what S3 can absorb, not the number of
+devices. Every device waiting on
 the batch is acknowledged only when the PUT has returned, so an acknowledged
 update is in S3 even if the gateway is killed the next instant. If the PUT
 fails every waiter gets a 503 and retries; nothing half-written is acknowledged.
@@ -38,6 +39,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from edge.gateway.batch_policy import Flush, flush_decision
 from edge.gateway.metrics import GatewayMetrics
 from edge.protocol import ErrorCode, ProtocolError
 from edge.update_batch import (
@@ -73,7 +75,7 @@ class _OpenBatch:
     opened: float
     items: list[tuple[DeviceUpdate, asyncio.Future[str]]] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
-    due: bool = False  # max_wait passed while the previous batch was still being written
+    expired: bool = False  # max_wait has passed since the first update arrived
 
 
 class GroupCommitter:
@@ -99,7 +101,7 @@ class GroupCommitter:
         self._max_wait = max_wait_seconds
         self._open: dict[BatchContext, _OpenBatch] = {}
         self._writes: set[asyncio.Task[None]] = set()
-        self._writing: Counter[BatchContext] = Counter()  # PUTs in flight per leaf
+        self._committing: Counter[BatchContext] = Counter()  # PUT + fence in flight per leaf
         self._seq = itertools.count()
         self.pending = 0
 
@@ -117,18 +119,28 @@ class GroupCommitter:
         batch.items.append((update, future))
         self.pending += 1
         self._metrics.pending_updates.inc()
-        if len(batch.items) >= self._max_updates:
-            self._flush(context)
+        self._consider(context)
         # shield: a device hanging up must not cancel the shared write's future.
         return await asyncio.shield(future)
 
     def _timer_fired(self, context: BatchContext) -> None:
         batch = self._open.get(context)
+        if batch is not None:
+            batch.expired = True
+            self._consider(context)
+
+    def _consider(self, context: BatchContext) -> None:
+        """Write the leaf's open batch if the group-commit rule says so now."""
+        batch = self._open.get(context)
         if batch is None:
             return
-        if self._writing[context]:
-            batch.due = True  # written as soon as the leaf's write in flight returns
-        else:
+        decision = flush_decision(
+            size=len(batch.items),
+            expired=batch.expired,
+            committing=self._committing[context] > 0,
+            max_updates=self._max_updates,
+        )
+        if decision is Flush.WRITE:
             self._flush(context)
 
     def _flush(self, context: BatchContext) -> None:
@@ -137,12 +149,26 @@ class GroupCommitter:
             return
         if batch.timer is not None:
             batch.timer.cancel()
-        self._writing[context] += 1
+        self._committing[context] += 1
         task = asyncio.ensure_future(self._write(batch))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 
     async def _write(self, batch: _OpenBatch) -> None:
+        """Commit the batch (PUT, fence, answers), then write its lineage record."""
+        started_at = datetime.now(UTC)
+        try:
+            ref = await self._commit(batch)
+        finally:
+            self._commit_ended(batch.context)
+        if ref is not None:
+            await self._write_lineage(batch, ref, started_at)
+
+    async def _commit(self, batch: _OpenBatch) -> ObjectRef | None:
+        """Encode and PUT in one thread hop, read the fence, answer every device.
+
+        Returns the stored object, or None when the PUT failed (everyone got a 503).
+        """
         loop = asyncio.get_running_loop()
         ctx = batch.context
         updates = [update for update, _ in batch.items]
@@ -151,23 +177,20 @@ class GroupCommitter:
         )
         key = batch_key(ctx, batch_id)
         started = time.perf_counter()
-        started_at = datetime.now(UTC)
         try:
-            data = await loop.run_in_executor(self._executor, encode_update_batch, updates, ctx)
-            ref = await loop.run_in_executor(self._executor, self._put, key, data, len(updates))
+            put = self._encode_and_put
+            ref = await loop.run_in_executor(self._executor, put, key, updates, ctx)
         except Exception as exc:  # any store failure (boto, network) must become a 503, not a crash
             log.error("batch %s: write of %d updates failed: %s", key, len(updates), exc)
             self._metrics.batch_failures.inc()
             self._settle(batch, error=_store_failed)
-            return
-        finally:
-            self._write_returned(ctx)
+            return None
         self._metrics.batch_writes.inc()
         self._metrics.batch_size.observe(len(updates))
         self._metrics.batch_write_seconds.observe(time.perf_counter() - started)
         refusal = await self._fenced(ctx, key, len(updates))
         self._settle(batch, key=key, error=refusal)
-        await self._write_lineage(batch, ref, started_at)
+        return ref
 
     async def _fenced(
         self, ctx: BatchContext, key: str, count: int
@@ -196,13 +219,16 @@ class GroupCommitter:
             retry_after=refusal.retry_after,
         )
 
-    def _write_returned(self, context: BatchContext) -> None:
-        self._writing[context] -= 1
-        if self._writing[context] <= 0:
-            del self._writing[context]
-        waiting = self._open.get(context)
-        if waiting is not None and waiting.due:
-            self._flush(context)
+    def _commit_ended(self, context: BatchContext) -> None:
+        self._committing[context] -= 1
+        if self._committing[context] <= 0:
+            del self._committing[context]
+        self._consider(context)
+
+    def _encode_and_put(
+        self, key: str, updates: list[DeviceUpdate], context: BatchContext
+    ) -> ObjectRef:
+        return self._put(key, encode_update_batch(updates, context), len(updates))
 
     def _put(self, key: str, data: bytes, count: int) -> ObjectRef:
         return self._store.put_bytes(

@@ -179,3 +179,54 @@ async def test_an_unreadable_fence_acknowledges_nobody() -> None:
         (503, ErrorCode.STORE_UNAVAILABLE),
         (503, ErrorCode.STORE_UNAVAILABLE),
     ]
+
+
+async def test_a_leafs_next_batch_waits_for_the_previous_batchs_fence() -> None:
+    # Prepare: a fence that holds the first batch until released
+    store = SlowStore(delay=0.0)
+    released = asyncio.Event()
+
+    async def fence(ctx: BatchContext) -> None:
+        await released.wait()
+
+    with ThreadPoolExecutor(2) as executor:
+        batcher = committer(store, executor, fence=fence, max_wait=0.01)
+        first = asyncio.ensure_future(batcher.commit(CTX, GLOBAL, update(0)))
+        await asyncio.sleep(0.1)  # written, now waiting at the fence
+        # Execute: more updates arrive, and their batch's timer runs out during the fence
+        rest = [asyncio.ensure_future(batcher.commit(CTX, GLOBAL, update(i))) for i in range(1, 9)]
+        await asyncio.sleep(0.1)
+        in_s3_during_fence = len(store.list_keys("j/r/round-00000/updates/"))
+        released.set()
+        keys = await asyncio.gather(first, *rest)
+        await batcher.drain()
+
+    # Assert: one batch in commit per leaf, so the eight shared the next PUT
+    assert in_s3_during_fence == 1
+    batches = store.list_keys("j/r/round-00000/updates/leaf-0/")
+    sizes = sorted(len(decode_update_batch(store.get(k).data, k)) for k in batches)
+    assert sizes == [1, 8]
+    assert len(set(keys[1:])) == 1 and keys[0] != keys[1]
+
+
+async def test_other_leaves_do_not_wait_for_a_leafs_commit() -> None:
+    # Prepare: leaf-0's first batch is held at the fence
+    store = SlowStore(delay=0.0)
+    released = asyncio.Event()
+    other = BatchContext(job="j", run_id="r", round=0, leaf="leaf-1", gateway_id="gw-t")
+
+    async def fence(ctx: BatchContext) -> None:
+        if ctx.leaf == "leaf-0":
+            await released.wait()
+
+    with ThreadPoolExecutor(2) as executor:
+        batcher = committer(store, executor, fence=fence, max_wait=0.01)
+        held = asyncio.ensure_future(batcher.commit(CTX, GLOBAL, update(0)))
+        await asyncio.sleep(0.05)
+        # Execute: leaf-1's update is committed while leaf-0's batch waits at its fence
+        key = await asyncio.wait_for(batcher.commit(other, GLOBAL, update(1)), timeout=5)
+        released.set()
+        await held
+
+    # Assert
+    assert key.startswith("j/r/round-00000/updates/leaf-1/")
