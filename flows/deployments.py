@@ -28,6 +28,9 @@ USER_DEPLOYMENTS_FILE = "deployments.yaml"  # inside the stack's root folder
 # What a deployment of Canopy's flow names as its entrypoint (file and module forms).
 FLOW_ENTRYPOINT = "flows/federated.py:federated_training"
 FLOW_ENTRYPOINTS = frozenset({FLOW_ENTRYPOINT, "flows.federated:federated_training"})
+# The leaves' flow on the edge work pool: in prefect.yaml for `prefect deploy`; never
+# served by the runner (its workers run it, flows.edge_leaf).
+EDGE_LEAF_ENTRYPOINTS = frozenset({"flows/edge_leaf.py:edge_leaf", "flows.edge_leaf.edge_leaf"})
 USER_TAGS = ["canopy", "federated", "user-job"]
 
 
@@ -44,9 +47,11 @@ class DeploymentSpec(BaseModel):
 
 
 def load_deployment_specs(path: Path = PREFECT_YAML) -> list[DeploymentSpec]:
-    """Parse and validate every deployment, including its flow parameters."""
+    """Parse and validate every deployment of federated-training, including its flow
+    parameters (the edge-leaf deployment is the edge workers', not the runner's)."""
     raw = yaml.safe_load(path.read_text()) or {}
     specs = [DeploymentSpec.model_validate(d) for d in raw.get("deployments") or []]
+    specs = [spec for spec in specs if spec.entrypoint not in EDGE_LEAF_ENTRYPOINTS]
     for spec in specs:
         if spec.entrypoint not in FLOW_ENTRYPOINTS:
             raise ConfigError(

@@ -40,7 +40,6 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.deployments import arun_deployment
 from prefect.exceptions import ObjectNotFound
-from prefect.logging import get_run_logger
 from prefect.runtime import flow_run as current_run
 from prefect.states import Cancelling
 from prefect.types.entrypoint import EntrypointType
@@ -51,7 +50,7 @@ from infra.keys import leaf_outcome_key
 from infra.settings import GatewaySettings, S3Settings
 from infra.store import ObjectRef, get_json, put_json
 from tasks.context import RunContext, store_for
-from tasks.leaf import CLOSE_OVERDUE_S, UNREADABLE_AFTER_CLOSE_S, collect_leaf
+from tasks.leaf import CLOSE_OVERDUE_S, UNREADABLE_AFTER_CLOSE_S, collect_leaf, run_log
 from tasks.leaf_outcome import LeafOutcome
 from tasks.params import TrainingParams
 
@@ -191,7 +190,7 @@ async def _cancel(run_id: UUID) -> None:
         async with get_client() as client:
             await client.set_flow_run_state(run_id, Cancelling(), force=True)
     except Exception as exc:  # the API may be what failed; the round's error says more
-        get_run_logger().warning("could not cancel edge-leaf run %s: %r", run_id, exc)
+        run_log().warning("could not cancel edge-leaf run %s: %r", run_id, exc)
 
 
 def _read_outcome(ctx: RunContext, rnd: int, leaf: str, run_id: UUID) -> LeafOutcome:

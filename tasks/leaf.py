@@ -76,7 +76,7 @@ def _load_task(store: ObjectStore, ref: ObjectRef) -> LeafTask:
     return LeafTask.model_validate(get_json(store, ref.key, expected_sha256=ref.sha256))
 
 
-def _log() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+def run_log() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
     """The run's logger inside a Prefect run; this module's outside one (unit tests)."""
     try:
         return get_run_logger()
@@ -90,7 +90,7 @@ async def _poll(intake: LeafIntake) -> None:
     await asyncio.to_thread(intake.read_new)
     if intake.read_failures > failures:
         t = intake.task
-        _log().warning(
+        run_log().warning(
             "collect-leaf %s: round %d: S3 did not hand over %s; will read again: %s",
             t.leaf,
             t.round,
@@ -111,7 +111,7 @@ async def _stream_until_closed(intake: LeafIntake, store: ObjectStore) -> None:
         try:
             still_open = await asyncio.to_thread(round_is_open, store, t.job, t.run_id, t.round)
         except StoreError as exc:
-            _log().warning(
+            run_log().warning(
                 "collect-leaf %s: cannot read round %d's pointer (%s); polling on",
                 t.leaf,
                 t.round,
