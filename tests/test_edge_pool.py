@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from uuid import UUID
@@ -34,7 +32,7 @@ from infra.settings import GatewaySettings, S3Settings
 from infra.store import ObjectRef, S3ObjectStore, get_json
 from tasks.context import RunContext
 from tasks.params import TrainingParams
-from tests.support.stack import REPO, LocalStack, edge_workers, run_flow, small_run
+from tests.support.stack import LocalStack, edge_workers, run_flow, small_run
 
 pytestmark = pytest.mark.slow
 
@@ -90,6 +88,7 @@ def run_job(run_id: str, **params: object) -> list[RoundReport]:
             min_reports=DEVICES,
             num_devices=DEVICES,
             partition={"kind": "iid"},
+            round_deadline_s=120,  # ample on a busy machine: rounds close on their reports
             **params,
         )
     )
@@ -158,15 +157,6 @@ def test_leaves_on_the_edge_pool_give_the_same_model_bit_for_bit(
         assert all(c.work_pool_name == "edge" for c in children)
     for level in asyncio.run(leaf_level_runs(here)).values():
         assert asyncio.run(child_runs(level.id)) == []
-
-
-def test_a_worker_leaf_run_imports_no_torch() -> None:
-    """A worker starts one process per leaf run: the flow's module must stay light."""
-    code = "import sys, flows.edge_leaf; print('torch' in sys.modules, 'executorch' in sys.modules)"
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
-    )
-    assert out.stdout.split() == ["False", "False"]
 
 
 def test_a_failed_leaf_run_fails_the_leaf_level_loudly(
