@@ -175,6 +175,7 @@ class Crowd:
                 # the gateway's pace (up to 30 s late for a 10k fleet)
                 "max_connections": math.ceil(n / gateways) + 64 if self.long_poll else 256,
                 "ramp_seconds": self.ramp_seconds,
+                "max_enrolling": 64,
                 "max_seconds": 3600.0,
                 "request_timeout": 90.0,
             }

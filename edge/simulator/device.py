@@ -176,7 +176,7 @@ async def run_device(fleet: Fleet, client: DeviceClient, profile: DeviceProfile)
     while not fleet.stop.is_set():
         try:
             if not client.enrolled:
-                await client.enrol()
+                await fleet.enrol(client)
                 s.enrolled += 1
             s.polls += 1
             answer = await client.poll(wait=fleet.poll_wait)

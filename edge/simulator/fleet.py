@@ -9,6 +9,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
+from edge.simulator.client import DeviceClient
 from edge.simulator.summary import SimulationSummary, StopReason
 
 RuntimeChoice = Literal["auto", "executorch", "pytorch"]
@@ -44,6 +45,10 @@ class SimulationConfig:
     # Devices start spread over this many seconds (device i after i/devices of it), so
     # ten thousand phones do not all open connections and enrol in the same instant.
     ramp_seconds: float = 0.0
+    # Enrolments one simulator process has in flight at most (0: no limit). Thousands of
+    # phones connecting and enrolling at once on a busy machine time their connections
+    # out and retry; a gate lets the rest wait their turn instead.
+    max_enrolling: int = 0
 
 
 class Fleet:
@@ -60,6 +65,17 @@ class Fleet:
         self.rounds: set[int] = set()
         self.rejections: Counter[str] = Counter()
         self.warming: asyncio.Future[None] | None = None
+        self.enrol_gate = (
+            asyncio.Semaphore(config.max_enrolling) if config.max_enrolling > 0 else None
+        )
+
+    async def enrol(self, client: DeviceClient) -> None:
+        """Enrol ``client``, through the gate when the fleet has one."""
+        if self.enrol_gate is None:
+            await client.enrol()
+            return
+        async with self.enrol_gate:
+            await client.enrol()
 
     @property
     def poll_wait(self) -> float:

@@ -8,6 +8,7 @@ import pytest
 
 from edge.simulator.client import POOL_SLICE, DeviceClient, GatewayPool
 from edge.simulator.crowd import crowd_config
+from edge.simulator.fleet import Fleet
 
 URLS = ["http://127.0.0.1:1", "http://127.0.0.1:2"]
 
@@ -43,3 +44,26 @@ def test_the_crowd_config_takes_every_simulation_field_and_refuses_unknown_ones(
     assert (config.max_connections, config.ramp_seconds, config.progress) == (900, 2, False)
     with pytest.raises(ValueError, match="unknown simulation fields \\['max_conections'\\]"):
         crowd_config({"job": "j", "devices": 1, "gateways": URLS, "max_conections": 5})
+
+
+def test_the_enrolment_gate_keeps_at_most_max_enrolling_in_flight() -> None:
+    class SlowEnrol:
+        """A device whose enrolment takes a moment; counts how many enrol at once."""
+
+        inside = 0
+        most = 0
+
+        async def enrol(self) -> None:
+            SlowEnrol.inside += 1
+            SlowEnrol.most = max(SlowEnrol.most, SlowEnrol.inside)
+            await asyncio.sleep(0.01)
+            SlowEnrol.inside -= 1
+
+    async def main() -> None:
+        fleet = Fleet(
+            crowd_config({"job": "j", "devices": 40, "gateways": URLS, "max_enrolling": 3}), None
+        )  # type: ignore[arg-type]
+        await asyncio.gather(*(fleet.enrol(SlowEnrol()) for _ in range(40)))  # type: ignore[arg-type]
+
+    asyncio.run(main())
+    assert SlowEnrol.most == 3
