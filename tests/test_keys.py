@@ -58,6 +58,9 @@ def test_the_docstring_layout_is_what_the_functions_build() -> None:
         "{node}": "agg-1",
         "{device_id}": "d1",
         "{key}": "j/r/commit.json",
+        "{writer}": "gw-0-1-abc",
+        "{seq:06d}": "000003",
+        "{count}": "5",
     }
     drawn = set()
     for pattern in _layout_lines():
@@ -85,6 +88,7 @@ def test_the_docstring_layout_is_what_the_functions_build() -> None:
         keys.device_evaluation_key("j", "r", 7),
         keys.active_job_key("j"),
         keys.device_key("j", "d1"),
+        keys.registry_shard_key("j", "gw-0-1-abc", 3, 5),
         keys.lineage_key("j/r/commit.json"),
     }
     assert drawn == built
