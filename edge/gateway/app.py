@@ -134,6 +134,9 @@ def create_app(
         "(or, for an evaluation task, its metrics).",
         description="See docs/protocol.md for the walkthrough and a sequence diagram.",
         lifespan=lifespan,
+        # The gateway's metrics are Prometheus (/metrics). FastAPI's native OpenTelemetry
+        # hooks would look up three global providers on every request to find them unset.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.service = service
     app.state.metrics = metrics
