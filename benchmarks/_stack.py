@@ -151,19 +151,35 @@ class BenchStack:
     def child_env(self) -> dict[str, str]:
         return {**os.environ, **self.env, "PREFECT_HOME": str(self.root / "client-home")}
 
-    def start_runner(self, deployments: Sequence[str], timeout: float = 180.0) -> float:
+    def start_runner(
+        self, deployments: Sequence[str], timeout: float = 180.0, *, cold: bool = False
+    ) -> float:
         """``python -m flows.serve`` (what ``canopy up`` runs); seconds until it has
-        registered ``deployments`` on the server."""
+        registered ``deployments`` on the server. ``cold``: runs start in fresh
+        interpreters (``--cold-start``) instead of forks of a warm process."""
         from infra.health import wait_until
         from infra.process import spawn
 
         t0 = time.monotonic()
         log = self.root / "runner.log"
-        proc = spawn([sys.executable, "-m", "flows.serve"], log, self.child_env())
+        cmd = [sys.executable, "-m", "flows.serve"] + (["--cold-start"] if cold else [])
+        proc = spawn(cmd, log, self.child_env())
         self.services.append(Service("runner", proc, log))
         api = PrefectApi(self.api)
-        wait_until(lambda: api.has_deployments(deployments), timeout, f"runner (log: {log})", proc)
+
+        def ready() -> bool:  # registered, and (flows.serve says) its fork server is warm
+            return api.has_deployments(deployments) and "runner ready" in log.read_text()
+
+        wait_until(ready, timeout, f"runner (log: {log})", proc)
         return time.monotonic() - t0
+
+    def stop_runner(self) -> None:
+        """Stop the runner (and its flow runs) alone, leaving the rest of the stack up."""
+        from infra.process import stop_group
+
+        for service in [s for s in self.services if s.name == "runner"]:
+            stop_group(service.proc.pid, timeout_s=15.0)
+            self.services.remove(service)
 
     def pids(self) -> dict[str, int]:
         return {s.name: s.proc.pid for s in self.services if s.proc.poll() is None}

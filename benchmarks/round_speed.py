@@ -875,26 +875,43 @@ def hello_section(bench: Bench, args: argparse.Namespace) -> None:
 
 
 def deploy_section(bench: Bench, args: argparse.Namespace) -> None:
+    """Deployment run -> round 0 open, with the runner forking warm flow-run processes
+    (what `canopy up` runs) and, alternated with it, Prefect's cold start (the lower
+    bound's opposite: the same runner with ``--cold-start``)."""
     assert bench.watcher is not None
     w = lenet(args.runtime, args.over_selection, args.tree_depth)
     name = "cifar10-mobile-pt" if args.runtime == "pytorch" else "cifar10-mobile"
     print(f"\n== deployment: prefect deployment run federated-training/{name} -> round 0 open")
     bench.pause_simulators()
-    bench.sampler.phase = "runner start"
-    runner_s = bench.stack.start_runner([name])
-    bench.sampler.phase = "idle"
-    print(f"  runner (python -m flows.serve) registered its deployments in {runner_s:.1f}s")
     bench.simulator(w.job, w.devices)  # as under `canopy up`: the phones are already polling
+    starts: dict[str, list[float]] = {"warm": [], "cold": []}
+    modes = ["warm", "cold"] if args.deploy_compare else ["warm"]
     for i in range(args.deploy_runs):
-        bench.sampler.phase = f"deployment run ({w.label}, runner + flow subprocess)"
-        try:
-            deploy_once(bench, args, w, name, i)
-        finally:
-            bench.sampler.phase = "idle"
+        for mode in modes:
+            bench.sampler.phase = "runner start"
+            runner_s = bench.stack.start_runner([name], cold=mode == "cold")
+            print(f"  [{mode}] runner (python -m flows.serve) registered in {runner_s:.1f}s")
+            bench.sampler.phase = f"deployment run ({w.label}, runner + flow subprocess, {mode})"
+            try:
+                took = deploy_once(bench, args, w, name, i)
+                if took is not None:
+                    starts[mode].append(took)
+            finally:
+                bench.sampler.phase = "idle"
+                bench.stack.stop_runner()
+    if starts["warm"] and starts["cold"]:
+        warm, cold = statistics.median(starts["warm"]), statistics.median(starts["cold"])
+        print(
+            f"  deployment run -> round 0 open, medians: warm {warm:.1f}s, cold {cold:.1f}s "
+            f"(Prefect's spawn), warm/cold {warm / cold:.2f}"
+        )
     bench.pause_simulators()
 
 
-def deploy_once(bench: Bench, args: argparse.Namespace, w: Workload, name: str, i: int) -> None:
+def deploy_once(
+    bench: Bench, args: argparse.Namespace, w: Workload, name: str, i: int
+) -> float | None:
+    """One deployment run; seconds from the CLI's start to round 0 open (None: it failed)."""
     from infra.run_state import read_commit, read_reports
     from infra.settings import S3Settings
     from infra.store import S3ObjectStore
@@ -913,7 +930,7 @@ def deploy_once(bench: Bench, args: argparse.Namespace, w: Workload, name: str, 
     found = re.search(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", cli.stdout)
     if cli.returncode != 0 or found is None:
         print(f"  deployment run failed: {cli.stdout[-2000:]} {cli.stderr[-2000:]}")
-        return
+        return None
     flow_run_id = found.group(0)
     opened = bench.watcher.wait_for(run_id, 0, "open", timeout=args.max_seconds)
     deadline = time.monotonic() + args.max_seconds
@@ -928,7 +945,7 @@ def deploy_once(bench: Bench, args: argparse.Namespace, w: Workload, name: str, 
         first.setdefault(st["type"], parse_ts(st["timestamp"]) or 0.0)
     if opened is None:
         print(f"  round 0 never opened (flow run ended {state}); see {bench.root}/runner.log")
-        return
+        return None
     created = parse_ts(api.flow_run(flow_run_id)["created"]) or t0
     pending, running = first.get("PENDING"), first.get("RUNNING")
     print(f"  run #{i + 1}: deployment run -> round 0 open {opened - t0:.1f}s (flow run {state})")
@@ -960,6 +977,7 @@ def deploy_once(bench: Bench, args: argparse.Namespace, w: Workload, name: str, 
             f"      its rounds: duration_s {' '.join(f'{r.duration_s:.2f}' for r in reports)}; "
             f"commit->commit {' '.join(f'{p:.2f}' for p in periods)}"
         )
+    return opened - t0
 
 
 def import_probe() -> None:
@@ -999,6 +1017,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hello-devices", type=int, default=40)
     parser.add_argument("--deploy-rounds", type=int, default=1)
     parser.add_argument("--deploy-runs", type=int, default=1)
+    parser.add_argument(
+        "--deploy-compare",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Alternate each deployment run with one on a cold-start runner (--cold-start).",
+    )
     parser.add_argument(
         "--max-seconds", type=float, default=300.0, help="Give up on a run after this long."
     )

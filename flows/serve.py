@@ -34,7 +34,7 @@ from flows.deployments import (
     served_parameters,
 )
 from flows.federated import federated_training
-from flows.warm_start import use_warm_processes, uses_warm_processes
+from flows.warm_start import use_warm_processes, uses_warm_processes, wait_until_warm
 from infra.errors import CanopyError
 
 log = logging.getLogger("canopy.serve")
@@ -113,8 +113,7 @@ async def serve_deployments(
     ``warm=False`` keeps Prefect's own cold ``spawn`` start, for comparison
     (benchmarks/round_speed.py measures both side by side).
     """
-    if warm:
-        use_warm_processes()
+    ctx = use_warm_processes() if warm else None
     runner = Runner(limit=RUN_LIMIT, query_seconds=QUERY_SECONDS)
     builtin = load_deployment_specs()
     for spec in builtin:
@@ -124,6 +123,10 @@ async def serve_deployments(
     if user_file is not None:
         await _serve_user_file(runner, user_file, names)
         watcher = asyncio.create_task(_watch(runner, user_file, names, poll_s))
+    if ctx is not None:
+        waited = await asyncio.to_thread(wait_until_warm, ctx)
+        print(f"flow-run processes warm (waited {waited:.1f}s for the fork server)", flush=True)
+    print("runner ready", flush=True)
     try:
         await runner.start()
     finally:

@@ -10,17 +10,13 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import numpy as np
 from prefect import task
 from prefect.cache_policies import NONE
 
 from aggregation.tensors import TensorDict, encode_tensors
-from edge.data.dataset import Dataset
-from edge.jobs import JobSpec
-from edge.training.evaluate import evaluate
-from edge.training.state import initial_state
-from edge.training.validate import validate_job
 from infra.keys import check_segment, evaluation_key, global_model_key
 from infra.outputs import Output, Provenance, put_with_lineage
 from infra.run_state import CommitRecord, read_commit, write_commit
@@ -31,9 +27,15 @@ from tasks.results import Evaluation
 from tasks.run_cache import current_cache
 from tasks.ui import emit_lineage_events
 
+if TYPE_CHECKING:  # torch: imported where a model is built, not by the runner serving the flow
+    from edge.data.dataset import Dataset
+    from edge.jobs import JobSpec
+
 
 def initial_model(ctx: RunContext) -> tuple[TensorDict, Output]:
     """The run's seeded initial weights and the object they are stored as (deterministic)."""
+    from edge.training.state import initial_state
+
     state = initial_state(ctx.job_spec(), seed=ctx.params.seed)
     meta = {"job": ctx.job, "run-id": ctx.run_id, "round": "0"}
     key = global_model_key(ctx.job, ctx.run_id, 0)
@@ -54,6 +56,8 @@ async def load_commit(ctx: RunContext) -> CommitRecord | None:
 
 
 def _check(ctx: RunContext) -> dict[str, str | None]:
+    from edge.training.validate import validate_job
+
     job = ctx.job_spec()
     check_segment(job.name, f"job {ctx.params.job!r} declares name")
     scheme = ctx.params.partition or job.partition
@@ -130,6 +134,8 @@ def held_out_metrics(
     n = min(limit, x.shape[0])
     if n == 0:
         return {}, 0
+    from edge.training.evaluate import evaluate
+
     return evaluate(job, state, x[:n], y[:n]), n
 
 
