@@ -176,6 +176,7 @@ class Crowd:
                 "max_connections": math.ceil(n / gateways) + 64 if self.long_poll else 256,
                 "ramp_seconds": self.ramp_seconds,
                 "max_enrolling": 64,
+                "poll_after_enrolment": True,
                 "max_seconds": 3600.0,
                 "request_timeout": 90.0,
             }

@@ -49,6 +49,10 @@ class SimulationConfig:
     # phones connecting and enrolling at once on a busy machine time their connections
     # out and retry; a gate lets the rest wait their turn instead.
     max_enrolling: int = 0
+    # Devices poll only once every device of this process has enrolled: a scale run's
+    # enrolment is not slowed by the idle polls of the thousands already enrolled (each
+    # holds a long poll and asks again every ``long_poll_seconds``).
+    poll_after_enrolment: bool = False
 
 
 class Fleet:
@@ -69,13 +73,28 @@ class Fleet:
             asyncio.Semaphore(config.max_enrolling) if config.max_enrolling > 0 else None
         )
 
+        self.everyone_enrolled = asyncio.Event()
+        self._enrolled_once: set[str] = set()
+
     async def enrol(self, client: DeviceClient) -> None:
-        """Enrol ``client``, through the gate when the fleet has one."""
+        """Enrol ``client``, through the gate when the fleet has one; with
+        ``poll_after_enrolment``, return only once every device has enrolled."""
         if self.enrol_gate is None:
             await client.enrol()
-            return
-        async with self.enrol_gate:
-            await client.enrol()
+        else:
+            async with self.enrol_gate:
+                await client.enrol()
+        self._enrolled_once.add(client.device_id)
+        if len(self._enrolled_once) >= self.config.devices:
+            self.everyone_enrolled.set()
+        if self.config.poll_after_enrolment and not self.everyone_enrolled.is_set():
+            waiting = asyncio.ensure_future(self.everyone_enrolled.wait())
+            stopping = asyncio.ensure_future(self.stop.wait())
+            try:
+                await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiting.cancel()
+                stopping.cancel()
 
     @property
     def poll_wait(self) -> float:

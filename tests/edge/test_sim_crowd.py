@@ -50,6 +50,7 @@ def test_the_enrolment_gate_keeps_at_most_max_enrolling_in_flight() -> None:
     class SlowEnrol:
         """A device whose enrolment takes a moment; counts how many enrol at once."""
 
+        device_id = "phone"
         inside = 0
         most = 0
 
@@ -67,3 +68,30 @@ def test_the_enrolment_gate_keeps_at_most_max_enrolling_in_flight() -> None:
 
     asyncio.run(main())
     assert SlowEnrol.most == 3
+
+
+def test_with_poll_after_enrolment_no_device_goes_on_before_the_last_has_enrolled() -> None:
+    class Instant:
+        def __init__(self, device_id: str) -> None:
+            self.device_id = device_id
+
+        async def enrol(self) -> None:
+            await asyncio.sleep(0)
+
+    order: list[str] = []
+
+    async def main() -> None:
+        config = crowd_config(
+            {"job": "j", "devices": 3, "gateways": URLS, "poll_after_enrolment": True}
+        )
+        fleet = Fleet(config, None)  # type: ignore[arg-type]
+
+        async def device(name: str, delay: float) -> None:
+            await asyncio.sleep(delay)
+            await fleet.enrol(Instant(name))  # type: ignore[arg-type]
+            order.append(f"{name} polls")
+
+        await asyncio.gather(device("a", 0), device("b", 0.02), device("c", 0.05))
+
+    asyncio.run(main())
+    assert order[0] == "c polls" and sorted(order) == ["a polls", "b polls", "c polls"]
