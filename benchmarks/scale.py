@@ -299,6 +299,9 @@ def main() -> None:
                 "round_deadline_s": args.deadline,
                 "registry_wait_s": 60,
                 "num_devices": args.devices,
+                # hello-mobile's 4,000 generated examples would leave phones of a larger
+                # fleet without data: four per device
+                "dataset": {"source": "synthetic", "train_size": max(4000, 4 * args.devices)},
             }
             from tests.support.stack import run_flow
 
