@@ -304,24 +304,29 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """(CPU seconds of the whole process tree, of the event loop threads alone).
+def _stat_seconds(path: Path) -> tuple[float, float]:
+    """(user, system) CPU seconds from a /proc stat file."""
+    fields = path.read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / TICKS, int(fields[12]) / TICKS
 
-    From /proc: user + system time. A process's main thread (tid = pid) runs
-    the event loop; the rest is the I/O thread pool (boto3 calls, batch encoding).
+
+def cpu_seconds(pid: int) -> tuple[float, float, float]:
+    """(CPU seconds of the whole process tree, of its event loop threads, of the kernel).
+
+    From /proc: user + system time of each process (threads included, even
+    those that ended). A process's main thread (tid = pid) runs the event loop;
+    the rest is the I/O thread pool (boto3 calls, batch encoding).
     """
-    total = loop = 0.0
+    total = loop = system = 0.0
     for proc in process_tree(pid):
-        for task in Path(f"/proc/{proc}/task").iterdir():
-            try:
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            seconds = (int(fields[11]) + int(fields[12])) / TICKS
-            total += seconds
-            if int(task.name) == proc:
-                loop += seconds
-    return total, loop
+        try:
+            user, kernel = _stat_seconds(Path(f"/proc/{proc}/stat"))
+            loop += sum(_stat_seconds(Path(f"/proc/{proc}/task/{proc}/stat")))
+        except OSError:
+            continue
+        total += user + kernel
+        system += kernel
+    return total, loop, system
 
 
 class Server:
@@ -371,6 +376,7 @@ class Cost:
     wall_seconds: float
     cpu: float
     loop_cpu: float
+    system_cpu: float
 
     @property
     def per_core(self) -> float:
@@ -379,11 +385,12 @@ class Cost:
     def line(self) -> str:
         per_upload = self.cpu / max(self.acknowledged, 1) * 1000
         loop_share = self.loop_cpu / max(self.acknowledged, 1) * 1000
+        kernel_share = self.system_cpu / max(self.acknowledged, 1) * 1000
         return (
             f"{self.name:<10} {self.acknowledged:>6} acknowledged in {self.wall_seconds:5.2f} s: "
             f"{self.acknowledged / self.wall_seconds:>6.0f} uploads/s wall, "
-            f"{per_upload:.3f} ms CPU per upload ({loop_share:.3f} on the event loop) = "
-            f"{self.per_core:>6.0f} uploads/s per core"
+            f"{per_upload:.3f} ms CPU per upload ({loop_share:.3f} on the event loop, "
+            f"{kernel_share:.3f} in the kernel) = {self.per_core:>6.0f} uploads/s per core"
         )
 
 
@@ -396,9 +403,10 @@ async def measured_uploads(
     acknowledged = await run()
     wall = time.perf_counter() - started
     after = [cpu_seconds(s.pid) for s in servers]
-    cpu = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
-    loop = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
-    return Cost(name, acknowledged, wall, cpu, loop)
+    cpu, loop, system = (
+        sum(a[i] - b[i] for a, b in zip(after, before, strict=True)) for i in range(3)
+    )
+    return Cost(name, acknowledged, wall, cpu, loop, system)
 
 
 async def floor_uploads(url: str, count: int, concurrency: int) -> int:
