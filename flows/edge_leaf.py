@@ -242,4 +242,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Through the module's own name: registered from ``__main__``, the deployment's
+    # entrypoint would be ``__main__.edge_leaf``, which no worker can load.
+    from flows.edge_leaf import main as registered_by_name
+
+    registered_by_name()

@@ -44,7 +44,14 @@ from flows.deployments import (
     record_user_deployments,
     user_deployments_path,
 )
-from infra.edge_workers import EDGE_POOL, worker_command, worker_env, worker_name, workers_online
+from infra.edge_workers import (
+    EDGE_POOL,
+    register_command,
+    worker_command,
+    worker_env,
+    worker_name,
+    workers_online,
+)
 from infra.errors import CanopyError, ConfigError
 from infra.health import NotHealthyError, Process, wait_http_ok, wait_until
 from infra.postgres import (
@@ -385,8 +392,8 @@ def _start_edge_workers(
 ) -> None:
     """The ``edge`` pool and its deployment (one short process), then ``count`` workers,
     waited for until each has sent the API its first heartbeat."""
-    py, api = sys.executable, env["PREFECT_API_URL"]
-    register = [py, "-m", "flows.edge_leaf", "--pool", EDGE_POOL]
+    api = env["PREFECT_API_URL"]
+    register = register_command(EDGE_POOL)
     done = subprocess.run(register, env=child_env, capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
         raise StackError(f"registering the edge-leaf deployment failed: {done.stderr[-2000:]}")

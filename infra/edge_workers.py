@@ -35,6 +35,12 @@ def worker_name(index: int) -> str:
     return f"edge-worker-{index}"
 
 
+def register_command(pool: str = EDGE_POOL) -> list[str]:
+    """Create ``pool`` if absent and (re-)apply the ``edge-leaf`` deployment on it, as one
+    short process (``python -m flows.edge_leaf``) with the caller's ``PREFECT_API_URL``."""
+    return [sys.executable, "-m", "flows.edge_leaf", "--pool", pool]
+
+
 def worker_command(name: str, pool: str = EDGE_POOL) -> list[str]:
     """``prefect worker start`` for one process worker of ``pool``, in this interpreter."""
     prefect = str(Path(sys.executable).parent / "prefect")

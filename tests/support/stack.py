@@ -23,7 +23,13 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from edge.simulator.command import simulator_command
-from infra.edge_workers import worker_command, worker_env, worker_name, workers_online
+from infra.edge_workers import (
+    register_command,
+    worker_command,
+    worker_env,
+    worker_name,
+    workers_online,
+)
 from infra.health import wait_http_ok, wait_until
 from infra.prefect_server import start_prefect_server
 from infra.process import spawn, stop_group
@@ -240,17 +246,17 @@ def edge_workers(
     api_url: str, s3: S3Settings, count: int, folder: Path, *, timeout: float = 90.0
 ) -> Iterator[list[str]]:
     """``count`` process workers of the ``edge`` work pool, as ``canopy up --edge-workers``
-    starts them; the pool and the ``edge-leaf`` deployment are (re-)applied first.
+    starts them; the pool and the ``edge-leaf`` deployment are (re-)applied first, by
+    the same command (``infra.edge_workers.register_command``).
 
     Workers take S3's endpoint and credentials from ``s3`` (each leaf run reads the
     bucket from its task's reference, so one set of workers serves every test's
     bucket). Yields their names; stops them with SIGTERM to their process groups.
     """
-    from flows.edge_leaf import register_edge_leaf
     from tests.support.harness import settings_env
 
-    asyncio.run(register_edge_leaf())
     env = worker_env({**os.environ, **settings_env(s3)}, api_url)
+    subprocess.run(register_command(), env=env, cwd=REPO, check=True, timeout=120)
     names = [worker_name(i) for i in range(count)]
     procs = [spawn(worker_command(n), folder / f"{n}.log", env) for n in names]
     try:
