@@ -1,21 +1,30 @@
-"""Gateway throughput, latency and memory with K concurrent hello-mobile devices.
+"""Gateway throughput, CPU per upload, latency and memory with K concurrent hello-mobile devices.
 
 Starts a moto S3 server and G gateway processes on loopback, opens a
 hello-mobile round with every device selected, then drives K devices from
-this process with asyncio + httpx through four phases: enrol, poll for the
-task (several times each, ignoring retry-after, to measure the poll path
-flat out), download the model, upload one update each. It reports requests per
-second and p50/p99 latency per phase, the update batches written (group
-commit), and each gateway's resident memory before and after, per 1,000
-devices.
+this process (a raw HTTP/1.1 client on asyncio streams) through four phases:
+enrol (challenge, then an Ed25519-signed enrolment), poll for the task
+(several times each, ignoring retry-after, to measure the poll path flat out),
+download the model, upload one update each. It reports requests per second and
+p50/p99 latency per phase, the update batches written (group commit), and each
+gateway's resident memory before and after, per 1,000 devices.
 
-The load generator, moto and the gateways share the machine's cores, so the
-figures are a floor for what one gateway process does on its own core. Latencies are
-measured on the wire (from sending a request on an open connection to the last
-byte of the answer) with ``--concurrency`` requests in flight. The last line is
-the upload throughput in updates per second per gateway process.
+Upload cost: the CPU seconds the gateway processes spent during the upload
+phase (user + system from /proc, the event loop thread apart), per
+acknowledged upload, and its inverse, durably acknowledged uploads per second
+per gateway core. The same uploads then go to a lower bound
+(``gateway_servers.py floor``: bare ASGI on the same uvicorn, one PUT and one
+GET per batch, then the acknowledgements), measured the same way.
+
+The load generator, moto and the gateways share the machine's cores, so wall
+figures are a floor for what one gateway process does on its own core; the
+per-core figure is not. Latencies are measured on the wire (from sending a
+request on an open connection to the last byte of the answer) with
+``--concurrency`` requests in flight. The last line is the durably acknowledged
+uploads/s per gateway core, with wall uploads/s and the floor's figure.
 
     python benchmarks/gateway.py                  # 1,000 devices, 1 gateway (about a minute)
+    python benchmarks/gateway.py --devices 2000 --profile /tmp/gwprof   # cProfile of the loop
     python benchmarks/gateway.py --devices 5000 --gateways 2
 """
 
