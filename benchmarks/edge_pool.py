@@ -8,11 +8,11 @@ workers) and the ``federated-training`` flow in this process. hello-mobile
 leaves in the flow's process, then as ``edge-leaf`` runs on the pool.
 
 Printed: median round time of each mode and their difference; for the edge
-runs, each leaf run's time from creation to a worker starting it (worker poll
-+ a fresh process + imports) and its running time, from Prefect's own
-timestamps; the import time of the leaf flow's module in a fresh interpreter
-(what a worker's process pays per leaf run) beside Prefect's own and the round
-flow's. Round 0 of each run (simulator start) is excluded.
+runs, each leaf run's time from creation to a worker taking it (Pending), from
+there to running (a fresh process, imports, the engine's API calls) and its
+running time, from Prefect's own state timestamps; the import time of the leaf
+flow's module in a fresh interpreter (what a worker's process pays per leaf
+run) beside Prefect's own and the round flow's. Round 0 of each run (simulator start) is excluded.
 Last line: the edge/in-process round time ratio.
 """
 
@@ -46,8 +46,9 @@ def import_seconds(module: str, repeats: int) -> float:
     return statistics.median(times)
 
 
-async def leaf_run_times(run_id: str) -> list[tuple[float, float]]:
-    """(created -> started, started -> ended) of every edge-leaf run of ``run_id``'s rounds > 0."""
+async def leaf_run_times(run_id: str) -> list[tuple[float, float, float]]:
+    """(created -> Pending, Pending -> Running, Running -> end) of every edge-leaf run of
+    ``run_id``'s rounds > 0: the worker's pickup, the run's process start, its work."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 
@@ -55,18 +56,23 @@ async def leaf_run_times(run_id: str) -> list[tuple[float, float]]:
         runs = await client.read_flow_runs(
             flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_="-leaf-")), limit=200
         )
-    out = []
-    for r in runs:
-        params = r.parameters.get("params") or {}
-        if params.get("run_id") != run_id or r.name.startswith("r0000-"):
-            continue
-        if r.start_time and r.end_time and r.created:
-            out.append(
-                (
-                    (r.start_time - r.created).total_seconds(),
-                    (r.end_time - r.start_time).total_seconds(),
+        out = []
+        for r in runs:
+            params = r.parameters.get("params") or {}
+            if params.get("run_id") != run_id or r.name.startswith("r0000-"):
+                continue
+            states = await client.read_flow_run_states(r.id)
+            first = {}
+            for state in sorted(states, key=lambda st: st.timestamp):
+                first.setdefault(state.type.value, state.timestamp)
+            if r.created and r.end_time and "PENDING" in first and "RUNNING" in first:
+                out.append(
+                    (
+                        (first["PENDING"] - r.created).total_seconds(),
+                        (first["RUNNING"] - first["PENDING"]).total_seconds(),
+                        (r.end_time - first["RUNNING"]).total_seconds(),
+                    )
                 )
-            )
     return out
 
 
@@ -122,7 +128,7 @@ def main() -> None:
                 **ALWAYS_ON,
             )
             rounds: dict[str, list[float]] = {"in-process": [], "edge-pool": []}
-            leaf_runs: list[tuple[float, float]] = []
+            leaf_runs: list[tuple[float, float, float]] = []
             params: dict[str, Any] = {
                 "job": "hello-mobile",
                 "runtime": "pytorch",
@@ -150,16 +156,16 @@ def main() -> None:
             finally:
                 sim.stop()
     here, edge = (statistics.median(rounds[m]) for m in ("in-process", "edge-pool"))
-    pickup = statistics.median(p for p, _ in leaf_runs)
-    running = statistics.median(r for _, r in leaf_runs)
+    pickup, start, running = (statistics.median(t[i] for t in leaf_runs) for i in range(3))
     print(
         f"hello-mobile, {args.devices} devices, {args.width} leaves, {args.workers} worker(s), "
         f"{len(rounds['in-process'])}+{len(rounds['edge-pool'])} measured rounds"
     )
     print(f"round time median: in-process {here:.2f}s, edge-pool {edge:.2f}s (+{edge - here:.2f}s)")
     print(
-        f"edge-leaf run median ({len(leaf_runs)} runs): created->started {pickup:.2f}s "
-        f"(worker poll, fresh process, imports), started->ended {running:.2f}s"
+        f"edge-leaf run median ({len(leaf_runs)} runs): created->pending {pickup:.2f}s (worker "
+        f"pickup), pending->running {start:.2f}s (fresh process, imports), running->end "
+        f"{running:.2f}s"
     )
     print(f"edge/in-process round time ratio: {edge / here:.2f}")
 
