@@ -210,20 +210,22 @@ class Crowd:
                 stop_group(proc.pid, timeout_s=15.0)
 
 
-def wait_enrolled(devices: int, crowd: Crowd, timeout: float) -> tuple[float, int, int]:
-    """Seconds until the registry's index holds ``devices`` ids; (seconds, ids, shards)."""
+def wait_enrolled(
+    devices: int, crowd: Crowd, timeout: float, started: float
+) -> tuple[float, int, int]:
+    """Seconds from ``started`` (the simulators' start, ``time.monotonic``) until the
+    registry's index holds ``devices`` ids; (seconds, ids, shards)."""
     from edge.registry_index import RegistryIndex
     from infra.settings import S3Settings
     from infra.store import S3ObjectStore
     from tasks.dispatch import read_registry
 
     store, index = S3ObjectStore(S3Settings()), RegistryIndex(JOB)
-    t0 = time.monotonic()
     seen = 0
-    while time.monotonic() - t0 < timeout:
+    while time.monotonic() - started < timeout:
         seen = len(read_registry(store, JOB, index).ids)
         if seen >= devices:
-            return time.monotonic() - t0, seen, len(index.shards)
+            return time.monotonic() - started, seen, len(index.shards)
         if all(proc.poll() is not None for proc in crowd.procs):
             break
         time.sleep(1.0)
@@ -276,8 +278,9 @@ def main() -> None:
         with PssSampler(roots) as pss:
             pss.phase = "enrolment"
             moto.mark()
+            started = time.monotonic()
             crowd.start()
-            enrol_s, enrolled, shards = wait_enrolled(args.devices, crowd, timeout=1800)
+            enrol_s, enrolled, shards = wait_enrolled(args.devices, crowd, 1800, started)
             enrol_requests = moto.since_mark()
             print(
                 f"enrolment: {enrolled} devices in {enrol_s:.1f} s ({enrolled / enrol_s:.0f}/s) "
