@@ -80,6 +80,7 @@ def test_the_docstring_layout_is_what_the_functions_build() -> None:
         keys.server_state_key("j", "r", 7),
         keys.evaluation_key("j", "r", 7),
         keys.task_manifest_key("j", "r", 7, "leaf-0"),
+        keys.leaf_outcome_key("j", "r", 7, "leaf-0"),
         keys.update_batch_key("j", "r", 7, "leaf-0", "b1"),
         keys.partial_key("j", "r", 7, "agg-1"),
         keys.round_report_key("j", "r", 7),
