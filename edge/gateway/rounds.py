@@ -1,7 +1,8 @@
 """The gateway's read side of S3: round manifests, the device registry, model bytes.
 
 Everything here is a cache in front of the store, never a source of truth:
-``ActiveRound`` and ``LeafTask`` live ``manifest_cache_seconds``, "device X is
+``ActiveRound`` (the one object the flow rewrites) lives ``manifest_cache_seconds``,
+a ``LeafTask`` lives as long as the opening of the round that points at it, "device X is
 enrolled for job J" lives ``registry_cache_seconds``, and model artifacts are
 keyed by sha256 so they never go stale. Concurrent misses share one load, so a
 burst of polls costs one GET per manifest. Any storage failure becomes a 503
@@ -86,7 +87,11 @@ class RoundDirectory:
         self._active: TtlCache[str, ActiveRound | None] = TtlCache(
             lambda _: manifest_ttl, max_entries=1024
         )
-        self._leaves: TtlCache[str, LeafView] = TtlCache(lambda _: manifest_ttl, max_entries=4096)
+        # Keyed by (manifest key, the opening that points at it): one GET per leaf per round
+        # opening per gateway, however long the round, instead of one per manifest_ttl.
+        self._leaves: TtlCache[tuple[str, str, datetime], LeafView] = TtlCache(
+            lambda _: tuning.leaf_task_cache_seconds, max_entries=4096
+        )
         self._known: TtlCache[tuple[str, str], bool] = TtlCache(
             lambda known: (
                 tuning.registry_cache_seconds if known else tuning.unknown_device_cache_seconds
@@ -160,7 +165,7 @@ class RoundDirectory:
             task = _parse(LeafTask, payload, key)
             return LeafView(active, task, frozenset(task.selected_device_ids), task.specs())
 
-        view = await self._leaves.get(key, load)
+        view = await self._leaves.get((key, active.run_id, active.opened_at), load)
         # The ActiveRound may be newer than the cached leaf (e.g. just closed): use the newest.
         if view.active == active:
             return view

@@ -14,6 +14,9 @@ class GatewayTuning:
     no_job_retry_seconds: float = 5.0
     long_poll_max_seconds: float = 25.0  # the longest a poll may wait (?wait=); under proxies' 30 s
     watch_interval_seconds: float = 0.1  # how often a watched job's round is re-read (one GET)
+    # A leaf's task manifest never changes for one opening of a round (a redone round is a
+    # new opening, with a new opened_at), so it is kept for the round's life, not re-read.
+    leaf_task_cache_seconds: float = 3600.0
     recent_results: int = 100_000  # (task, device) pairs remembered for duplicate answers
     artifact_cache_bytes: int = 512 * 1024 * 1024
     io_threads: int = 16  # S3 calls and large tensor checks run here, off the event loop
