@@ -62,6 +62,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -235,6 +236,24 @@ def wait_enrolled(
 # ---------------------------------------------------------------- the benchmark
 
 
+def prefect_events(api: str, since: float, until: float) -> Counter[str]:
+    """Events the server recorded between two times, by event name (its persister
+    flushes every second, so this waits for one flush first)."""
+    import httpx
+
+    time.sleep(2.0)
+    window = {
+        "occurred": {
+            "since": datetime.fromtimestamp(since, UTC).isoformat(),
+            "until": datetime.fromtimestamp(until + 2.0, UTC).isoformat(),
+        }
+    }
+    body = {"filter": window, "time_unit": "day", "time_interval": 1.0}
+    answer = httpx.post(f"{api}/events/count-by/event", json=body, timeout=30.0)
+    answer.raise_for_status()
+    return Counter({row["value"]: int(row["count"]) for row in answer.json()})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=10_000)
@@ -327,6 +346,7 @@ def main() -> None:
             round_requests = moto.since_mark()
             opened = pointer.seen(run_id, 0, "open")
             prefect_calls = http.between(flow_started, time.time())
+            events = prefect_events(stack.api, flow_started, time.time())
         summaries = crowd.summaries()
     finally:
         crowd.stop()
@@ -354,6 +374,10 @@ def main() -> None:
     print(
         f"  Prefect API calls by the flow: {len(prefect_calls)} "
         f"(top: {', '.join(f'{k} {v}' for k, v in calls.most_common(5))})"
+    )
+    print(
+        f"  Prefect events in the run: {sum(events.values())} "
+        f"(top: {', '.join(f'{k} {v}' for k, v in events.most_common(5))})"
     )
     for phase, p in pss.peaks.items():
         top = sorted(p.processes.items(), key=lambda kv: -kv[1])[:4]
