@@ -28,7 +28,7 @@ typecheck: install
 	$(BIN)/mypy aggregation infra
 
 test: install
-	$(BIN)/ruff check . && $(BIN)/mypy aggregation infra && $(BIN)/pytest -q
+	$(BIN)/ruff check . && $(BIN)/mypy aggregation infra && $(BIN)/pytest -q --durations=10
 	@$(MAKE) --no-print-directory test-postgres
 
 # The end-to-end tests once more with Prefect's server on PostgreSQL, which the test
