@@ -80,6 +80,7 @@ class BenchStack:
     gateways: int = 2
     database: str = "sqlite"  # or "postgres"
     services: list[Service] = field(default_factory=list)
+    _runner_starts: int = 0
     env: dict[str, str] = field(default_factory=dict)
     gateway_urls: list[str] = field(default_factory=list)
 
@@ -161,7 +162,9 @@ class BenchStack:
         from infra.process import spawn
 
         t0 = time.monotonic()
-        log = self.root / "runner.log"
+        starts, self._runner_starts = self._runner_starts, self._runner_starts + 1
+        # a log per start: readiness is read from it, and an earlier runner's lines would lie
+        log = self.root / ("runner.log" if starts == 0 else f"runner-{starts + 1}.log")
         cmd = [sys.executable, "-m", "flows.serve"] + (["--cold-start"] if cold else [])
         proc = spawn(cmd, log, self.child_env())
         self.services.append(Service("runner", proc, log))

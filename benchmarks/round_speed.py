@@ -757,9 +757,11 @@ def pss_lines(sampler: PssSampler) -> list[str]:
     for phase, peak in sampler.peaks.items():
         if phase == "idle" or not peak.processes:
             continue
+        phones = sum(kib for label, kib in peak.processes.items() if label.startswith("simulator"))
         lines.append(
             f"  {phase}: peak {peak.total_kib / 1024:.0f} MiB PSS in {len(peak.processes)} "
-            f"processes ({peak.samples} samples)"
+            f"processes ({peak.samples} samples); without the simulated phones "
+            f"{(peak.total_kib - phones) / 1024:.0f} MiB"
         )
         for label, kib in sorted(peak.processes.items(), key=lambda kv: -kv[1]):
             own = peak.maxima.get(label, kib)
