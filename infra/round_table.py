@@ -101,8 +101,11 @@ def metric_line(report: RoundReport) -> str:
     ``; devices accuracy 81.2%, loss 0.3900 (5 evaluated)`` after them when devices
     evaluated the model (a federated evaluation)."""
     metrics = metrics_of(report)
-    parts = [f"{n} {metric_format(n)(metrics[n])}" for n in metric_names([report])]
-    line = f"test {', '.join(parts)}" if metrics else "no test metrics"
+    if metrics:  # an abandoned round has none (metric_names would still name a pair)
+        parts = [f"{n} {metric_format(n)(metrics[n])}" for n in metric_names([report])]
+        line = f"test {', '.join(parts)}"
+    else:
+        line = "no test metrics"
     device = report.device_metrics
     if device:
         shown = [f"{n} {metric_format(n)(device[n])}" for n in device_metric_names([report])]

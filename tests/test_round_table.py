@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from infra.charts import BLOCKS
-from infra.round_table import COLUMNS, RoundTable
+from infra.round_table import COLUMNS, RoundTable, metric_line
 from infra.run_state import CommitRecord, RoundReport, write_commit, write_report
 from infra.settings import S3Settings
 from infra.store import ObjectRef, S3ObjectStore
@@ -151,3 +151,10 @@ def test_canopy_report_of_an_unknown_run_fails(s3_env: S3Settings) -> None:
 
     assert result.exit_code == 1
     assert "no committed round" in result.output
+
+
+def test_the_round_line_of_an_abandoned_round_says_it_has_no_metrics() -> None:
+    # what `canopy demo` prints as each round lands; an abandoned round once raised KeyError
+    committed, abandoned = _reports(3)[1:]
+    assert metric_line(committed) == "test accuracy 14.4%, loss 2.2400"
+    assert metric_line(abandoned) == "no test metrics"
