@@ -274,11 +274,18 @@ def main() -> None:
     parser.add_argument(
         "--edge-workers", type=int, default=0, help="run the leaves on N edge pool workers"
     )
+    parser.add_argument(
+        "--database",
+        choices=["sqlite", "postgres"],
+        default="sqlite",
+        help="Prefect server's database (postgres: as `canopy up --database postgres`; "
+        "the edge pool's concurrent leaf runs need it at this size)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the stack's folder")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="canopy-scale-"))
-    stack = BenchStack(root, gateways=args.gateways).start()
+    stack = BenchStack(root, gateways=args.gateways, database=args.database).start()
     os.environ.update(stack.env)  # the flow and the watchers read CANOPY_* and PREFECT_API_URL
     moto = MotoLog(root / "moto.log", stack.env["CANOPY_S3_BUCKET"])
     processes = args.simulators or math.ceil(args.devices / DEVICES_PER_SIMULATOR)
