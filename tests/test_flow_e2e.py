@@ -110,7 +110,12 @@ def test_hello_mobile_end_to_end(local_stack: LocalStack) -> None:
     assert artifact_key("hello-mobile", run_id, "round-0001", "global model") in found
     assert artifact_key("hello-mobile", run_id, "summary") in found
 
-    assert summary["accepted"] >= 12 and summary["stop_reason"] == "done"
+    # The devices heard an answer for every update the rounds counted (6+ each): accepted,
+    # or 409 late when the round closed while its batch was written (it may still be
+    # aggregated, docs/gateway.md); and no acknowledged update is missing from the rounds.
+    assert summary["stop_reason"] == "done"
+    assert summary["accepted"] + summary["late"] >= 12
+    assert summary["accepted"] <= sum(r.devices_reported for r in reports)
 
 
 def test_xor_mobile_reaches_full_accuracy_with_executorch_devices(local_stack: LocalStack) -> None:
