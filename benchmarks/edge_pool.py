@@ -90,7 +90,7 @@ def main() -> None:
     from infra.settings import GatewaySettings, S3Settings
     from infra.store import S3ObjectStore
     from tests.support.harness import GatewayThread
-    from tests.support.stack import MANIFEST_CACHE_S, PrefectServer, edge_workers, moto_server
+    from tests.support.stack import PrefectServer, bench_env, edge_workers, moto_server
 
     imports = {m: import_seconds(m, 3) for m in ("prefect", "flows.edge_leaf", "flows.federated")}
     print(
@@ -99,17 +99,7 @@ def main() -> None:
     )
     folder = Path(tempfile.mkdtemp(prefix="canopy-edge-bench-"))
     with moto_server() as s3_url, PrefectServer(folder) as prefect:
-        os.environ.update(
-            {
-                "CANOPY_S3_ENDPOINT_URL": s3_url,
-                "CANOPY_S3_BUCKET": "bench",
-                "CANOPY_S3_ACCESS_KEY_ID": "bench",
-                "CANOPY_S3_SECRET_ACCESS_KEY": "bench",
-                "CANOPY_S3_CREATE_BUCKET": "true",
-                "CANOPY_GATEWAY_MANIFEST_CACHE_SECONDS": MANIFEST_CACHE_S,
-                "PREFECT_API_URL": prefect.url,
-            }
-        )
+        os.environ.update({**bench_env(s3_url), "PREFECT_API_URL": prefect.url})
         s3 = S3Settings()
         store = S3ObjectStore(s3)
         with (

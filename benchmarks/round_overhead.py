@@ -78,20 +78,11 @@ def main() -> None:
     from infra.settings import GatewaySettings, S3Settings
     from infra.store import S3ObjectStore
     from tests.support.harness import GatewayThread
-    from tests.support.stack import MANIFEST_CACHE_S, PrefectServer, moto_server
+    from tests.support.stack import PrefectServer, bench_env, moto_server
 
     folder = Path(tempfile.mkdtemp(prefix="canopy-bench-"))
     with moto_server() as s3_url, PrefectServer(folder) as prefect:
-        os.environ.update(
-            {
-                "CANOPY_S3_ENDPOINT_URL": s3_url,
-                "CANOPY_S3_BUCKET": "bench",
-                "CANOPY_S3_ACCESS_KEY_ID": "bench",
-                "CANOPY_S3_SECRET_ACCESS_KEY": "bench",
-                "CANOPY_S3_CREATE_BUCKET": "true",
-                "CANOPY_GATEWAY_MANIFEST_CACHE_SECONDS": MANIFEST_CACHE_S,
-            }
-        )
+        os.environ.update(bench_env(s3_url))
         store = S3ObjectStore(S3Settings())
         with (
             temporary_settings(updates={PREFECT_API_URL: prefect.url}),

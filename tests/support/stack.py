@@ -44,6 +44,20 @@ REPO = Path(__file__).resolve().parents[2]
 # expect devices to see it within a poll or two.
 MANIFEST_CACHE_S = "0.2"
 
+
+def bench_env(s3_url: str) -> dict[str, str]:
+    """What a benchmark process exports to reach its own moto server (bucket ``bench``,
+    created on first use) with the tests' short manifest cache."""
+    return {
+        "CANOPY_S3_ENDPOINT_URL": s3_url,
+        "CANOPY_S3_BUCKET": "bench",
+        "CANOPY_S3_ACCESS_KEY_ID": "bench",
+        "CANOPY_S3_SECRET_ACCESS_KEY": "bench",
+        "CANOPY_S3_CREATE_BUCKET": "true",
+        "CANOPY_GATEWAY_MANIFEST_CACHE_SECONDS": MANIFEST_CACHE_S,
+    }
+
+
 # A fleet that never drops out, is never offline and has no slow phones.
 ALWAYS_ON: dict[str, float] = {"dropout": 0.0, "slow_fraction": 0.0, "offline_fraction": 0.0}
 
