@@ -68,16 +68,19 @@ async def _play_task(
 ) -> None:
     """One round of one device: download, maybe drop out, train, (slowly) upload."""
     s = fleet.summary
+    me = profile.device_id
     evaluating = offer.kind == "evaluate"
     if evaluating:  # the weights are all an evaluation needs
         weights, program = await client.download(offer.weights.url, offer.weights.sha256), None
     else:
         weights, program = await _download_model(client, offer)
     s.bytes_downloaded += len(weights) + len(program or b"")
+    fleet.note(me, offer, "downloaded")
     if profile.drops_out(offer.round):
         # Dropped mid-round (app killed, network lost): no upload, ever, for this task.
         s.dropouts += 1
-        s.dropout_events.append((profile.device_id, offer.round))
+        s.dropout_events.append((me, offer.round))
+        fleet.note(me, offer, "dropped")
         return
     request = TrainRequest(
         job=fleet.config.job,
@@ -92,6 +95,7 @@ async def _play_task(
     )
     work = "evaluating" if evaluating else "training"
     reply: TrainReply | EvaluateReply
+    fleet.note(me, offer, "training")
     try:
         if evaluating:
             reply = await _in_worker(fleet, evaluate_in_worker, request)
@@ -102,17 +106,19 @@ async def _play_task(
         return
     except Exception as exc:  # a device whose training fails just does not report
         s.train_failures += 1
-        log.warning("device %s: %s failed: %s", profile.device_id, work, exc)
+        log.warning("device %s: %s failed: %s", me, work, exc)
+        fleet.note(me, offer, "failed", outcome="training_failed")
         return
+    fleet.note(me, offer, "trained", seconds=reply.seconds)
     await fleet.sleep((profile.speed - 1.0) * reply.seconds)  # a slow phone takes longer
     if fleet.stop.is_set():
         return
     if isinstance(reply, EvaluateReply):
-        await _report_evaluation(fleet, client, offer, reply)
+        await _report_evaluation(fleet, client, me, offer, reply)
         return
     s.trained += 1
     s.train_seconds += reply.seconds
-    s.samples_by_device[profile.device_id] = reply.num_samples
+    s.samples_by_device[me] = reply.num_samples
     size = len(reply.update)
 
     async def send() -> UploadOutcome:
@@ -122,18 +128,19 @@ async def _play_task(
             offer, reply.update, num_samples=reply.num_samples, metrics=reply.metrics
         )
 
-    if await _upload(fleet, send):
+    if await _upload(fleet, me, offer, send):
         s.accepted += 1
 
 
 async def _report_evaluation(
-    fleet: Fleet, client: DeviceClient, offer: TaskOffer, reply: EvaluateReply
+    fleet: Fleet, client: DeviceClient, me: str, offer: TaskOffer, reply: EvaluateReply
 ) -> None:
     """Upload an evaluation's metrics (a device with no held-out data has none to send)."""
     s = fleet.summary
     s.evaluated += 1
     s.train_seconds += reply.seconds
     if reply.num_samples == 0:
+        fleet.note(me, offer, "answered", outcome="nothing_to_report")
         return
 
     async def send() -> UploadOutcome:
@@ -142,17 +149,30 @@ async def _report_evaluation(
             offer, num_samples=reply.num_samples, metrics=reply.metrics
         )
 
-    if await _upload(fleet, send):
+    if await _upload(fleet, me, offer, send):
         s.evaluations_accepted += 1
 
 
-async def _upload(fleet: Fleet, send: Callable[[], Awaitable[UploadOutcome]]) -> bool:
+async def _upload(
+    fleet: Fleet, me: str, offer: TaskOffer, send: Callable[[], Awaitable[UploadOutcome]]
+) -> bool:
     """Send until stored or refused for good; True when newly accepted."""
+    outcome = await _send_until_final(fleet, me, offer, send)
+    fleet.note(me, offer, "answered", outcome=outcome.code)
+    return outcome.code == "accepted"
+
+
+async def _send_until_final(
+    fleet: Fleet, me: str, offer: TaskOffer, send: Callable[[], Awaitable[UploadOutcome]]
+) -> UploadOutcome:
+    """The upload's last answer: stored, refused for good, or the last of the attempts."""
     s = fleet.summary
+    outcome = UploadOutcome(0, "not_sent")
     for _ in range(fleet.config.upload_attempts):
+        fleet.note(me, offer, "uploading")
         outcome = await send()
         if outcome.code == "accepted":
-            return True
+            pass
         elif outcome.code == "duplicate":
             s.duplicates += 1
         elif outcome.code == "late":
@@ -162,8 +182,12 @@ async def _upload(fleet: Fleet, send: Callable[[], Awaitable[UploadOutcome]]) ->
             continue
         else:
             fleet.rejections[outcome.code] += 1
-        return False
-    return False
+        return outcome
+    return outcome
+
+
+def _failure_code(exc: TransportFailure | ErrorAnswer) -> str:
+    return exc.code if isinstance(exc, ErrorAnswer) else "transport"
 
 
 async def run_device(fleet: Fleet, client: DeviceClient, profile: DeviceProfile) -> None:
@@ -197,9 +221,11 @@ async def run_device(fleet: Fleet, client: DeviceClient, profile: DeviceProfile)
             if offer.task_id in handled:  # already played (another gateway may not know)
                 await fleet.sleep(fleet.config.offline_poll_seconds)
                 continue
+            fleet.note(profile.device_id, offer, "offered")
             if not profile.online(offer.round):
                 s.offline_skips += 1
                 handled.add(offer.task_id)
+                fleet.note(profile.device_id, offer, "offline")
                 await fleet.sleep(fleet.config.offline_poll_seconds)
                 continue
             s.tasks_received += 1
@@ -207,6 +233,9 @@ async def run_device(fleet: Fleet, client: DeviceClient, profile: DeviceProfile)
             fleet.active += 1
             try:
                 await _play_task(fleet, client, profile, offer)
+            except (TransportFailure, ErrorAnswer) as exc:  # the task is lost to this device
+                fleet.note(profile.device_id, offer, "failed", outcome=_failure_code(exc))
+                raise
             finally:
                 fleet.active -= 1
         except TransportFailure:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
+from edge.protocol import TaskOffer
 from edge.simulator.client import DeviceClient
 from edge.simulator.summary import SimulationSummary, StopReason
+from edge.simulator.trace import Step, StepEvent, Tracer
 
 RuntimeChoice = Literal["auto", "executorch", "pytorch"]
 
@@ -58,9 +61,12 @@ class SimulationConfig:
 class Fleet:
     """State shared by the device tasks of one run."""
 
-    def __init__(self, config: SimulationConfig, pool: ProcessPoolExecutor) -> None:
+    def __init__(
+        self, config: SimulationConfig, pool: ProcessPoolExecutor, tracer: Tracer | None = None
+    ) -> None:
         self.config = config
         self.pool = pool
+        self.tracer = tracer
         self.summary = SimulationSummary(job=config.job, devices=config.devices, seed=config.seed)
         self.stop = asyncio.Event()
         self.active = 0
@@ -103,6 +109,22 @@ class Fleet:
         if self.config.devices > pools:
             return 0.0
         return min(self.config.long_poll_seconds, self.config.request_timeout / 2)
+
+    def note(
+        self,
+        device_id: str,
+        offer: TaskOffer,
+        step: Step,
+        *,
+        seconds: float | None = None,
+        outcome: str | None = None,
+    ) -> None:
+        """Tell the tracer, if any, that ``device_id`` reached ``step`` of ``offer``."""
+        if self.tracer is not None:
+            event = StepEvent(
+                device_id, offer.task_id, offer.round, step, time.time(), seconds, outcome
+            )
+            self.tracer(event)
 
     def finish(self, reason: StopReason, error: str | None = None) -> None:
         if not self.stop.is_set():

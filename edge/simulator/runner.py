@@ -30,6 +30,7 @@ from edge.simulator.device import run_device, runtimes_for
 from edge.simulator.fleet import Fleet, SimulationConfig
 from edge.simulator.profiles import make_profiles
 from edge.simulator.summary import SimulationSummary
+from edge.simulator.trace import Tracer
 from edge.simulator.work import FatalTrainingError, init_worker, warm_worker
 
 log = logging.getLogger("canopy.simulator")
@@ -83,15 +84,21 @@ def training_pool(workers: int = 2) -> ProcessPoolExecutor:
 
 
 async def run_simulation(
-    config: SimulationConfig, *, pool: ProcessPoolExecutor | None = None
+    config: SimulationConfig,
+    *,
+    pool: ProcessPoolExecutor | None = None,
+    trace: Tracer | None = None,
 ) -> SimulationSummary:
-    """Play ``config.devices`` devices until done, ``rounds`` seen, or ``max_seconds``."""
+    """Play ``config.devices`` devices until done, ``rounds`` seen, or ``max_seconds``.
+
+    ``trace`` is called with every step each device takes (``edge.simulator.trace``).
+    """
     if not config.gateways:
         raise ValueError("give at least one gateway URL")
     if pool is None:
         own = training_pool(config.workers)
         try:
-            return await run_simulation(config, pool=own)
+            return await run_simulation(config, pool=own, trace=trace)
         finally:
             own.shutdown(wait=True, cancel_futures=True)
     profiles = make_profiles(
@@ -102,7 +109,7 @@ async def run_simulation(
         offline_fraction=config.offline_fraction,
     )
     started = time.monotonic()
-    fleet = Fleet(config, pool)
+    fleet = Fleet(config, pool, trace)
     gateways = GatewayPool(
         config.gateways,
         verify=config.ca_file or True,
