@@ -16,21 +16,29 @@
         commit-round, publish-round
 
 Subflows are per *level*, not per node, and async with their tasks under
-``asyncio.gather``: a sync subflow costs about a second (its heartbeat thread),
-so this keeps Prefect's fixed cost per round small (benchmarks/round_overhead.py).
-Subflows and tasks exchange S3 references and small results, never tensors or
-manifests. Every I/O happens in a task; the logic lives in ``aggregation``,
-``edge``, ``infra`` and the pure modules of ``tasks``. This module tells the story.
+``asyncio.gather``: a sync subflow costs about a second (its heartbeat thread).
+Rounds and levels are pipelined (docs/orchestration.md, "Pipelined rounds"): a
+round starts all its level subflows at once, chained by in-process handoffs
+(``tasks.handoff``), and the next round's flow run is created as this one opens
+and opens as soon as this one's root has the new model, while this one still
+evaluates and commits. Commits stay strictly in round order. So Prefect's API
+calls for creating and finishing runs happen while devices train, not between
+one step and the next. Subflows and tasks exchange S3 references and small
+results, never tensors or manifests. Every I/O happens in a task; the logic
+lives in ``aggregation``, ``edge``, ``infra`` and the pure modules of ``tasks``.
+This module tells the story.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from typing import Literal
+import time
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, cast
 
 from prefect import flow, get_run_logger
-from prefect.states import Completed, State
+from prefect.states import Cancelled, Completed, State
 
 from aggregation.clipping import NormBoundState
 from aggregation.strategies.config import StrategyConfig
@@ -46,12 +54,13 @@ from tasks.collect import check_leaves, close_when_due, collect_leaf
 from tasks.context import RunContext
 from tasks.dispatch import mark_done, open_round, wait_for_devices
 from tasks.evaluation import collect_evaluation, open_evaluation, sum_evaluation
-from tasks.gateways import late_counts, late_since
+from tasks.gateways import late_between, late_counts
+from tasks.handoff import Boundary, Handoff, RoundLink, UpstreamFailedError, handoff
 from tasks.models import check_job, create_initial_model, evaluate_model, load_commit
 from tasks.params import TrainingParams
 from tasks.planning import OpenedRound
 from tasks.programs import export_program, export_template
-from tasks.reporting import round_lines
+from tasks.reporting import advance, round_lines
 from tasks.results import DeviceEvaluation, LeafLevel, RootResult, RoundResults
 from tasks.rounds import commit_round, load_reports
 from tasks.run_cache import run_cache
@@ -63,50 +72,70 @@ _D = TrainingParams.model_construct(job="")
 
 
 # ---------------------------------------------------------------- level subflows
+#
+# A round starts every level subflow at once; each waits for its input on a Handoff
+# and hands its output on the moment it exists (tasks.handoff). The tree's shape,
+# each level a subflow with its nodes' tasks, is the same as when they ran one
+# after the other; only the API calls that create and finish them no longer sit
+# between one level's last sum and the next level's first.
 
 
 @flow(name="leaf-level", validate_parameters=False, log_prints=True)
-async def leaf_level(ctx: RunContext, opened: OpenedRound) -> LeafLevel:
+async def leaf_level(ctx: RunContext, opened: Handoff, out: Handoff) -> LeafLevel | State:
     """Every leaf collects its devices' updates while the close task watches the count;
     then round 0's check across leaves bounds any leaf calibrated by outsized updates.
 
     The leaves run here, or with ``leaf_mode="edge-pool"`` as ``edge-leaf`` runs on
     the edge work pool, children of this subflow (``flows.edge_leaf``).
     """
+    try:
+        rnd: OpenedRound = await opened.get()
+    except UpstreamFailedError as exc:
+        return Cancelled(message=str(exc))
     if ctx.params.leaf_mode == "edge-pool":  # each leaf an edge-leaf run beside the gateways
         closing, leaves = await asyncio.gather(
-            close_when_due(ctx, opened),
-            collect_on_edge(ctx, opened.round, opened.task_refs, opened.norm_state),
+            close_when_due(ctx, rnd),
+            collect_on_edge(ctx, rnd.round, rnd.task_refs, rnd.norm_state),
         )
     else:
         closing, *leaves = await asyncio.gather(
-            close_when_due(ctx, opened),
-            *(
-                collect_leaf(ctx, leaf, ref, opened.norm_state)
-                for leaf, ref in opened.task_refs.items()
-            ),
+            close_when_due(ctx, rnd),
+            *(collect_leaf(ctx, leaf, ref, rnd.norm_state) for leaf, ref in rnd.task_refs.items()),
         )
-    return await check_leaves(ctx, opened.round, LeafLevel(closing=closing, leaves=leaves))
+    level = await check_leaves(ctx, rnd.round, LeafLevel(closing=closing, leaves=leaves))
+    out.set(level.partials)
+    return level
 
 
 @flow(name="aggregator-level", validate_parameters=False)
 async def aggregator_level(
-    ctx: RunContext, rnd: int, nodes: Sequence[Node], children: dict[str, ObjectRef]
-) -> dict[str, ObjectRef]:
+    ctx: RunContext, rnd: int, nodes: Sequence[Node], children: Handoff, out: Handoff
+) -> dict[str, ObjectRef] | State:
     """Every node of one level adds its children's partials."""
+    try:
+        partials: dict[str, ObjectRef] = await children.get()
+    except UpstreamFailedError as exc:
+        return Cancelled(message=str(exc))
     refs = await asyncio.gather(
-        *(sum_node(ctx, rnd, n.name, n.level, [children[c] for c in n.children]) for n in nodes)
+        *(sum_node(ctx, rnd, n.name, n.level, [partials[c] for c in n.children]) for n in nodes)
     )
-    return {n.name: ref for n, ref in zip(nodes, refs, strict=True)}
+    sums = {n.name: ref for n, ref in zip(nodes, refs, strict=True)}
+    out.set(sums)
+    return sums
 
 
 @flow(name="server-level", validate_parameters=False)
 async def server_level(
-    ctx: RunContext, rnd: int, root: Node, children: dict[str, ObjectRef], commit: CommitRecord
-) -> RootResult:
+    ctx: RunContext, rnd: int, root: Node, children: Handoff, basis: Handoff, out: Handoff
+) -> RootResult | State:
     """The root sums the top level, divides once and applies the server strategy."""
-    total = await sum_node(ctx, rnd, root.name, root.level, [children[c] for c in root.children])
-    return await apply_strategy(
+    try:
+        partials: dict[str, ObjectRef] = await children.get()
+        commit: CommitRecord = await basis.get()
+    except UpstreamFailedError as exc:
+        return Cancelled(message=str(exc))
+    total = await sum_node(ctx, rnd, root.name, root.level, [partials[c] for c in root.children])
+    result = await apply_strategy(
         ctx,
         rnd,
         total,
@@ -114,6 +143,86 @@ async def server_level(
         commit.server_state,
         NormBoundState.model_validate(commit.norm_bound or {}),
     )
+    out.set(result)
+    return result
+
+
+async def _level(call: Coroutine[Any, Any, State], out: Handoff) -> Any:
+    """Run one level subflow; if it did not complete, its consumers hear so at once."""
+    try:
+        state = await call
+        if state.is_cancelled():
+            raise UpstreamFailedError(state.message or f"{state.name}: its input never came")
+        return await state.result()  # a failed level raises its own error here
+    except BaseException as exc:
+        out.fail(exc)
+        raise
+
+
+@dataclass
+class Levels:
+    """A round's level subflows, started together, chained by handoffs."""
+
+    opened: Handoff  # the round's OpenedRound, from open-round
+    root: Handoff  # the server level's RootResult
+    runs: list[asyncio.Future[Any]]
+
+    @classmethod
+    def start(cls, ctx: RunContext, tree: Tree, rnd: int, basis: Handoff) -> Levels:
+        tag = f"r{rnd:04d}"
+        opened = handoff(f"{tag} open-round")
+        name = f"{tag}-level-0-leaves"
+        children = handoff(name)
+        calls = [
+            _level(
+                leaf_level.with_options(flow_run_name=name)(
+                    ctx, opened, children, return_state=True
+                ),
+                children,
+            )
+        ]
+        for nodes in tree.levels[1:-1]:
+            name = f"{tag}-level-{nodes[0].level}"
+            out = handoff(name)
+            calls.append(
+                _level(
+                    aggregator_level.with_options(flow_run_name=name)(
+                        ctx, rnd, nodes, children, out, return_state=True
+                    ),
+                    out,
+                )
+            )
+            children = out
+        root = handoff(f"{tag}-server")
+        calls.append(
+            _level(
+                server_level.with_options(flow_run_name=f"{tag}-server")(
+                    ctx, rnd, tree.root, children, basis, root, return_state=True
+                ),
+                root,
+            )
+        )
+        return cls(opened=opened, root=root, runs=[asyncio.ensure_future(c) for c in calls])
+
+    async def leaf_level(self) -> LeafLevel:
+        return cast(LeafLevel, await self.runs[0])
+
+    async def root_result(self) -> RootResult:
+        """The root's result as soon as it exists; else the levels' first own error."""
+        try:
+            return cast(RootResult, await self.root.get())
+        except UpstreamFailedError:
+            await self.settle(raise_first=True)
+            raise
+
+    async def settle(self, raise_first: bool = False) -> None:
+        """Wait for every level subflow to end; optionally raise the first level's own
+        error (not one that only says its input never came)."""
+        outcomes = await asyncio.gather(*self.runs, return_exceptions=True)
+        errors = [e for e in outcomes if isinstance(e, BaseException)]
+        own = [e for e in errors if not isinstance(e, UpstreamFailedError)]
+        if raise_first and own:
+            raise own[0]
 
 
 # ---------------------------------------------------------------- one round
@@ -133,60 +242,98 @@ async def device_evaluation_level(
 
 
 @flow(name="fl-round", validate_parameters=False, log_prints=True)
-async def training_round(ctx: RunContext, tree: Tree, commit: CommitRecord) -> State:
-    """Export, dispatch, collect, aggregate level by level, evaluate (and on devices), commit."""
-    rnd, tag = commit.next_round, f"r{commit.next_round:04d}"
-    late_before = await late_counts(ctx)
+async def training_round(ctx: RunContext, tree: Tree, link: RoundLink) -> State:
+    """Export, dispatch, collect, aggregate level by level, evaluate (and on devices), commit.
+
+    Runs beside its neighbours (docs/orchestration.md, "Pipelined rounds"): it opens
+    once the round before has its new model (``link.start.basis``), hands its own
+    on as soon as its root has one (``link.end.basis``), and commits only after the
+    round before has committed (``link.start.committed``).
+    """
+    levels = Levels.start(ctx, tree, link.round, link.start.basis)
+    try:
+        return await _play_round(ctx, tree, link, levels)
+    except BaseException as exc:
+        levels.opened.fail(exc)
+        link.start.opened.fail(exc)
+        link.end.fail(exc)
+        await levels.settle()
+        if isinstance(exc, UpstreamFailedError):  # the round before failed: not ours to report
+            return Cancelled(message=f"round {link.round} was not committed: {exc}")
+        raise
+
+
+async def _arrival(basis: Handoff) -> tuple[CommitRecord, float]:
+    return await basis.get(), time.time()
+
+
+async def _play_round(ctx: RunContext, tree: Tree, link: RoundLink, levels: Levels) -> State:
+    rnd, tag = link.round, f"r{link.round:04d}"
+
+    # 0. the model this round trains: the round before's, as soon as its root has it
+    waiting = asyncio.ensure_future(_arrival(link.start.basis))
+    devices = await wait_for_devices(ctx)
+    basis, started = await waiting
 
     # 1. export the global model to the devices' training program
     program = None
     if ctx.params.runtime == "executorch":
-        program = await export_program(ctx, rnd, commit.global_model)
+        program = await export_program(ctx, rnd, basis.global_model)
 
     # 2. dispatch: sample the cohort, write the leaves' tasks, open the round
-    devices = await wait_for_devices(ctx)
-    opened = await open_round(ctx, rnd, devices, tree.leaves, commit, program)
-
-    # 3. collect device updates at the leaves until the round closes
-    level = await leaf_level.with_options(flow_run_name=f"{tag}-level-0-leaves")(ctx, opened)
-
-    # 4. aggregate level by level, then the root applies the strategy
-    partials = level.partials
-    for nodes in tree.levels[1:-1]:
-        partials = await aggregator_level.with_options(
-            flow_run_name=f"{tag}-level-{nodes[0].level}"
-        )(ctx, rnd, nodes, partials)
-    root = await server_level.with_options(flow_run_name=f"{tag}-server")(
-        ctx, rnd, tree.root, partials, commit
+    opened, late_open = await asyncio.gather(
+        open_round(ctx, rnd, devices, tree.leaves, basis, program), late_counts(ctx)
     )
+    link.start.opened.set(late_open)
+    levels.opened.set(opened)
+
+    # 3-4. the level subflows, already running: collect at the leaves until the round
+    #      closes, add level by level, and the root applies the strategy
+    root = await levels.root_result()
+    evaluate_devices = root.global_model is not None and ctx.params.evaluates_on_devices(rnd)
+    if not evaluate_devices:  # the next round may open now: this one no longer needs the pointer
+        link.end.basis.set(advance(basis, root))
 
     # 5. evaluate the new global model on held-out data: the server's test split, and
     #    every eval_every rounds, at the same time, devices on their own held-out data
     evaluation = device_eval = None
     if root.global_model is not None:
-        if ctx.params.evaluates_on_devices(rnd):
+        if evaluate_devices:
             evaluation, device_eval = await asyncio.gather(
                 evaluate_model(ctx, rnd, root.global_model),
                 device_evaluation_level.with_options(flow_run_name=f"{tag}-device-evaluation")(
                     ctx, rnd, tree.leaves, root.global_model
                 ),
             )
+            link.end.basis.set(advance(basis, root))
         else:
             evaluation = await evaluate_model(ctx, rnd, root.global_model)
 
-    # 6. commit: the report, then the pointer (the UI is updated off the critical path)
+    # 6. commit after the round before: the report, then the pointer. Late uploads
+    #    count until the next round opened (or now), so overlapping rounds share none.
+    committed = await link.start.committed.get()
+    late_close = link.end.opened.peek()
+    if late_close is None:
+        late_close = await late_counts(ctx)
     results = RoundResults(
         program=program,
         opened=opened,
-        level=level,
+        level=await levels.leaf_level(),
         root=root,
         evaluation=evaluation,
         device_evaluation=device_eval,
     )
     new_commit, report = await commit_round(
-        ctx, commit, results, late=await late_since(ctx, late_before)
+        ctx,
+        committed,
+        results,
+        late=late_between(late_open, late_close),
+        started_at=started,
+        trained=basis.global_model,
     )
+    link.end.committed.set(new_commit)
     get_run_logger().info(round_lines([report])[0])
+    await levels.settle(raise_first=True)
     return round_state(report, new_commit)
 
 
@@ -194,6 +341,59 @@ def round_state(report: RoundReport, commit: CommitRecord) -> State:
     """A committed round completes; an abandoned one completes under the name ``Abandoned``."""
     name = "Completed" if report.outcome == "committed" else "Abandoned"
     return Completed(name=name, message=report.reason or None, data=(commit, report))
+
+
+async def _round_outcome(
+    ctx: RunContext,
+    call: Coroutine[Any, Any, State],
+    link: RoundLink,
+    published: asyncio.Future[Any] | None,
+) -> tuple[CommitRecord, RoundReport]:
+    """A round's commit and report; then its artifacts, drawn after the round before's."""
+    try:
+        state = await call
+        if state.is_cancelled():
+            raise UpstreamFailedError(state.message or f"round {link.round} was cancelled")
+        commit, report = cast(tuple[CommitRecord, RoundReport], await state.result())
+    except BaseException as exc:  # a round that crashed may not have said so itself
+        link.start.opened.fail(exc)
+        link.end.fail(exc)
+        raise
+    if published is not None:
+        await asyncio.gather(published, return_exceptions=True)
+    await publish_round(ctx, report, commit)
+    return commit, report
+
+
+async def play_rounds(ctx: RunContext, layout: Tree, commit: CommitRecord) -> CommitRecord:
+    """Every round left to play, each flow run created as the round before opens.
+
+    At most three round flows are alive: one evaluating and committing, one
+    collecting, and one waiting for the collecting round's model. The first
+    round's own failure is raised once every round has ended; rounds after it
+    end Cancelled, uncommitted.
+    """
+    boundary = Boundary.resumed(commit)
+    playing: list[asyncio.Future[tuple[CommitRecord, RoundReport]]] = []
+    for rnd in range(commit.next_round, ctx.params.rounds):
+        link = RoundLink(round=rnd, start=boundary, end=Boundary.before(rnd + 1))
+        call = training_round.with_options(flow_run_name=f"round-{rnd:04d}")(
+            ctx, layout, link, return_state=True
+        )
+        playing.append(
+            asyncio.ensure_future(_round_outcome(ctx, call, link, playing[-1] if playing else None))
+        )
+        opening = asyncio.ensure_future(boundary.opened.get())
+        await asyncio.wait([playing[-1], opening], return_when=asyncio.FIRST_COMPLETED)
+        opening.cancel()
+        if playing[-1].done() and playing[-1].exception() is not None:
+            break
+        boundary = link.end
+    outcomes = await asyncio.gather(*playing, return_exceptions=True)
+    errors = [o for o in outcomes if isinstance(o, BaseException)]
+    if errors:
+        raise next((e for e in errors if not isinstance(e, UpstreamFailedError)), errors[0])
+    return commit if not outcomes else cast(tuple[CommitRecord, RoundReport], outcomes[-1])[0]
 
 
 # ---------------------------------------------------------------- the job
@@ -250,15 +450,7 @@ async def federated_training(
             get_run_logger().info(
                 "resuming %s run %s at round %d", job, params.run_id, commit.next_round
             )
-        publishing: list[asyncio.Task[None]] = []
-        while commit.next_round < params.rounds:
-            state = await training_round.with_options(
-                flow_run_name=f"round-{commit.next_round:04d}"
-            )(ctx, layout, commit, return_state=True)
-            commit, report = await state.result()  # type: ignore[misc]
-            # the round's artifacts are drawn while the next round runs
-            publishing.append(asyncio.ensure_future(publish_round(ctx, report, commit)))
-        await asyncio.gather(*publishing)
+        commit = await play_rounds(ctx, layout, commit)
 
     reports = await load_reports(ctx, commit)
     await publish_summary(ctx, reports)

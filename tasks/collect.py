@@ -32,6 +32,7 @@ from infra.keys import partial_key
 from infra.outputs import LineageObserver, Output, Provenance, put_with_lineage
 from infra.store import ObjectStore
 from tasks.aggregate import load_partial
+from tasks.close_signal import announce_closed
 from tasks.context import RunContext, current_flow_run_id, store_for
 from tasks.evaluation import count_evaluations
 from tasks.intake import count_reports
@@ -81,6 +82,8 @@ async def close_when_due(ctx: RunContext, opened: OpenedRound) -> Closing:
         await asyncio.sleep(min(CLOSE_POLL_SECONDS, policy.seconds_left(now)))
     closed_at = time.time()
     await asyncio.to_thread(set_round_status, store, opened.active, "closed")
+    active = opened.active
+    announce_closed(active.job, active.run_id, active.round, active.kind)
     await progress.show(seen, final=True)
     get_run_logger().info(
         "close-round: round %d %s closed (%s) with %d upload(s) in",

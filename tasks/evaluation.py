@@ -38,6 +38,7 @@ from infra.keys import (
 )
 from infra.outputs import Output, Provenance, put_with_lineage
 from infra.store import ObjectRef, ObjectStore, get_json
+from tasks.close_signal import pause_unless_closed
 from tasks.context import RunContext, current_flow_run_id, store_for
 from tasks.dispatch import PlanBasis, open_planned, registered_devices
 from tasks.planning import OpenedRound, RoundPlan, plan_evaluation
@@ -143,7 +144,7 @@ async def _read_until_closed(intake: EvaluationIntake) -> None:
                 f"the evaluation of round {t.round} of {t.job}/{t.run_id} is still open "
                 f"{CLOSE_OVERDUE_S:.0f} s after its deadline; leaf {t.leaf} stops"
             )
-        await asyncio.sleep(POLL_SECONDS)
+        await pause_unless_closed(t.job, t.run_id, t.round, "evaluate", POLL_SECONDS)
 
 
 @task(name="collect-evaluation", cache_policy=NONE, task_run_name="evaluate-{leaf}")

@@ -57,11 +57,6 @@ def late_between(before: dict[str, float], after: dict[str, float]) -> int:
 
 @task(name="read-late-counts", cache_policy=NONE)
 async def late_counts(ctx: RunContext) -> dict[str, float]:
-    """The gateways' late-upload counters for the job, at the start of a round."""
+    """The gateways' late-upload counters for the job: read as a round opens, and as it
+    commits unless the next round opened first (``late_between`` the two readings)."""
     return await read_late_counts(ctx.gateway, ctx.job)
-
-
-@task(name="count-late-uploads", cache_policy=NONE)
-async def late_since(ctx: RunContext, before: dict[str, float]) -> int:
-    """Late uploads the fleet sent since ``before`` (the start of the round)."""
-    return late_between(before, await read_late_counts(ctx.gateway, ctx.job))

@@ -46,6 +46,7 @@ from infra.errors import CanopyError, StoreError
 from infra.keys import partial_key
 from infra.outputs import Output, Provenance, put_with_lineage
 from infra.store import ObjectRef, ObjectStore, get_json
+from tasks.close_signal import pause_unless_closed
 from tasks.context import RunContext, current_flow_run_id, store_for
 from tasks.intake import LeafIntake
 from tasks.leaf_outcome import LeafOutcome
@@ -131,7 +132,7 @@ async def _stream_until_closed(intake: LeafIntake, store: ObjectStore) -> None:
                 f"after its deadline; leaf {t.leaf} stops (did the close-round task fail, or "
                 "is S3 unreachable?)"
             )
-        await asyncio.sleep(POLL_SECONDS)
+        await pause_unless_closed(t.job, t.run_id, t.round, "train", POLL_SECONDS)
 
 
 async def _read_the_rest(intake: LeafIntake) -> None:

@@ -124,13 +124,18 @@ def build_round_report(
     )
 
 
-def next_commit(
-    commit: CommitRecord, report: RoundReport, root: RootResult, report_ref: ObjectRef
-) -> CommitRecord:
-    """The pointer after a round. An abandoned round keeps the model and state."""
+def advance(commit: CommitRecord, root: RootResult) -> CommitRecord:
+    """What the next round starts from: ``commit`` moved past a round with ``root``.
+
+    The model, strategy state and norm bound of the record the round will commit,
+    known as soon as its root has finished, so the next round can open while this
+    one still evaluates and commits (docs/orchestration.md, "Pipelined rounds").
+    Its ``reports`` are still the old ones; ``next_commit`` adds the round's report.
+    An abandoned round keeps the model and state.
+    """
     return commit.model_copy(
         update={
-            "next_round": report.round + 1,
+            "next_round": commit.next_round + 1,
             "global_model": root.global_model or commit.global_model,
             "server_state": root.server_state or commit.server_state,
             "norm_bound": (
@@ -138,9 +143,18 @@ def next_commit(
                 if root.norm_state is not None
                 else commit.norm_bound
             ),
-            "reports": [*commit.reports, report_ref],
-            "updated_at": report.finished_at,
         }
+    )
+
+
+def next_commit(
+    commit: CommitRecord, report: RoundReport, root: RootResult, report_ref: ObjectRef
+) -> CommitRecord:
+    """The pointer after a round: ``advance`` plus the round's report."""
+    if report.round != commit.next_round:
+        raise ValueError(f"round {report.round} cannot follow a commit at {commit.next_round}")
+    return advance(commit, root).model_copy(
+        update={"reports": [*commit.reports, report_ref], "updated_at": report.finished_at}
     )
 
 

@@ -7,9 +7,9 @@ import time
 
 from prefect import task
 from prefect.cache_policies import NONE
-from prefect.context import FlowRunContext
 
 from infra.run_state import CommitRecord, RoundReport, read_reports, write_commit, write_report
+from infra.store import ObjectRef
 from tasks.context import RunContext, current_flow_run_id, store_for
 from tasks.reporting import build_round_report, next_commit
 from tasks.results import RoundResults
@@ -21,22 +21,34 @@ async def commit_round(
     commit: CommitRecord,
     results: RoundResults,
     late: int,
+    started_at: float | None = None,
+    trained: ObjectRef | None = None,
 ) -> tuple[CommitRecord, RoundReport]:
-    """Write the round's report, then move ``commit.json`` (one atomic PUT)."""
+    """Write the round's report, then move ``commit.json`` (one atomic PUT).
+
+    ``commit`` is the previous round's commit as written; the round trained the
+    model it points at (``trained``, checked), whether it opened before that commit
+    or after. ``started_at`` is when the round could start (it had its model), for the
+    report's ``duration_s``.
+    """
     if results.opened.round != commit.next_round:
         raise ValueError(
             f"refusing to commit round {results.opened.round}: the run's next round is "
             f"{commit.next_round} (was this round already applied?)"
         )
-    run = FlowRunContext.get()  # the round subflow's start: its Prefect overhead counts too
-    started = run.flow_run.start_time if run is not None and run.flow_run is not None else None
+    if trained is not None and trained != commit.global_model:
+        raise ValueError(
+            f"refusing to commit round {results.opened.round}: it trained "
+            f"{trained.key} ({trained.sha256[:12]}), but the commit before it points at "
+            f"{commit.global_model.key} ({commit.global_model.sha256[:12]})"
+        )
     report = build_round_report(
         results,
         commit=commit,
         late=late,
         min_reports=ctx.params.min_reports,
         flow_run_id=current_flow_run_id(),
-        round_started_at=started.timestamp() if started is not None else None,
+        round_started_at=started_at,
         now=time.time(),
     )
     store = store_for(ctx.s3)

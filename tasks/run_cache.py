@@ -17,6 +17,7 @@ so a task called on its own still works, only uncached.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -40,6 +41,7 @@ class RunCache:
     jobs: dict[str, JobSpec] = field(default_factory=dict)
     registries: dict[str, RegistryIndex] = field(default_factory=dict)
     snapshots: dict[str, list[str]] = field(default_factory=dict)
+    closes: dict[tuple[str, str, int, str], asyncio.Event] = field(default_factory=dict)
 
     def template(
         self, key: str, sha256: str, load: Callable[[], ProgramTemplate]
@@ -70,6 +72,15 @@ class RunCache:
         self.snapshots[digest] = ids
         while len(self.snapshots) > 4:
             del self.snapshots[next(iter(self.snapshots))]
+
+    def close_event(self, job: str, run_id: str, rnd: int, kind: str) -> asyncio.Event:
+        """Set when this process closed the round (``tasks.close_signal``); the last few."""
+        key = (job, run_id, rnd, kind)
+        if key not in self.closes:
+            self.closes[key] = asyncio.Event()
+            while len(self.closes) > 8:
+                del self.closes[next(iter(self.closes))]
+        return self.closes[key]
 
     def weight_cap(self, partition_json: str, compute: Callable[[], int]) -> int:
         if partition_json not in self.weight_caps:
