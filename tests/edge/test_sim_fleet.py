@@ -5,6 +5,13 @@ update batches, nothing else) drives rounds, so the test checks exactly what
 the simulator promises: devices speak only HTTP, the right devices report in
 each round, dropouts and offline rounds follow the seed, and a second run with
 the same seed reproduces the first.
+
+The stand-in closes a round only once every selected device is done with its
+task, as the simulator's trace (``edge.simulator.trace``) tells: skipped it
+(offline), dropped out after the download, or had its upload answered. Closing
+when the expected reports are in is not enough: a slow device that had not yet
+taken its task would then never drop out, and one taking it during the close
+would be refused its download.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import random
 import threading
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 
@@ -29,6 +37,7 @@ from edge.simulator import (
     run_simulation,
     training_pool,
 )
+from edge.simulator.trace import StepEvent
 from edge.simulator.work import warm_worker
 from edge.update_batch import DeviceUpdate, decode_update_batch
 from infra.keys import updates_prefix
@@ -78,7 +87,12 @@ def expected_reports(rnd: int) -> set[str]:
 
 
 class StandInFlow(threading.Thread):
-    """Opens rounds, waits for the expected reports, applies their mean, ends the job."""
+    """Opens rounds, waits until every selected device is done with its task, applies
+    the reports' mean, ends the job.
+
+    ``trace`` is given to the simulation: it records, from the simulator's event loop,
+    which devices are done with which round's task.
+    """
 
     def __init__(self, store: S3ObjectStore, run_id: str) -> None:
         super().__init__(daemon=True)
@@ -86,6 +100,21 @@ class StandInFlow(threading.Thread):
         self.run_id = run_id
         self.reports: dict[int, list[DeviceUpdate]] = {}
         self.error: BaseException | None = None
+        self._done: dict[int, set[str]] = defaultdict(set)
+        self._progress = threading.Condition()
+
+    def trace(self, event: StepEvent) -> None:
+        if event.final:
+            with self._progress:
+                self._done[event.round].add(event.device_id)
+                self._progress.notify_all()
+
+    def wait_until_done_with(self, rnd: int, devices: set[str], timeout: float) -> None:
+        """Until each of ``devices`` has finished round ``rnd``'s task, one way or another."""
+        with self._progress:
+            if not self._progress.wait_for(lambda: devices <= self._done[rnd], timeout):
+                missing = sorted(devices - self._done[rnd])
+                raise TimeoutError(f"round {rnd}: {missing} never finished their task")
 
     def stored(self, rnd: int) -> list[DeviceUpdate]:
         out = []
@@ -113,11 +142,7 @@ class StandInFlow(threading.Thread):
                     idle_poll_seconds=0.4,
                     deadline_seconds=90,
                 )
-                deadline = time.monotonic() + 60
-                while {u.device_id for u in self.stored(rnd)} < expected_reports(rnd):
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"round {rnd}: reports did not arrive")
-                    time.sleep(0.2)
+                self.wait_until_done_with(rnd, set(selected_for(rnd)), timeout=60)
                 # Close, then list: the gateways' close fence makes that complete, no sleep.
                 set_round_status(self.store, read_active(self.store, JOB), "closed")
                 # Sorted: the float sum must not depend on the order uploads arrived in.
@@ -152,7 +177,7 @@ def simulate(
             offline_poll_seconds=0.3,
             **PROFILE_ARGS,
         )
-        summary = asyncio.run(run_simulation(config, pool=pool))
+        summary = asyncio.run(run_simulation(config, pool=pool, trace=flow.trace))
         flow.join(timeout=10)
     if flow.error is not None:
         raise flow.error
