@@ -4,18 +4,25 @@ Each batch costs the gateway the same whatever its size: one PUT, a share of
 the close fence's GET and one lineage PUT, about 2 ms of CPU each in boto3.
 Per upload that is the batch's cost divided by its size, so under load the
 gateway should write fewer, fuller batches; when it is idle an upload should
-not wait long. The rule:
+not wait at all. The rule:
 
 * a full batch (``max_updates``) is written at once;
-* otherwise it waits ``max_wait`` seconds after its first update arrived;
-* and while the leaf's previous batch is still being *committed* (its PUT, then
-  the close fence's read), it waits for that commit to end as well.
+* while the leaf's previous batch is still being *committed* (its PUT, then the
+  close fence's read), it waits for that commit to end;
+* otherwise it waits while more uploads of the leaf are *arriving* (admitted at
+  the door, their bodies being read or checked), but no longer than
+  ``max_wait`` seconds after its first update arrived;
+* and with nothing arriving it is written at once: lingering could only add
+  latency, since nothing the gateway has seen yet could join the batch.
 
-The last point is what makes batches adaptive: the slower storage answers, the
+The commit rule is what makes batches adaptive: the slower storage answers, the
 longer a batch stays open and the more updates share its PUT, so the number of
 S3 requests follows what storage absorbs, not the number of devices. Waiting
 for the fence too (not only the PUT) keeps one batch per leaf in commit at a
-time, which roughly doubles the updates per PUT under a steady load.
+time, which roughly doubles the updates per PUT under a steady load. Under load
+uploads keep arriving, so batches fill for ``max_wait`` as before; an idle
+gateway (the last uploads of a round, which the round's close waits for) writes
+an update as soon as it is checked instead of ``max_wait`` later.
 """
 
 from __future__ import annotations
@@ -31,15 +38,20 @@ class Flush(Enum):
     AFTER_COMMIT = "after_commit"  # due, but the leaf's previous batch is still in commit
 
 
-def flush_decision(*, size: int, expired: bool, committing: bool, max_updates: int) -> Flush:
+def flush_decision(
+    *, size: int, expired: bool, committing: bool, arriving: int, max_updates: int
+) -> Flush:
     """Whether an open batch of ``size`` updates is written now.
 
     ``expired``: ``max_wait`` has passed since its first update arrived (its timer
     fired). ``committing``: the leaf's previous batch has not finished its PUT and
-    fence.
+    fence. ``arriving``: uploads of the leaf admitted at the door and not yet in the
+    batch (or turned away).
     """
     if size >= max_updates:
         return Flush.WRITE
-    if not expired:
+    if committing:
+        return Flush.AFTER_COMMIT
+    if arriving > 0 and not expired:
         return Flush.WAIT
-    return Flush.AFTER_COMMIT if committing else Flush.WRITE
+    return Flush.WRITE

@@ -2,10 +2,12 @@
 
 Each accepted update joins the open batch of its (job, run, round, leaf, kind:
 training updates and evaluation results never share a batch). The
-batch is written when it holds ``max_updates`` updates or ``max_wait`` seconds
-after its first update arrived, whichever comes first; but while the leaf's
-previous batch is still being committed (written, then fenced), a batch that is
-not full waits for that commit to end (``batch_policy.flush_decision``).
+batch is written when it is full (``max_updates``), or as soon as no other
+upload of its leaf is arriving (``expect``: admitted at the door, body still
+being read or checked), or ``max_wait`` seconds after its first update arrived,
+whichever comes first; but while the leaf's previous batch is still being
+committed (written, then fenced), a batch that is not full waits for that
+commit to end (``batch_policy.flush_decision``).
 Batches therefore grow by themselves when storage is slow (classic group
 commit): the number of PUTs follows what S3 can absorb, not the number of
 devices. Every device waiting on
@@ -78,6 +80,30 @@ class _OpenBatch:
     expired: bool = False  # max_wait has passed since the first update arrived
 
 
+class Arrival:
+    """An upload admitted for a leaf whose update has not joined a batch yet.
+
+    While it is open the leaf's batch may linger for it (up to ``max_wait``);
+    ``close`` (joined, or turned away) lets the batch go. Closing twice is harmless.
+    """
+
+    def __init__(self, committer: GroupCommitter, context: BatchContext) -> None:
+        self._committer = committer
+        self.context = context
+        self.open = True
+
+    def close(self, *, consider: bool = True) -> None:
+        if self.open:
+            self.open = False
+            self._committer._arrived(self.context, consider=consider)
+
+    def __enter__(self) -> Arrival:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class GroupCommitter:
     """Collects accepted updates per leaf and writes each batch as one object."""
 
@@ -102,13 +128,33 @@ class GroupCommitter:
         self._open: dict[BatchContext, _OpenBatch] = {}
         self._writes: set[asyncio.Task[None]] = set()
         self._committing: Counter[BatchContext] = Counter()  # PUT + fence in flight per leaf
+        self._arriving: Counter[BatchContext] = Counter()  # admitted, not in a batch yet
         self._seq = itertools.count()
         self.pending = 0
 
+    def expect(self, context: BatchContext) -> Arrival:
+        """Say that an upload for ``context``'s leaf is on its way (see ``Arrival``)."""
+        self._arriving[context] += 1
+        return Arrival(self, context)
+
+    def _arrived(self, context: BatchContext, *, consider: bool) -> None:
+        self._arriving[context] -= 1
+        if self._arriving[context] <= 0:
+            del self._arriving[context]
+        if consider:
+            self._consider(context)
+
     async def commit(
-        self, context: BatchContext, global_model: ObjectRef, update: DeviceUpdate
+        self,
+        context: BatchContext,
+        global_model: ObjectRef,
+        update: DeviceUpdate,
+        arrival: Arrival | None = None,
     ) -> str:
-        """Add ``update`` to its leaf's batch; return the batch key once it is in S3."""
+        """Add ``update`` to its leaf's batch; return the batch key once it is in S3.
+
+        ``arrival``: the ``expect`` this update fulfils, closed as the update joins.
+        """
         loop = asyncio.get_running_loop()
         batch = self._open.get(context)
         if batch is None:
@@ -119,6 +165,8 @@ class GroupCommitter:
         batch.items.append((update, future))
         self.pending += 1
         self._metrics.pending_updates.inc()
+        if arrival is not None:
+            arrival.close(consider=False)  # considered just below, with the update in
         self._consider(context)
         # shield: a device hanging up must not cancel the shared write's future.
         return await asyncio.shield(future)
@@ -138,6 +186,7 @@ class GroupCommitter:
             size=len(batch.items),
             expired=batch.expired,
             committing=self._committing[context] > 0,
+            arriving=self._arriving[context],
             max_updates=self._max_updates,
         )
         if decision is Flush.WRITE:

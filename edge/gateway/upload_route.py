@@ -103,11 +103,13 @@ class UploadHandler:
             view = await service.uploads.admit(job, claims, task_id, parsed)
             train = view.task.kind == "train"
             limit = self.settings.max_body_bytes if train else MAX_JSON_BODY_BYTES
-            body = await read_chunks(headers.get("content-length"), chunks, limit, self.budget)
-            try:
-                return await service.uploads.accept(view, claims, body, parsed)
-            finally:
-                self.budget.give(len(body))
+            # From here the leaf's open batch may wait for this upload (group commit).
+            with service.uploads.arriving(view) as arrival:
+                body = await read_chunks(headers.get("content-length"), chunks, limit, self.budget)
+                try:
+                    return await service.uploads.accept(view, claims, body, parsed, arrival)
+                finally:
+                    self.budget.give(len(body))
         except ProtocolError as exc:
             self.metrics.results_rejected.labels(reason=exc.code.value).inc()
             raise

@@ -29,12 +29,13 @@ from concurrent.futures import Executor
 from datetime import UTC, datetime
 
 from aggregation.tensors import TensorDict
-from edge.gateway.batcher import GroupCommitter
+from edge.gateway.batcher import Arrival, GroupCommitter
 from edge.gateway.metrics import GatewayMetrics
 from edge.gateway.rounds import LeafView, RoundDirectory
 from edge.gateway.tokens import TokenClaims
 from edge.gateway.tuning import GatewayTuning
 from edge.gateway.update_check import decode_and_check
+from edge.manifests import LeafTask
 from edge.protocol import (
     ErrorCode,
     ProtocolError,
@@ -112,6 +113,17 @@ class UploadDesk:
         check_content_type_for(view.task.kind, headers.content_type)
         return view
 
+    def arriving(self, view: LeafView) -> Arrival:
+        """Tell the group commit that an admitted upload for ``view``'s leaf is on its
+        way, so its open batch may wait for it (close it, or use it as a context manager;
+        ``accept`` closes it as the update joins the batch)."""
+        return self._committer.expect(self._context(view.task))
+
+    def _context(self, task: LeafTask) -> BatchContext:
+        return BatchContext(
+            task.job, task.run_id, task.round, task.leaf, self._gateway_id, task.kind
+        )
+
     async def _current(self, job: str, claims: TokenClaims) -> LeafView:
         view = await self._rounds.current_view(job, claims.device_id)
         if view is None:
@@ -119,9 +131,17 @@ class UploadDesk:
         return view
 
     async def accept(
-        self, view: LeafView, claims: TokenClaims, body: bytes, headers: UploadHeaders
+        self,
+        view: LeafView,
+        claims: TokenClaims,
+        body: bytes,
+        headers: UploadHeaders,
+        arrival: Arrival | None = None,
     ) -> UploadReceipt:
-        """Validate the body, then answer a duplicate or commit and acknowledge."""
+        """Validate the body, then answer a duplicate or commit and acknowledge.
+
+        ``arrival`` (from ``arriving``) is handed to the group commit with the update.
+        """
         task, device = view.task, claims.device_id
         key = (task.task_id, device)
         metrics = headers.metrics
@@ -154,10 +174,7 @@ class UploadDesk:
                 received_at=received,
                 gateway_id=self._gateway_id,
             )
-            context = BatchContext(
-                task.job, task.run_id, task.round, task.leaf, self._gateway_id, task.kind
-            )
-            await self._committer.commit(context, task.global_model, update)
+            await self._committer.commit(self._context(task), task.global_model, update, arrival)
         except asyncio.CancelledError:
             future.cancel()
             raise

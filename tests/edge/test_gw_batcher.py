@@ -1,10 +1,11 @@
-"""Group commit on its own: batches grow while storage is slow; failures acknowledge nobody."""
+"""Group commit on its own: batches grow while storage is slow or uploads are still arriving;
+an idle gateway writes at once; failures acknowledge nobody."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
@@ -72,6 +73,68 @@ def committer(
     )
 
 
+async def commit_arrived(
+    batcher: GroupCommitter, updates: Sequence[DeviceUpdate], ctx: BatchContext = CTX
+) -> list[str]:
+    """Commit ``updates`` that the door admitted together (all expected, then each joins)."""
+    arrivals = [batcher.expect(ctx) for _ in updates]
+    return list(
+        await asyncio.gather(
+            *(batcher.commit(ctx, GLOBAL, u, a) for u, a in zip(updates, arrivals, strict=True))
+        )
+    )
+
+
+async def test_an_idle_gateway_writes_an_update_without_lingering() -> None:
+    store = SlowStore(delay=0.0)
+    with ThreadPoolExecutor(2) as executor:
+        batcher = committer(store, executor, max_wait=600.0)
+        # nothing else arriving, nothing in commit: no reason to wait the 600 s
+        key = await asyncio.wait_for(batcher.commit(CTX, GLOBAL, update(0)), timeout=30)
+
+    assert store.list_keys("j/r/round-00000/updates/") == [key]
+
+
+async def test_a_batch_waits_for_uploads_still_arriving_and_goes_when_they_joined() -> None:
+    store = SlowStore(delay=0.0)
+    with ThreadPoolExecutor(2) as executor:
+        batcher = committer(store, executor, max_wait=600.0)
+        first, second = batcher.expect(CTX), batcher.expect(CTX)
+        waiting = asyncio.ensure_future(batcher.commit(CTX, GLOBAL, update(0), first))
+        await asyncio.sleep(0.1)
+        written_while_one_arrives = store.list_keys("j/r/round-00000/updates/")
+        key = await asyncio.wait_for(batcher.commit(CTX, GLOBAL, update(1), second), timeout=30)
+
+    assert written_while_one_arrives == []  # the batch waited for the second upload
+    assert await waiting == key
+    assert [u.device_id for u in decode_update_batch(store.get(key).data, key)] == ["d0", "d1"]
+
+
+async def test_an_arrival_turned_away_lets_its_batch_go() -> None:
+    store = SlowStore(delay=0.0)
+    with ThreadPoolExecutor(2) as executor:
+        batcher = committer(store, executor, max_wait=600.0)
+        joins, rejected = batcher.expect(CTX), batcher.expect(CTX)
+        waiting = asyncio.ensure_future(batcher.commit(CTX, GLOBAL, update(0), joins))
+        await asyncio.sleep(0.05)
+        with rejected:  # its body failed a check: it leaves without joining
+            pass
+        key = await asyncio.wait_for(waiting, timeout=30)
+
+    assert [u.device_id for u in decode_update_batch(store.get(key).data, key)] == ["d0"]
+
+
+async def test_an_upload_still_arriving_is_waited_for_at_most_max_wait() -> None:
+    store = SlowStore(delay=0.0)
+    with ThreadPoolExecutor(2) as executor:
+        batcher = committer(store, executor, max_wait=0.05)
+        slow_body = batcher.expect(CTX)
+        key = await asyncio.wait_for(batcher.commit(CTX, GLOBAL, update(0)), timeout=30)
+        slow_body.close()
+
+    assert [u.device_id for u in decode_update_batch(store.get(key).data, key)] == ["d0"]
+
+
 async def test_batches_grow_while_the_previous_write_is_in_flight() -> None:
     store = SlowStore(delay=0.3)
     with ThreadPoolExecutor(4) as executor:
@@ -96,7 +159,7 @@ async def test_full_batches_do_not_wait() -> None:
     with ThreadPoolExecutor(4) as executor:
         batcher = committer(store, executor, max_updates=4, max_wait=10.0)
         started = time.perf_counter()
-        await asyncio.gather(*(batcher.commit(CTX, GLOBAL, update(i)) for i in range(8)))
+        await commit_arrived(batcher, [update(i) for i in range(8)])
         elapsed = time.perf_counter() - started
 
     assert elapsed < 5.0  # two full batches, written without waiting for the 10 s timer
@@ -122,10 +185,12 @@ async def test_drain_writes_open_batches_at_shutdown() -> None:
     store = SlowStore(delay=0.0)
     with ThreadPoolExecutor(2) as executor:
         batcher = committer(store, executor, max_wait=60.0)
+        still_arriving = batcher.expect(CTX)  # keeps the batch open for up to 60 s
         waiting = asyncio.ensure_future(batcher.commit(CTX, GLOBAL, update(0)))
         await asyncio.sleep(0.01)
         await batcher.drain()
         key = await asyncio.wait_for(waiting, timeout=5)
+        still_arriving.close()
 
     assert key.startswith("j/r/round-00000/updates/leaf-0/gw-t-")
     [stored] = decode_update_batch(store.get(key).data, key)
@@ -145,10 +210,11 @@ async def test_the_fence_is_read_after_the_put_and_decides_the_acknowledgement()
     metrics = GatewayMetrics()
     with ThreadPoolExecutor(2) as executor:
         batcher = committer(store, executor, fence=fence, metrics=metrics)
-        acked = await asyncio.gather(*(batcher.commit(CTX, GLOBAL, update(i)) for i in range(3)))
+        acked = await commit_arrived(batcher, [update(i) for i in range(3)])
         open_rounds.clear()  # the flow closed round 0
+        arrivals = [batcher.expect(CTX) for _ in range(2)]
         refused = await asyncio.gather(
-            *(batcher.commit(CTX, GLOBAL, update(i)) for i in range(3, 5)),
+            *(batcher.commit(CTX, GLOBAL, update(3 + i), a) for i, a in enumerate(arrivals)),
             return_exceptions=True,
         )
 

@@ -6,6 +6,7 @@ import datetime as dt
 import ipaddress
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -38,13 +39,21 @@ def enrol(client: httpx.Client, device_id: str) -> dict[str, str]:
     return device.auth
 
 
+def update_body(value: float) -> bytes:
+    return encode_tensors({"w": np.full(8, value, np.float32)})
+
+
 def upload(
-    client: httpx.Client, auth: dict[str, str], device_id: str, value: float
+    client: httpx.Client,
+    auth: dict[str, str],
+    device_id: str,
+    value: float,
+    body: Iterator[bytes] | None = None,
 ) -> httpx.Response:
     offer = client.get(f"/v1/jobs/{JOB}/devices/{device_id}/task", headers=auth).json()["task"]
     return client.post(
         offer["upload_url"],
-        content=encode_tensors({"w": np.full(8, value, np.float32)}),
+        content=body if body is not None else update_body(value),
         headers={
             **auth,
             "Content-Type": "application/octet-stream",
@@ -52,6 +61,14 @@ def upload(
             "X-Canopy-Num-Samples": "5",
         },
     )
+
+
+def wait_until_pending(client: httpx.Client, count: int, timeout: float = 20.0) -> None:
+    """Until the gateway holds ``count`` accepted updates that wait for their batch."""
+    deadline = time.monotonic() + timeout
+    while client.get("/healthz").json()["pending_updates"] != count:
+        assert time.monotonic() < deadline, f"never {count} pending update(s)"
+        time.sleep(0.02)
 
 
 def stored_devices(store: S3ObjectStore) -> list[str]:
@@ -65,8 +82,9 @@ def stored_devices(store: S3ObjectStore) -> list[str]:
 def test_a_killed_gateway_loses_nothing_it_acknowledged(
     s3_settings: S3Settings, s3_store: S3ObjectStore
 ) -> None:
-    # Prepare: batches close at 2 updates or after 3 s, so a lone upload is still
-    # waiting for its batch when the gateway is killed.
+    # Prepare: batches close at 2 updates or after 3 s, so an upload is still waiting
+    # for its batch when the gateway is killed while another one is arriving (its
+    # body still on the way: the batch lingers for it).
     settings = GatewaySettings(
         group_commit_max_updates=2, group_commit_max_wait_ms=3000, manifest_cache_seconds=0.0
     )
@@ -84,26 +102,40 @@ def test_a_killed_gateway_loses_nothing_it_acknowledged(
             acked: list[str] = []
             lock = threading.Lock()
 
-            def send(device_id: str, value: float) -> None:
+            def send(device_id: str, value: float, body: Iterator[bytes] | None = None) -> None:
                 try:
-                    if upload(a, auth[device_id], device_id, value).status_code == 200:
+                    if upload(a, auth[device_id], device_id, value, body).status_code == 200:
                         with lock:
                             acked.append(device_id)
                 except httpx.HTTPError:
                     pass  # the gateway died before answering: not acknowledged
 
-            # Execute: two uploads fill a batch and are acknowledged; a third waits in
-            # its open batch when the gateway gets SIGKILL.
+            # Execute: two uploads are acknowledged; a third waits in its open batch for a
+            # fourth whose body is still arriving when the gateway gets SIGKILL.
             pair = [threading.Thread(target=send, args=(d, 1.0)) for d in ids[:2]]
             for t in pair:
                 t.start()
             for t in pair:
                 t.join()
+            killed = threading.Event()
+
+            def dripping() -> Iterator[bytes]:
+                data = update_body(3.0)
+                yield data[:16]
+                killed.wait(30)  # the rest never arrives: the gateway dies first
+                yield data[16:]
+
+            slow = threading.Thread(target=send, args=(ids[3], 3.0, dripping()))
+            slow.start()
+            time.sleep(0.5)  # its headers are admitted, its body is on the way
             lone = threading.Thread(target=send, args=(ids[2], 2.0))
             lone.start()
-            time.sleep(0.8)
+            wait_until_pending(a, 1)  # in the open batch, lingering for the slow upload
+            time.sleep(0.3)
             first.kill()
+            killed.set()
             lone.join()
+            slow.join()
             after_crash = stored_devices(s3_store)
             # The device that got no answer retries at the second gateway, with the
             # token the first one issued; so does one that was already acknowledged.
