@@ -5,9 +5,11 @@ Everything here is a cache in front of the store, never a source of truth:
 a ``LeafTask`` lives as long as the opening of the round that points at it, "device X is
 enrolled for job J" lives ``registry_cache_seconds``, and model artifacts are
 keyed by sha256 so they never go stale. Concurrent misses share one load, so a
-burst of polls costs one GET per manifest. Any storage failure becomes a 503
-for the device, which retries; a manifest the gateway cannot parse is logged
-and treated the same way.
+burst of polls costs one GET per manifest. Reading a leaf's task also starts
+loading its model bytes (``prefetch``): the leaf's selected devices ask for them
+right after their offer, and then find them in memory instead of waiting for a
+GET. Any storage failure becomes a 503 for the device, which retries; a manifest
+the gateway cannot parse is logged and treated the same way.
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ class RoundDirectory:
         )
         self._artifacts = BytesCache(tuning.artifact_cache_bytes)
         self._fence_reads: FreshReads[str, ActiveRound | None] = FreshReads()
+        self._prefetches: set[asyncio.Future[bytes]] = set()
 
     async def active_round(self, job: str) -> ActiveRound | None:
         """The job's ActiveRound, or None when no run of it was ever opened."""
@@ -163,6 +166,7 @@ class RoundDirectory:
                     "round manifest not readable yet; retry", active.poll_seconds
                 ) from exc
             task = _parse(LeafTask, payload, key)
+            self.prefetch(task)
             return LeafView(active, task, frozenset(task.selected_device_ids), task.specs())
 
         view = await self._leaves.get((key, active.run_id, active.opened_at), load)
@@ -194,6 +198,29 @@ class RoundDirectory:
                 ErrorCode.UNKNOWN_DEVICE,
                 f"device {device_id!r} is not enrolled for job {job!r}; enrol first",
             )
+
+    def prefetch(self, task: LeafTask) -> None:
+        """Start loading what ``task``'s devices will download (weights; the program too
+        for an ExecuTorch task), without waiting. A failure is only logged: a device's
+        own download then loads the bytes again and gets the 503 if the store is away.
+        """
+        refs = [task.global_model]
+        if task.runtime == "executorch" and task.program is not None:
+            refs.append(task.program)
+        for ref in refs:
+            loading = asyncio.ensure_future(self.artifact(ref))
+            self._prefetches.add(loading)  # held: a task nobody references may vanish
+            loading.add_done_callback(self._prefetched)
+
+    @property
+    def prefetching(self) -> int:
+        """Model loads started by ``prefetch`` that have not ended yet."""
+        return len(self._prefetches)
+
+    def _prefetched(self, loading: asyncio.Future[bytes]) -> None:
+        self._prefetches.discard(loading)
+        if not loading.cancelled() and (exc := loading.exception()) is not None:
+            log.info("model prefetch failed (devices will load it themselves): %s", exc)
 
     async def artifact(self, ref: ObjectRef) -> bytes:
         """Model bytes, verified against ``ref.sha256`` by the store on the first read."""

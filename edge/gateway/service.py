@@ -109,7 +109,10 @@ class GatewayService:
             tuning=self.tuning,
         )
         self.watch = RoundWatch(
-            self.rounds.fresh_active_round, interval=self.tuning.watch_interval_seconds
+            self.rounds.fresh_active_round,
+            interval=self.tuning.watch_interval_seconds,
+            soon_interval=self.tuning.watch_soon_interval_seconds,
+            soon_window=self.tuning.watch_soon_window_seconds,
         )
         self.uploads = UploadDesk(
             self.rounds,

@@ -8,6 +8,18 @@ from the fresh state. Gateways stay stateless: the round lives in S3, and one
 ``RoundWatch`` per gateway re-reads each watched job's ``ActiveRound`` every
 ``interval`` seconds while anyone waits on it, so the cost is one GET per job
 and interval per gateway, whatever the number of waiting phones.
+
+**Faster right after a close.** What a round's phones wait for is the *open*:
+every selected phone hears of its task one watch period (plus a GET) after the
+flow wrote the pointer, and that wait is the first step of the round's devices
+phase. The open comes shortly after the previous round (or its training) closed,
+while the flow aggregates. So while the pointer says ``closed`` and the close is
+less than ``soon_window`` seconds old, the watch reads every ``soon_interval``
+seconds (20 ms by default, not 100): the open is heard about 40 ms sooner on
+average, for a bounded number of extra GETs per round (``soon_window /
+soon_interval`` at most, per gateway and watched job), and never more than the
+slow rate while a round is open, finished or left closed by a flow that died.
+``next_read_in`` is that rule, as a pure function.
 """
 
 from __future__ import annotations
@@ -17,6 +29,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from edge.manifests import ActiveRound
 
@@ -31,6 +44,27 @@ def round_mark(active: ActiveRound | None) -> RoundMark:
     if active is None:
         return None
     return (active.run_id, active.round, active.status, active.kind)
+
+
+def next_read_in(
+    active: ActiveRound | None,
+    now: datetime,
+    *,
+    interval: float,
+    soon_interval: float,
+    soon_window: float,
+) -> float:
+    """Seconds until the watch reads a job's round again, after it read ``active``.
+
+    ``soon_interval`` while the round closed less than ``soon_window`` seconds ago (by
+    the pointer's ``closed_at``; a clock skew of up to the window either way is
+    tolerated), since the next round's open is then imminent and phones wait for it;
+    ``interval`` otherwise.
+    """
+    if active is None or active.status != "closed" or active.closed_at is None:
+        return interval
+    age = (now - active.closed_at).total_seconds()
+    return soon_interval if -soon_window < age < soon_window else interval
 
 
 @dataclass
@@ -48,10 +82,17 @@ class RoundWatch:
     """Wakes the polls waiting on a job when a fresh read shows its round moved."""
 
     def __init__(
-        self, read: Callable[[str], Awaitable[ActiveRound | None]], *, interval: float
+        self,
+        read: Callable[[str], Awaitable[ActiveRound | None]],
+        *,
+        interval: float,
+        soon_interval: float | None = None,
+        soon_window: float = 0.0,
     ) -> None:
         self._read = read  # an uncached read that also refreshes the gateway's cache
         self.interval = interval
+        self.soon_interval = interval if soon_interval is None else soon_interval
+        self.soon_window = soon_window
         self._jobs: dict[str, _Watched] = {}
 
     async def wait_change(self, job: str, seen: RoundMark, timeout: float) -> bool:
@@ -77,16 +118,25 @@ class RoundWatch:
         """Re-read the job's round every interval while anyone waits on it."""
         try:
             while watched.waiters > 0:
+                pause = self.interval
                 try:
-                    mark = round_mark(await self._read(job))
+                    active = await self._read(job)
                 except Exception as exc:  # storage away: the waiters time out and retry
                     log.warning("watching round of %s: %s", job, exc)
                 else:
+                    mark = round_mark(active)
                     if not watched.known or mark != watched.mark:
                         watched.mark, watched.known = mark, True
                         watched.changed.set()
                         watched.changed = asyncio.Event()
-                await asyncio.sleep(self.interval)
+                    pause = next_read_in(
+                        active,
+                        datetime.now(UTC),
+                        interval=self.interval,
+                        soon_interval=self.soon_interval,
+                        soon_window=self.soon_window,
+                    )
+                await asyncio.sleep(pause)
         finally:
             watched.reader = None
             if watched.waiters == 0:

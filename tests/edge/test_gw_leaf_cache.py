@@ -70,3 +70,31 @@ def test_a_leaf_manifest_is_read_once_per_opening_of_a_round() -> None:
     # Assert: the new opening's manifests were read (once each), and they are the new tasks
     assert manifest_gets(store) == 4
     assert (first, second) == ({"d1"}, {"d2"})
+
+
+def test_reading_a_leafs_task_loads_its_model_before_any_device_asks() -> None:
+    # Prepare: an open round; nobody has downloaded its model yet
+    store = CountingStore()
+    tasks = write_round(
+        store, job=JOB, run_id=RUN, rnd=0, leaves=["a"], selected=["d1"], state=STATE
+    )
+    model = tasks["a"].global_model
+    directory = RoundDirectory(
+        StoreCalls(store, ThreadPoolExecutor(2)), manifest_ttl=0.0, tuning=GatewayTuning()
+    )
+
+    async def offer_then_download() -> tuple[int, bytes]:
+        active = await directory.active_round(JOB)
+        assert active is not None
+        await directory.leaf_view(active, "a")  # what a poll reads to make its offer
+        while directory.prefetching:  # the bytes arrive in the background
+            await asyncio.sleep(0.01)
+        fetched_before_download = store.gets.get(model.key, 0)
+        return fetched_before_download, await directory.artifact(model)
+
+    # Execute
+    before, data = asyncio.run(offer_then_download())
+
+    # Assert: loaded (and verified) once, before the download, which then read no more
+    assert before == 1 and store.gets[model.key] == 1
+    assert data == store.get(model.key).data

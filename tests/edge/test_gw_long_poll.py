@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 
-from edge.gateway.watch import RoundWatch, round_mark
+from edge.gateway.watch import RoundWatch, next_read_in, round_mark
 from edge.manifests import ActiveRound
 from infra.store import S3ObjectStore
 from tests.edge.devices import JOB, Device, devices_on, open_test_round
@@ -116,7 +117,7 @@ def test_the_openapi_document_states_the_wait_limit(client: httpx.Client) -> Non
 # --- the watch itself: one read per interval, whatever the number of waiters ---------------
 
 
-def _active(rnd: int, status: str = "open") -> ActiveRound:
+def _active(rnd: int, status: str = "open", closed_at: datetime | None = None) -> ActiveRound:
     return ActiveRound.model_validate(
         {
             "job": JOB,
@@ -126,10 +127,48 @@ def _active(rnd: int, status: str = "open") -> ActiveRound:
             "leaves": ["leaf-0"],
             "leaf_manifest_keys": {"leaf-0": "k"},
             "opened_at": "2026-01-01T00:00:00Z",
+            "closed_at": closed_at,
             "poll_seconds": 1.0,
             "idle_poll_seconds": 2.0,
         }
     )
+
+
+NOW = datetime(2026, 1, 1, 0, 1, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("active", "expected"),
+    [
+        (None, 0.1),  # no run yet
+        (_active(3), 0.1),  # open: what waiters wait for is the close, not urgent
+        (_active(3, "closed", NOW - timedelta(seconds=2)), 0.02),  # the next open is imminent
+        (_active(3, "closed", NOW + timedelta(seconds=1)), 0.02),  # the flow's clock is ahead
+        (_active(3, "closed", NOW - timedelta(seconds=30)), 0.1),  # a flow that went away
+        (_active(3, "done", NOW - timedelta(seconds=1)), 0.1),  # finished: no next round
+    ],
+)
+def test_the_watch_reads_fast_only_in_the_window_after_a_close(
+    active: ActiveRound | None, expected: float
+) -> None:
+    pause = next_read_in(active, NOW, interval=0.1, soon_interval=0.02, soon_window=10.0)
+    assert pause == expected
+
+
+async def test_after_a_close_the_watch_reads_at_the_soon_interval() -> None:
+    reads = 0
+
+    async def read(job: str) -> ActiveRound | None:
+        nonlocal reads
+        reads += 1
+        return _active(4, "closed", datetime.now(UTC))
+
+    watch = RoundWatch(read, interval=5.0, soon_interval=0.01, soon_window=10.0)
+    seen = round_mark(_active(4, "closed"))
+    assert await watch.wait_change(JOB, seen, 0.5) is False
+
+    assert reads >= 5  # at the 5 s interval it would have read once
+    await watch.close()
 
 
 async def test_many_waiters_share_one_read_per_interval_and_all_wake() -> None:
