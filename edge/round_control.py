@@ -15,6 +15,7 @@ same way, with ``kind="evaluate"`` tasks and pointer.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,6 +33,9 @@ from edge.manifests import (
 from infra.errors import ObjectNotFoundError
 from infra.keys import active_job_key, evaluation_task_key, task_manifest_key
 from infra.store import ObjectRef, ObjectStore, get_json, put_json
+
+# Leaf tasks written at once when a round opens (each one PUT; the pointer follows).
+TASK_WRITERS = 8
 
 
 def leaf_tasks(
@@ -123,10 +127,12 @@ def open_round(
     mixed = sorted(leaf for leaf, task in tasks.items() if task.kind != active.kind)
     if mixed:
         raise ValueError(f"round {active.round}: tasks of leaves {mixed} are not {active.kind}")
-    refs = {
-        leaf: put_json(store, active.leaf_manifest_keys[leaf], task, kind=KIND_LEAF_TASK)
-        for leaf, task in tasks.items()
-    }
+    def write(leaf: str) -> ObjectRef:
+        return put_json(store, active.leaf_manifest_keys[leaf], tasks[leaf], kind=KIND_LEAF_TASK)
+
+    # the tasks side by side (they are independent), the pointer only after all of them
+    with ThreadPoolExecutor(max_workers=min(TASK_WRITERS, max(1, len(tasks)))) as pool:
+        refs = dict(zip(tasks, pool.map(write, tasks), strict=True))
     put_json(store, active_job_key(active.job), active, kind=KIND_ACTIVE_ROUND)
     return refs
 

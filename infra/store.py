@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict
 from urllib3.exceptions import HTTPError as URLLib3Error
 
 from infra.errors import IntegrityError, ObjectNotFoundError, StoreError
+from infra.recent_writes import RecentWrites
 from infra.settings import S3Settings
 
 if TYPE_CHECKING:  # types only: the stubs are a dev dependency
@@ -140,9 +141,12 @@ def _verify(key: str, data: bytes, recorded: str | None, expected: str | None) -
 class S3ObjectStore:
     """ObjectStore over boto3; thread-safe (boto3 clients are)."""
 
-    def __init__(self, settings: S3Settings) -> None:
+    def __init__(self, settings: S3Settings, *, recent: RecentWrites | None = None) -> None:
+        """``recent``: serve reads of objects this store just wrote from memory
+        (``infra.recent_writes``); the flow's tasks use it, gateways do not."""
         self.settings = settings
         self.bucket = settings.bucket
+        self._recent = recent
         secret = settings.secret_access_key
         self._client: S3Client = boto3.session.Session().client(
             "s3",
@@ -174,13 +178,19 @@ class S3ObjectStore:
         self, key: str, data: bytes, *, kind: str, metadata: Mapping[str, str] | None = None
     ) -> ObjectRef:
         meta = _check_metadata(metadata)
+        caller_meta = dict(meta)
         digest = sha256_hex(data)
         meta.update({"canopy-sha256": digest, "canopy-kind": kind, "canopy-format": FORMAT_VERSION})
+        if self._recent is not None:  # a failed PUT must never be served from memory
+            self._recent.forget(key)
         try:
             self._client.put_object(Bucket=self.bucket, Key=key, Body=data, Metadata=meta)
         except (ClientError, BotoCoreError) as exc:
             raise StoreError(f"put s3://{self.bucket}/{key} failed: {exc}") from exc
-        return ObjectRef(bucket=self.bucket, key=key, sha256=digest, size=len(data))
+        ref = ObjectRef(bucket=self.bucket, key=key, sha256=digest, size=len(data))
+        if self._recent is not None:
+            self._recent.remember(StoredObject(ref=ref, kind=kind, metadata=caller_meta, data=data))
+        return ref
 
     def get(self, key: str, *, expected_sha256: str | None = None) -> StoredObject:
         """Read and verify ``key``; a body cut mid-download is fetched again.
@@ -190,6 +200,11 @@ class S3ObjectStore:
         (S3 refused or could not be reached through botocore's retries, or
         every one of ``GET_ATTEMPTS`` downloads broke off).
         """
+        recent = self._recent
+        if expected_sha256 is not None and recent is not None:  # bytes this store just wrote
+            written = recent.get(key, expected_sha256)
+            if written is not None:
+                return written
         data, meta = self._download(key)
         digest = _verify(key, data, meta.get("canopy-sha256"), expected_sha256)
         kind = meta.pop("canopy-kind", "")
@@ -257,6 +272,8 @@ class S3ObjectStore:
         return sorted(keys)
 
     def delete(self, key: str) -> None:
+        if self._recent is not None:
+            self._recent.forget(key)
         try:
             self._client.delete_object(Bucket=self.bucket, Key=key)
         except (ClientError, BotoCoreError) as exc:

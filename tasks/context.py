@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from prefect.runtime import flow_run
 
+from infra.recent_writes import RecentWrites
 from infra.settings import GatewaySettings, S3Settings
 from infra.store import S3ObjectStore
 from tasks.params import TrainingParams
@@ -64,7 +65,9 @@ class RunContext:
 
 @functools.lru_cache(maxsize=16)
 def _store(settings_json: str) -> S3ObjectStore:
-    return S3ObjectStore(S3Settings.model_validate_json(settings_json))
+    # Reads of what this process just wrote (partials, models) are served from memory
+    # when their sha256 matches (infra.recent_writes): no GET between a round's steps.
+    return S3ObjectStore(S3Settings.model_validate_json(settings_json), recent=RecentWrites())
 
 
 def store_for(settings: S3Settings) -> S3ObjectStore:
