@@ -5,7 +5,9 @@ The *devices phase* is what a round spends between the flow's write of the open
 uploads in S3. This benchmark measures exactly that, without Prefect: this
 process plays the flow's part with the flow's own code (``tasks.planning.plan_round``,
 ``edge.round_control.open_round``, then ``tasks.intake.count_reports`` every
-``--close-poll`` seconds, as ``tasks.collect.close_when_due`` does), against
+``--close-poll`` seconds, as ``tasks.collect.close_when_due`` does; with
+``--nudge``, it also tells each gateway right after the pointer write, ``POST
+/v1/jobs/{job}/wake``), against
 
 * a moto S3 server and two gateway processes (``python -m edge.gateway``, default
   settings, as ``canopy up`` runs them), and
@@ -191,13 +193,21 @@ def step_split(events: Sequence[StepEvent], opened: float, rnd: int) -> dict[str
 class StandIn:
     """Opens rounds as the flow's open task does and counts uploads as its close task does."""
 
-    def __init__(self, w: Workload, store: Any, close_poll: float, conn: Connection) -> None:
+    def __init__(
+        self,
+        w: Workload,
+        store: Any,
+        close_poll: float,
+        conn: Connection,
+        nudge: list[str] | None = None,
+    ) -> None:
         from edge.jobs import get_job
         from edge.simulator.profiles import simulated_device_id
         from edge.training import initial_state
         from tasks.params import TrainingParams
 
         self.w, self.store, self.close_poll, self.conn = w, store, close_poll, conn
+        self.nudge = nudge or []  # gateway URLs told of each open
         self.run_id = f"dp-{uuid.uuid4().hex[:8]}"
         self.params = TrainingParams.model_validate(
             {
@@ -250,6 +260,7 @@ class StandIn:
         self._ask("events")  # forget the steps of earlier rounds
         round_control.open_round(self.store, plan.tasks, plan.active)
         opened = time.time()
+        self.wake_gateways()
         while count_reports(self.store, self.w.job, self.run_id, rnd) < plan.target:
             if time.time() - opened > 120:
                 raise TimeoutError(f"round {rnd}: {plan.target} uploads never arrived")
@@ -268,6 +279,18 @@ class StandIn:
             max(steps.get("open -> acknowledged", [float("nan")])),
             steps,
         )
+
+    def wake_gateways(self) -> None:
+        """What the flow would do after the pointer write: nudge each gateway's watch."""
+        import httpx
+
+        from edge.protocol import wake_path
+
+        for url in self.nudge:
+            try:
+                httpx.post(f"{url}{wake_path(self.w.job)}", timeout=1.0)
+            except httpx.HTTPError as exc:  # a hint: a gateway that missed it polls anyway
+                print(f"  (nudge to {url} failed: {exc})")
 
     def lower_bound(self, plan: Any, weights: bytes, rnd: int) -> tuple[float, float]:
         """The same cohort trained at once on the simulator's two workers, then one PUT."""
@@ -335,7 +358,8 @@ class Edge:
             wait_http_ok(f"{self.gateways[-1]}/healthz", proc, timeout=60)
 
     def metrics(self) -> dict[str, float]:
-        """Batch counters summed over the gateways."""
+        """Batch counters, and upload and download latency at the door, summed over the
+        gateways."""
         import httpx
         from prometheus_client.parser import text_string_to_metric_families
 
@@ -352,6 +376,12 @@ class Edge:
                 for sample in family.samples:
                     if sample.name in wanted:
                         out[sample.name] += sample.value
+                    route = sample.labels.get("route", "")
+                    if sample.name.startswith("canopy_gateway_request_seconds_") and (
+                        route.endswith("/result") or route.endswith("/model")
+                    ):
+                        what = "upload" if route.endswith("/result") else "download"
+                        out[f"{what}_{sample.name.rsplit('_', 1)[1]}"] += sample.value
         return dict(out)
 
     def stop(self) -> None:
@@ -361,7 +391,9 @@ class Edge:
             stop_group(proc.pid, timeout_s=15.0)
 
 
-def run_workload(edge: Edge, w: Workload, rounds: int, close_poll: float) -> list[RoundMeasure]:
+def run_workload(
+    edge: Edge, w: Workload, rounds: int, close_poll: float, nudge: bool
+) -> list[RoundMeasure]:
     from infra.settings import S3Settings
     from infra.store import S3ObjectStore
 
@@ -376,7 +408,7 @@ def run_workload(edge: Edge, w: Workload, rounds: int, close_poll: float) -> lis
             raise TimeoutError("the simulator did not warm up")
         parent.recv()
         store = S3ObjectStore(S3Settings())
-        stand_in = StandIn(w, store, close_poll, parent)
+        stand_in = StandIn(w, store, close_poll, parent, edge.gateways if nudge else None)
         deadline = time.monotonic() + 120
         while len(store.list_keys(f"devices/{w.job}/")) < w.devices:
             if time.monotonic() > deadline:
@@ -400,6 +432,11 @@ def run_workload(edge: Edge, w: Workload, rounds: int, close_poll: float) -> lis
                 f"  gateways: {writes:.0f} batch PUTs, {updates / writes:.1f} updates each, "
                 f"{1000 * put_s / writes:.1f} ms per encode+PUT"
             )
+        for what in ("download", "upload"):
+            n = after.get(f"{what}_count", 0) - before.get(f"{what}_count", 0)
+            total = after.get(f"{what}_sum", 0) - before.get(f"{what}_sum", 0)
+            if n:
+                print(f"  gateways: {n:.0f} {what}s, {1000 * total / n:.1f} ms each at the door")
         parent.send(("stop", None))
         return out
     finally:
@@ -448,14 +485,25 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="Seconds between the stand-in close task's LISTs (tasks/collect.py's "
         "CLOSE_POLL_SECONDS).",
     )
+    parser.add_argument(
+        "--nudge",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="Tell the gateways of each open (POST /v1/jobs/{job}/wake), as the flow could.",
+    )
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="canopy-devices-phase-"))
+    print(
+        f"devices phase: close poll {args.close_poll:g} s, nudge {'on' if args.nudge else 'off'}"
+        f", {args.rounds} rounds per workload, logs in {root}"
+    )
     edge = Edge(root)
     ratios = {}
     try:
         for name in args.workloads.split(","):
             w = WORKLOADS[name]
-            ratios[name] = report(w, run_workload(edge, w, args.rounds, args.close_poll))
+            measures = run_workload(edge, w, args.rounds, args.close_poll, args.nudge)
+            ratios[name] = report(w, measures)
     finally:
         edge.stop()
     print("\n" + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))

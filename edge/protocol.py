@@ -341,6 +341,18 @@ class UploadReceipt(BaseModel):
     received_at: datetime
 
 
+class WakeAnswer(BaseModel):
+    """Answer to ``POST /v1/jobs/{job}/wake``: the gateway will re-read the job's round now.
+
+    ``watching`` says whether any poll of the job was waiting at this gateway (only
+    then is the round read; with nobody waiting there is nobody to tell).
+    """
+
+    status: Literal["ok"] = "ok"
+    job: str
+    watching: bool
+
+
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     gateway_id: str
@@ -364,6 +376,10 @@ def task_path(job: str, device_id: str) -> str:
 
 def model_path(job: str, device_id: str, task_id: str, fmt: ModelFormat) -> str:
     return f"{API_PREFIX}/jobs/{job}/devices/{device_id}/tasks/{task_id}/model?format={fmt}"
+
+
+def wake_path(job: str) -> str:
+    return f"{API_PREFIX}/jobs/{job}/wake"
 
 
 def result_path(job: str, device_id: str, task_id: str) -> str:

@@ -62,6 +62,7 @@ from edge.protocol import (
     PollAnswer,
     ProtocolError,
     UploadReceipt,
+    WakeAnswer,
     parse_range,
 )
 from infra.settings import GatewaySettings
@@ -211,6 +212,23 @@ def create_app(
             # whole seconds, rounded up; 0 only after a long poll's hold ran out
             headers["Retry-After"] = str(math.ceil(retry))
         return JSONResponse(answer.model_dump(mode="json"), headers=headers)
+
+    @app.post(
+        f"{API_PREFIX}/jobs/{{job}}/wake",
+        response_model=WakeAnswer,
+        status_code=202,
+        responses=error_responses(422),
+        openapi_extra={"parameters": path_params("job")},
+        summary="Hint that the job's round pointer was just written: waiting polls hear of "
+        "it one read later, not a watch period later (for the round flow; no body)",
+    )
+    async def wake(request: Request) -> Any:
+        """No authentication: a nudge only moves the gateway's next read of the job's round
+        forward, at most one read per ``watch_soon_interval_seconds`` (edge.gateway.watch);
+        what the read finds decides everything."""
+        (job,) = _ids(request, "job")
+        answer = WakeAnswer(job=job, watching=service.watch.nudge(job))
+        return JSONResponse(answer.model_dump(mode="json"), status_code=202, headers=gateway_header)
 
     @app.get(
         f"{API_PREFIX}/jobs/{{job}}/devices/{{device_id}}/tasks/{{task_id}}/model",

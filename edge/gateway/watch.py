@@ -20,6 +20,13 @@ average, for a bounded number of extra GETs per round (``soon_window /
 soon_interval`` at most, per gateway and watched job), and never more than the
 slow rate while a round is open, finished or left closed by a flow that died.
 ``next_read_in`` is that rule, as a pure function.
+
+**A nudge is faster still.** Whoever writes the pointer (the round flow) may say
+so: ``nudge(job)`` (``POST /v1/jobs/{job}/wake``) cuts the watch's pause short,
+so its next read starts at once and waiting phones hear of the round one GET
+after the write, not a period later. A nudge is only a hint (the read decides
+what changed), needs no trust, and cannot make a gateway read more often than
+once per ``soon_interval`` per watched job, however many arrive.
 """
 
 from __future__ import annotations
@@ -76,6 +83,8 @@ class _Watched:
     waiters: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     reader: asyncio.Task[None] | None = None
+    nudged: asyncio.Event = field(default_factory=asyncio.Event)  # read again now
+    read_started: float = float("-inf")  # loop time of the last read's start
 
 
 class RoundWatch:
@@ -114,11 +123,32 @@ class RoundWatch:
         finally:
             watched.waiters -= 1
 
+    def nudge(self, job: str) -> bool:
+        """Read ``job``'s round now (or as soon as the read rate allows) if anyone waits
+        on it; whether anyone does."""
+        watched = self._jobs.get(job)
+        if watched is None or watched.waiters <= 0:
+            return False
+        watched.nudged.set()
+        return True
+
+    async def _pause(self, watched: _Watched, seconds: float) -> None:
+        """Sleep ``seconds`` or until nudged, but keep reads ``soon_interval`` apart."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(watched.nudged.wait(), seconds)
+        watched.nudged.clear()
+        loop = asyncio.get_running_loop()
+        gap = self.soon_interval - (loop.time() - watched.read_started)
+        if gap > 0:
+            await asyncio.sleep(gap)
+
     async def _follow(self, job: str, watched: _Watched) -> None:
-        """Re-read the job's round every interval while anyone waits on it."""
+        """Re-read the job's round every interval (or when nudged) while anyone waits."""
+        loop = asyncio.get_running_loop()
         try:
             while watched.waiters > 0:
                 pause = self.interval
+                watched.read_started = loop.time()
                 try:
                     active = await self._read(job)
                 except Exception as exc:  # storage away: the waiters time out and retry
@@ -136,7 +166,7 @@ class RoundWatch:
                         soon_interval=self.soon_interval,
                         soon_window=self.soon_window,
                     )
-                await asyncio.sleep(pause)
+                await self._pause(watched, pause)
         finally:
             watched.reader = None
             if watched.waiters == 0:

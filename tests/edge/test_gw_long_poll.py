@@ -14,11 +14,12 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 
+from edge.gateway.tuning import GatewayTuning
 from edge.gateway.watch import RoundWatch, next_read_in, round_mark
 from edge.manifests import ActiveRound
 from infra.store import S3ObjectStore
-from tests.edge.devices import JOB, Device, devices_on, open_test_round
-from tests.support.harness import read_active, set_round_status
+from tests.edge.devices import JOB, Device, devices_on, gateway_settings, open_test_round
+from tests.support.harness import GatewayThread, read_active, set_round_status
 
 
 def held_poll(device: Device, wait: float) -> tuple[httpx.Response, float]:
@@ -89,6 +90,66 @@ def test_a_held_poll_hears_the_round_close(s3_store: S3ObjectStore, client: http
 
     assert response.json()["status"] == "done"
     assert took < 5.0
+
+
+def test_a_nudge_wakes_held_polls_without_waiting_for_the_watch(s3_store: S3ObjectStore) -> None:
+    # Prepare: a gateway that reads a watched round only once a minute by itself
+    slow = GatewayTuning(watch_interval_seconds=60.0, watch_soon_interval_seconds=0.02)
+    with (
+        GatewayThread(gateway_settings(), s3_store, tuning=slow) as gw,
+        httpx.Client(base_url=gw.url, timeout=30) as client,
+    ):
+        device = Device(client, devices_on("leaf-0", 1)[0])
+        assert device.enrol().status_code == 200
+        nobody = client.post(f"/v1/jobs/{JOB}/wake")
+        with ThreadPoolExecutor(1) as pool:
+            polling = pool.submit(held_poll, device, 20.0)
+            while not client.post(f"/v1/jobs/{JOB}/wake").json()["watching"]:
+                time.sleep(0.02)  # until the poll is held (its watch has read "no job")
+
+            # Execute: the round opens, and whoever opened it says so
+            tasks = open_test_round(s3_store, [device.device_id])
+            woken = client.post(f"/v1/jobs/{JOB}/wake")
+            response, took = polling.result(timeout=30)
+
+    # Assert: the held poll got its task long before the watch's own minute was up
+    assert nobody.status_code == 202 and nobody.json() == {
+        "status": "ok",
+        "job": JOB,
+        "watching": False,
+    }
+    assert woken.status_code == 202 and woken.json()["watching"] is True
+    assert response.json()["status"] == "task"
+    assert response.json()["task"]["task_id"] == tasks["leaf-0"].task_id
+    assert took < 20.0  # answered by the nudge, not by the hold running out
+
+
+@pytest.mark.parametrize("job", ["a..b", "-x", "a" * 129, "a b"])
+def test_a_nudge_for_an_impossible_job_is_a_422(client: httpx.Client, job: str) -> None:
+    response = client.post(f"/v1/jobs/{job}/wake")
+
+    assert response.status_code == 422 and response.json()["code"] == "bad_request"
+
+
+async def test_nudges_never_read_faster_than_the_soon_interval() -> None:
+    reads = 0
+
+    async def read(job: str) -> ActiveRound | None:
+        nonlocal reads
+        reads += 1
+        return _active(2)
+
+    watch = RoundWatch(read, interval=60.0, soon_interval=0.1)
+    waiting = asyncio.ensure_future(watch.wait_change(JOB, round_mark(_active(2)), 0.55))
+    await asyncio.sleep(0)  # the poll is held
+    nudges = 0
+    while not waiting.done():  # a flood of nudges for as long as the poll is held
+        nudges += watch.nudge(JOB)
+        await asyncio.sleep(0.002)
+    assert await waiting is False and nudges > 50
+
+    assert 2 <= reads <= 7  # about one per 0.1 s, not one per nudge
+    await watch.close()
 
 
 @pytest.mark.parametrize("wait", ["-1", "26", "nan", "inf", "soon"])
