@@ -224,7 +224,7 @@ def create_app(
     )
     async def wake(request: Request) -> Any:
         """No authentication: a nudge only moves the gateway's next read of the job's round
-        forward, at most one read per ``watch_soon_interval_seconds`` (edge.gateway.watch);
+        forward, at most one read per ``watch_min_gap_seconds`` (edge.gateway.watch);
         what the read finds decides everything."""
         (job,) = _ids(request, "job")
         answer = WakeAnswer(job=job, watching=service.watch.nudge(job))

@@ -113,6 +113,7 @@ class GatewayService:
             interval=self.tuning.watch_interval_seconds,
             soon_interval=self.tuning.watch_soon_interval_seconds,
             soon_window=self.tuning.watch_soon_window_seconds,
+            min_gap=self.tuning.watch_min_gap_seconds,
         )
         self.uploads = UploadDesk(
             self.rounds,

@@ -16,8 +16,10 @@ class GatewayTuning:
     watch_interval_seconds: float = 0.1  # how often a watched job's round is re-read (one GET)
     # ... and how often in the first seconds after a close, when the next open is imminent
     # and the phones of the next round wait for it (edge.gateway.watch.next_read_in)
-    watch_soon_interval_seconds: float = 0.02
+    watch_soon_interval_seconds: float = 0.05
     watch_soon_window_seconds: float = 10.0
+    # reads a nudge (POST /v1/jobs/{job}/wake) may cause: at most one per this, per job
+    watch_min_gap_seconds: float = 0.02
     # A leaf's task manifest never changes for one opening of a round (a redone round is a
     # new opening, with a new opened_at), so it is kept for the round's life, not re-read.
     leaf_task_cache_seconds: float = 3600.0

@@ -94,7 +94,7 @@ def test_a_held_poll_hears_the_round_close(s3_store: S3ObjectStore, client: http
 
 def test_a_nudge_wakes_held_polls_without_waiting_for_the_watch(s3_store: S3ObjectStore) -> None:
     # Prepare: a gateway that reads a watched round only once a minute by itself
-    slow = GatewayTuning(watch_interval_seconds=60.0, watch_soon_interval_seconds=0.02)
+    slow = GatewayTuning(watch_interval_seconds=60.0, watch_soon_interval_seconds=60.0)
     with (
         GatewayThread(gateway_settings(), s3_store, tuning=slow) as gw,
         httpx.Client(base_url=gw.url, timeout=30) as client,
@@ -139,7 +139,7 @@ async def test_nudges_never_read_faster_than_the_soon_interval() -> None:
         reads += 1
         return _active(2)
 
-    watch = RoundWatch(read, interval=60.0, soon_interval=0.1)
+    watch = RoundWatch(read, interval=60.0, min_gap=0.1)
     waiting = asyncio.ensure_future(watch.wait_change(JOB, round_mark(_active(2)), 0.55))
     await asyncio.sleep(0)  # the poll is held
     nudges = 0
