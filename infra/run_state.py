@@ -81,6 +81,14 @@ class RoundReport(BaseModel):
         "close-and-collect, aggregate, evaluate; and device-evaluation (the federated "
         "evaluation, which runs beside evaluate) when the round had one.",
     )
+    marks: dict[str, float] = Field(
+        default_factory=dict,
+        description="When the round reached each step (Unix seconds): start (it had its "
+        "model), opened, closed, collected (every leaf done), model (the root's new model: "
+        "the next round may open from here), evaluated. Rounds overlap (docs/orchestration.md, "
+        "'Pipelined rounds'), so the next round's opened minus this round's model is the "
+        "hand-over between them.",
+    )
     global_model: ObjectRef
     program: ObjectRef | None = None
     flow_run_id: str | None = None

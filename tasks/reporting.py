@@ -48,6 +48,20 @@ def phase_timings(results: RoundResults) -> dict[str, float]:
     return timings
 
 
+def step_marks(results: RoundResults, start: float) -> dict[str, float]:
+    """When the round reached each step (wall clock), for telling overlapping rounds apart."""
+    marks = {
+        "start": start,
+        "opened": results.opened.finished_at,
+        "closed": results.level.closing.closed_at,
+        "collected": results.level.finished_at,
+        "model": results.root.finished_at,
+    }
+    if results.evaluation is not None:
+        marks["evaluated"] = results.evaluation.finished_at
+    return {name: round(t, 4) for name, t in marks.items()}
+
+
 def sum_counts(counts: Iterable[Mapping[str, int]]) -> dict[str, int]:
     total: dict[str, int] = {}
     for c in counts:
@@ -117,6 +131,7 @@ def build_round_report(
         ),
         duration_s=max(0.0, now - start),
         timings=phase_timings(results),
+        marks=step_marks(results, start),
         global_model=root.global_model or commit.global_model,
         program=program.ref if program is not None else None,
         flow_run_id=flow_run_id,

@@ -25,7 +25,7 @@ from tasks.dispatch import device_weight_cap
 from tasks.models import run_dataset
 from tasks.params import TrainingParams
 from tasks.planning import ClosePolicy, OpenedRound, client_hyperparams, plan_round
-from tasks.reporting import PHASES, build_round_report, next_commit, phase_timings
+from tasks.reporting import PHASES, advance, build_round_report, next_commit, phase_timings
 from tasks.results import (
     Closing,
     Evaluation,
@@ -228,6 +228,34 @@ def test_round_report_sums_leaves_and_keeps_the_model_of_an_abandoned_round() ->
     kept = next_commit(commit, abandoned, _results(False).root, ref("r"))
     assert kept.global_model == commit.global_model and kept.next_round == 3
     assert kept.norm_bound == commit.norm_bound  # an abandoned round leaves the bound alone
+
+
+def test_the_next_round_starts_from_the_roots_model_before_the_report_exists() -> None:
+    commit = CommitRecord(
+        job="hello-mobile", run_id="r", next_round=2, global_model=ref("g2", 200), updated_at=NOW
+    )
+    report = build_round_report(
+        _results(), commit=commit, late=0, min_reports=2, flow_run_id=None, now=1007.5
+    )
+    basis = advance(commit, _results().root)  # what round 3 opens from, before round 2 commits
+    after = next_commit(commit, report, _results().root, ref("report"))
+    assert basis.model_dump(exclude={"reports", "updated_at"}) == after.model_dump(
+        exclude={"reports", "updated_at"}
+    )
+    assert basis.reports == [] and after.reports == [ref("report")]
+    kept = advance(commit, _results(committed=False).root)  # abandoned: same model, same bound
+    assert (kept.global_model, kept.norm_bound, kept.next_round) == (ref("g2", 200), None, 3)
+    with pytest.raises(ValueError, match="cannot follow"):
+        next_commit(basis, report, _results().root, ref("report"))  # round 2 after a commit at 3
+    # the marks of each step, for telling overlapping rounds apart
+    assert report.marks == {
+        "start": 1000.0,
+        "opened": 1001.5,
+        "closed": 1005.0,
+        "collected": 1006.0,
+        "model": 1006.25,
+        "evaluated": 1007.0,
+    }
 
 
 def test_round_zero_check_bounds_a_leaf_whose_only_update_is_poisoned_and_reports_it() -> None:
