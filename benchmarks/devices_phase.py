@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import statistics
@@ -282,6 +283,8 @@ class StandIn:
 
     def wake_gateways(self) -> None:
         """What the flow would do after the pointer write: nudge each gateway's watch."""
+        if not self.nudge:
+            return
         import httpx
 
         from edge.protocol import wake_path
@@ -437,12 +440,14 @@ def run_workload(
             total = after.get(f"{what}_sum", 0) - before.get(f"{what}_sum", 0)
             if n:
                 print(f"  gateways: {n:.0f} {what}s, {1000 * total / n:.1f} ms each at the door")
-        parent.send(("stop", None))
         return out
     finally:
+        with contextlib.suppress(OSError):
+            parent.send(("stop", None))  # it stops its simulation and its workers
         sim.join(timeout=30)
-        if sim.is_alive():
-            sim.terminate()
+        if sim.is_alive():  # SIGKILL: the simulator takes SIGTERM as "finish cleanly"
+            sim.kill()
+            sim.join(timeout=10)
 
 
 def report(w: Workload, measures: Sequence[RoundMeasure]) -> float:

@@ -12,8 +12,10 @@ not wait at all. The rule:
 * otherwise it waits while more uploads of the leaf are *arriving* (admitted at
   the door, their bodies being read or checked), but no longer than
   ``max_wait`` seconds after its first update arrived;
-* and with nothing arriving it is written at once: lingering could only add
-  latency, since nothing the gateway has seen yet could join the batch.
+* and with nothing arriving it waits only ``idle_wait`` (10 ms by default, not
+  ``max_wait``): long enough for the uploads of a burst (a cohort that trains
+  in no time uploads within milliseconds) to share a PUT, short enough not to
+  hold up the round's last upload, which its close waits for.
 
 The commit rule is what makes batches adaptive: the slower storage answers, the
 longer a batch stays open and the more updates share its PUT, so the number of
@@ -22,7 +24,7 @@ for the fence too (not only the PUT) keeps one batch per leaf in commit at a
 time, which roughly doubles the updates per PUT under a steady load. Under load
 uploads keep arriving, so batches fill for ``max_wait`` as before; an idle
 gateway (the last uploads of a round, which the round's close waits for) writes
-an update as soon as it is checked instead of ``max_wait`` later.
+an update ``idle_wait`` after it is checked instead of ``max_wait`` later.
 """
 
 from __future__ import annotations
@@ -39,19 +41,26 @@ class Flush(Enum):
 
 
 def flush_decision(
-    *, size: int, expired: bool, committing: bool, arriving: int, max_updates: int
+    *,
+    size: int,
+    expired: bool,
+    committing: bool,
+    arriving: int,
+    max_updates: int,
+    idle: bool = True,
 ) -> Flush:
     """Whether an open batch of ``size`` updates is written now.
 
     ``expired``: ``max_wait`` has passed since its first update arrived (its timer
     fired). ``committing``: the leaf's previous batch has not finished its PUT and
     fence. ``arriving``: uploads of the leaf admitted at the door and not yet in the
-    batch (or turned away).
+    batch (or turned away). ``idle``: ``idle_wait`` has passed since its first
+    update arrived.
     """
     if size >= max_updates:
         return Flush.WRITE
     if committing:
         return Flush.AFTER_COMMIT
-    if arriving > 0 and not expired:
+    if not expired and (arriving > 0 or not idle):
         return Flush.WAIT
     return Flush.WRITE

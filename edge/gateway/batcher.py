@@ -2,12 +2,13 @@
 
 Each accepted update joins the open batch of its (job, run, round, leaf, kind:
 training updates and evaluation results never share a batch). The
-batch is written when it is full (``max_updates``), or as soon as no other
-upload of its leaf is arriving (``expect``: admitted at the door, body still
-being read or checked), or ``max_wait`` seconds after its first update arrived,
-whichever comes first; but while the leaf's previous batch is still being
-committed (written, then fenced), a batch that is not full waits for that
-commit to end (``batch_policy.flush_decision``).
+batch is written when it is full (``max_updates``), or ``idle_wait`` seconds
+after its first update arrived if no other upload of its leaf is arriving then
+(``expect``: admitted at the door, body still being read or checked), or
+``max_wait`` seconds after its first update arrived, whichever comes first;
+but while the leaf's previous batch is still being committed (written, then
+fenced), a batch that is not full waits for that commit to end
+(``batch_policy.flush_decision``).
 Batches therefore grow by themselves when storage is slow (classic group
 commit): the number of PUTs follows what S3 can absorb, not the number of
 devices. Every device waiting on
@@ -77,7 +78,9 @@ class _OpenBatch:
     opened: float
     items: list[tuple[DeviceUpdate, asyncio.Future[str]]] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
+    idle_timer: asyncio.TimerHandle | None = None
     expired: bool = False  # max_wait has passed since the first update arrived
+    idle: bool = False  # idle_wait has passed since the first update arrived
 
 
 class Arrival:
@@ -116,6 +119,7 @@ class GroupCommitter:
         gateway_id: str,
         max_updates: int,
         max_wait_seconds: float,
+        idle_wait_seconds: float = 0.0,
         fence: Fence | None = None,
     ) -> None:
         self._store = store
@@ -125,6 +129,7 @@ class GroupCommitter:
         self._gateway_id = gateway_id
         self._max_updates = max_updates
         self._max_wait = max_wait_seconds
+        self._idle_wait = min(idle_wait_seconds, max_wait_seconds)
         self._open: dict[BatchContext, _OpenBatch] = {}
         self._writes: set[asyncio.Task[None]] = set()
         self._committing: Counter[BatchContext] = Counter()  # PUT + fence in flight per leaf
@@ -160,6 +165,10 @@ class GroupCommitter:
         if batch is None:
             batch = _OpenBatch(context, global_model, time.perf_counter())
             batch.timer = loop.call_later(self._max_wait, self._timer_fired, context)
+            if self._idle_wait > 0:
+                batch.idle_timer = loop.call_later(self._idle_wait, self._idle_fired, context)
+            else:
+                batch.idle = True
             self._open[context] = batch
         future: asyncio.Future[str] = loop.create_future()
         batch.items.append((update, future))
@@ -177,6 +186,12 @@ class GroupCommitter:
             batch.expired = True
             self._consider(context)
 
+    def _idle_fired(self, context: BatchContext) -> None:
+        batch = self._open.get(context)
+        if batch is not None:
+            batch.idle = True
+            self._consider(context)
+
     def _consider(self, context: BatchContext) -> None:
         """Write the leaf's open batch if the group-commit rule says so now."""
         batch = self._open.get(context)
@@ -188,6 +203,7 @@ class GroupCommitter:
             committing=self._committing[context] > 0,
             arriving=self._arriving[context],
             max_updates=self._max_updates,
+            idle=batch.idle,
         )
         if decision is Flush.WRITE:
             self._flush(context)
@@ -196,8 +212,9 @@ class GroupCommitter:
         batch = self._open.pop(context, None)
         if batch is None:
             return
-        if batch.timer is not None:
-            batch.timer.cancel()
+        for timer in (batch.timer, batch.idle_timer):
+            if timer is not None:
+                timer.cancel()
         self._committing[context] += 1
         task = asyncio.ensure_future(self._write(batch))
         self._writes.add(task)

@@ -98,6 +98,7 @@ class GatewayService:
             gateway_id=self.gateway_id,
             max_updates=settings.group_commit_max_updates,
             max_wait_seconds=settings.group_commit_max_wait_ms / 1000.0,
+            idle_wait_seconds=self.tuning.group_commit_idle_wait_seconds,
             fence=self.rounds.confirm_open,
         )
         self.enrolment = EnrolmentDesk(

@@ -28,3 +28,6 @@ class GatewayTuning:
     io_threads: int = 16  # S3 calls and large tensor checks run here, off the event loop
     inline_check_bytes: int = 256 * 1024  # smaller updates are checked on the loop (no hop)
     body_budget_bytes: int = 256 * 1024 * 1024  # upload bodies held at once (then 503)
+    # How long a batch waits for company when no other upload of its leaf is arriving
+    # (group_commit_max_wait_ms when some are; edge.gateway.batch_policy)
+    group_commit_idle_wait_seconds: float = 0.01

@@ -26,6 +26,13 @@ def test_with_nothing_arriving_and_nothing_in_commit_a_batch_is_written_at_once(
     assert decision is Flush.WRITE
 
 
+def test_with_nothing_arriving_a_batch_waits_the_short_idle_wait_for_a_burst() -> None:
+    decision = flush_decision(
+        size=1, expired=False, committing=False, arriving=0, max_updates=64, idle=False
+    )
+    assert decision is Flush.WAIT
+
+
 def test_a_young_batch_waits_for_uploads_still_arriving() -> None:
     decision = flush_decision(size=5, expired=False, committing=False, arriving=2, max_updates=64)
     assert decision is Flush.WAIT

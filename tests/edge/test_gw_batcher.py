@@ -69,6 +69,7 @@ def committer(
         gateway_id="gw-t",
         max_updates=int(kw.get("max_updates", 64)),
         max_wait_seconds=kw.get("max_wait", 0.01),
+        idle_wait_seconds=kw.get("idle_wait", 0.0),
         fence=fence,
     )
 
@@ -93,6 +94,19 @@ async def test_an_idle_gateway_writes_an_update_without_lingering() -> None:
         key = await asyncio.wait_for(batcher.commit(CTX, GLOBAL, update(0)), timeout=30)
 
     assert store.list_keys("j/r/round-00000/updates/") == [key]
+
+
+async def test_uploads_of_a_burst_share_a_batch_within_the_idle_wait() -> None:
+    store = SlowStore(delay=0.0)
+    with ThreadPoolExecutor(2) as executor:
+        batcher = committer(store, executor, max_wait=600.0, idle_wait=0.2)
+        first = asyncio.ensure_future(batcher.commit(CTX, GLOBAL, update(0)))
+        await asyncio.sleep(0.01)  # the next upload of the burst, nothing announced it
+        second = asyncio.ensure_future(batcher.commit(CTX, GLOBAL, update(1)))
+        keys = await asyncio.wait_for(asyncio.gather(first, second), timeout=30)
+
+    assert keys[0] == keys[1]  # one PUT for both, long before the 600 s max_wait
+    assert store.list_keys("j/r/round-00000/updates/") == [keys[0]]
 
 
 async def test_a_batch_waits_for_uploads_still_arriving_and_goes_when_they_joined() -> None:
