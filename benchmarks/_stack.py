@@ -79,6 +79,7 @@ class BenchStack:
     root: Path
     gateways: int = 2
     database: str = "sqlite"  # or "postgres"
+    s3_request_log: bool = False  # one line per S3 request in moto.log (benchmarks/scale.py)
     services: list[Service] = field(default_factory=list)
     _runner_starts: int = 0
     env: dict[str, str] = field(default_factory=dict)
@@ -110,7 +111,8 @@ class BenchStack:
         child_env = {**os.environ, **self.env, "PREFECT_HOME": str(self.root / "client-home")}
         t0 = time.monotonic()
         moto = spawn(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
+            [sys.executable, "-m", "infra.s3_server", "-H", "127.0.0.1", "-p", str(s3_port)]
+            + (["--access-log"] if self.s3_request_log else []),
             self.root / "moto.log",
             child_env,
         )

@@ -285,7 +285,9 @@ def main() -> None:
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="canopy-scale-"))
-    stack = BenchStack(root, gateways=args.gateways, database=args.database).start()
+    stack = BenchStack(
+        root, gateways=args.gateways, database=args.database, s3_request_log=True
+    ).start()
     os.environ.update(stack.env)  # the flow and the watchers read CANOPY_* and PREFECT_API_URL
     moto = MotoLog(root / "moto.log", stack.env["CANOPY_S3_BUCKET"])
     processes = args.simulators or math.ceil(args.devices / DEVICES_PER_SIMULATOR)

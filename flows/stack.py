@@ -325,7 +325,7 @@ def up(
     try:
         s3_url = env["CANOPY_S3_ENDPOINT_URL"]
         proc, what = launch(
-            "moto-s3", [py, "-m", "moto.server", "-H", host, "-p", str(ports.s3)], s3_url
+            "moto-s3", [py, "-m", "infra.s3_server", "-H", host, "-p", str(ports.s3)], s3_url
         )
         wait_http_ok(f"{s3_url}/moto-api/", proc, timeout=60.0, what=what)
 

@@ -107,11 +107,12 @@ def fresh_bucket(endpoint: str, prefix: str = "test") -> S3Settings:
 
 @contextlib.contextmanager
 def moto_server() -> Iterator[str]:
-    """A moto S3 server in a thread of this process on a free port; yields its URL."""
-    from moto.server import ThreadedMotoServer
+    """A moto S3 server in a thread of this process on a free port, kept-alive HTTP/1.1
+    as ``canopy up`` serves it (``infra.s3_server``); yields its URL."""
+    from infra.s3_server import S3ServerThread
 
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = S3ServerThread("127.0.0.1", port)
     server.start()
     try:
         yield f"http://127.0.0.1:{port}"
