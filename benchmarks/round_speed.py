@@ -472,48 +472,6 @@ def phase_medians(reports: Sequence[Any]) -> dict[str, float]:
     return {p: median([r.timings.get(p, 0.0) for r in measured]) for p in PHASES}
 
 
-@dataclass
-class Gap:
-    """From round r-1's commit to round r's open, in the pieces that can be told apart."""
-
-    publish_tail: float  # commit (report written) -> round r-1 flow run ends
-    parent_gap: float  # round r-1 flow ends -> round r flow run created
-    startup: float  # round r flow run created -> running
-    to_open: float  # running -> pointer open seen in S3
-    total: float
-    calls: list[HttpCall] = field(default_factory=list)  # the parent's, between the two rounds
-
-
-def gaps(run: CanopyRun) -> list[Gap]:
-    out = []
-    done = {r.round: r.finished_at.timestamp() for r in run.reports}
-    for rnd in sorted(done):
-        prev, cur = run.round_flow(rnd - 1), run.round_flow(rnd)
-        opened = run.pointer.get((rnd, "open"))
-        if rnd < 1 or prev is None or cur is None or opened is None or rnd - 1 not in done:
-            continue
-        prev_end, created, start = (
-            parse_ts(prev["end_time"]),
-            parse_ts(cur["created"]),
-            parse_ts(cur["start_time"]),
-        )
-        if prev_end is None or created is None or start is None:
-            continue
-        commit = done[rnd - 1]
-        between = [c for c in run.http if prev_end - 0.01 <= c.at <= created]
-        out.append(
-            Gap(
-                prev_end - commit,
-                created - prev_end,
-                start - created,
-                opened - start,
-                opened - commit,
-                between,
-            )
-        )
-    return out
-
-
 def norm_task(name: str) -> str:
     return re.sub(r"\d+", "*", re.sub(r"-[0-9a-f]{3}$", "", name))
 
@@ -682,27 +640,53 @@ def fmt_phases(phases: dict[str, float]) -> str:
     return "  ".join(f"{p} {phases[p]:.2f}" for p in PHASES)
 
 
-def print_gaps(label: str, gs: Sequence[Gap]) -> None:
-    if not gs:
-        print(f"  {label}: commit -> next open: not measured")
+CYCLE = (
+    ("hand-over and open", "model", "opened"),  # the round before's model -> this round open
+    ("devices", "opened", "closed"),
+    ("collect", "closed", "collected"),
+    ("aggregate", "collected", "model"),
+)
+
+
+def print_cycle(label: str, runs: Sequence[Sequence[Any]]) -> None:
+    """Rounds are pipelined: one round's critical path runs from the round before's new
+    model to its own; evaluation and commit run beside the next round (report marks)."""
+    parts: dict[str, list[float]] = defaultdict(list)
+    for reports in runs:
+        cycle_parts(reports, parts)
+    if not parts:
+        print(f"  {label}: no step marks in the reports")
         return
-    to_open = median([g.to_open for g in gs])
+    on_path = sum(median(parts[n]) for n, _, _ in CYCLE if parts[n])
     print(
-        f"  {label}: commit -> next round open {median([g.total for g in gs]):.2f}s = "
-        f"publish tail {median([g.publish_tail for g in gs]):.2f} + parent flow to next round "
-        f"flow run {median([g.parent_gap for g in gs]):.2f} + its created->running "
-        f"{median([g.startup for g in gs]):.2f} + running->open {to_open:.2f}"
-        f" (medians of {len(gs)})"
+        f"  {label}: model -> model {on_path:.2f}s = "
+        + " + ".join(f"{n} {median(parts[n]):.2f}" for n, _, _ in CYCLE if parts[n])
+        + "; off the path: "
+        + ", ".join(f"{n} {median(v):.2f}" for n, v in parts.items() if "beside" in n)
+        + f" (medians of {len(parts['devices'])})"
     )
-    refused = Counter(
-        f"{c.method} {c.path} {c.status}" for g in gs for c in g.calls if c.status >= 300
-    )
-    pick = sorted(gs, key=lambda g: g.parent_gap)[len(gs) // 2]
-    print(
-        f"      parent flow -> next round flow run: {median([len(g.calls) for g in gs]):.0f} API "
-        f"calls, refused in {len(gs)} gaps: {dict(refused) or 'none'}; the median gap's calls: "
-        + ", ".join(f"{c.method} {c.path} {c.status} {c.seconds:.2f}s" for c in pick.calls)
-    )
+
+
+def cycle_parts(reports: Sequence[Any], parts: dict[str, list[float]]) -> None:
+    """One run's rounds (round 0 excluded) split along the cycle, added to ``parts``."""
+    by_round = {r.round: r.marks for r in reports if r.marks}
+    for rnd, marks in by_round.items():
+        prev = by_round.get(rnd - 1)
+        if rnd < 1 or prev is None:
+            continue
+        for name, a, b in CYCLE:
+            start = prev if name == "hand-over and open" else marks
+            if a in start and b in marks:
+                parts[name].append(marks[b] - start[a])
+        if "model" in marks and "evaluated" in marks:
+            parts["evaluate (beside the next round)"].append(marks["evaluated"] - marks["model"])
+        commit = r_finished(reports, rnd)
+        if commit is not None and "model" in marks:
+            parts["model -> commit (beside the next round)"].append(commit - marks["model"])
+
+
+def r_finished(reports: Sequence[Any], rnd: int) -> float | None:
+    return next((r.finished_at.timestamp() for r in reports if r.round == rnd), None)
 
 
 def print_structure(label: str, run: CanopyRun, top: int = 8) -> None:
@@ -829,7 +813,7 @@ def lenet_section(bench: Bench, args: argparse.Namespace) -> tuple[float, float,
         bench.read_back(run)
     all_reports = [r for run in runs for r in run.reports]
     print(f"  phases (median s): {fmt_phases(phase_medians(all_reports))}")
-    print_gaps("between rounds", [g for run in runs for g in gaps(run)])
+    print_cycle("critical path", [run.reports for run in runs])
     print_structure("Prefect", last)
     print_timeline("LeNet", last)
     return plain_med, canopy_med, last
@@ -864,7 +848,7 @@ def hello_section(bench: Bench, args: argparse.Namespace) -> None:
                 f"(duration_s {median(run.durations()):.2f}), plain {1000 * plain:.1f} ms | "
                 f"{fmt_phases(phase_medians(run.reports))}"
             )
-            print_gaps("between rounds", gaps(run))
+            print_cycle("critical path", [run.reports])
         fixed, per = fit(points)
         fixed_p, per_p = fit(over_plain)
         print(
