@@ -8,7 +8,7 @@
                                                           runs on the edge work pool)
                        bound-leaf x outsized leaves      (round 0's check across leaves)
         r0000-level-1  sum-node x ...                    (aggregator levels: partial sums)
-        r0000-server   sum-root, apply-strategy
+        r0000-server   finalize-root: sum, divide once, strategy
         evaluate-model                                   (server: held-out test split)
         r0000-device-evaluation  open-evaluation, close-round + collect-evaluation x L,
                        sum-evaluation                    (every eval_every rounds, beside
@@ -49,7 +49,7 @@ from flows.edge_leaf import collect_on_edge
 from infra.run_state import CommitRecord, RoundReport
 from infra.settings import GatewaySettings, S3Settings
 from infra.store import ObjectRef
-from tasks.aggregate import apply_strategy, sum_node
+from tasks.aggregate import finalize_root, sum_node
 from tasks.collect import check_leaves, close_when_due, collect_leaf
 from tasks.context import RunContext
 from tasks.dispatch import mark_done, open_round, wait_for_devices
@@ -134,11 +134,12 @@ async def server_level(
         commit: CommitRecord = await basis.get()
     except UpstreamFailedError as exc:
         return Cancelled(message=str(exc))
-    total = await sum_node(ctx, rnd, root.name, root.level, [partials[c] for c in root.children])
-    result = await apply_strategy(
+    result = await finalize_root(
         ctx,
         rnd,
-        total,
+        root.name,
+        root.level,
+        [partials[c] for c in root.children],
         commit.global_model,
         commit.server_state,
         NormBoundState.model_validate(commit.norm_bound or {}),

@@ -6,12 +6,19 @@ acknowledgement, through its second half ``record_lineage``), so no writer can
 forget the record, spell it differently or write it before the object exists.
 Observers (the Prefect asset events of ``tasks.ui``) hear each record after it
 is stored: S3 stays the source of truth, the UI a view of it.
+
+A caller on a round's critical path may pass ``later``: the record is then
+written by whoever ``later`` hands it to (``tasks.deferred``: a thread of the
+flow's), still only after the objects were stored, and the caller returns as
+soon as they are. The round waits for its records before it commits, so a
+committed round never lacks one.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -22,6 +29,8 @@ from infra.lineage import ArtifactRef, LineageKind, LineageRecord, make_record, 
 from infra.store import ObjectRef, ObjectStore
 
 LineageObserver = Callable[[LineageRecord], None]
+# Takes the writing of a lineage record, to run it after the caller has returned.
+Later = Callable[[Callable[[], LineageRecord]], None]
 
 
 @dataclass(frozen=True)
@@ -80,15 +89,29 @@ def put_all_with_lineage(
     provenance: Provenance,
     *,
     observers: Sequence[LineageObserver] = (),
+    later: Later | None = None,
 ) -> list[ObjectRef]:
-    """Store outputs made by one step (a model and its strategy state), then one record for all."""
+    """Store outputs made by one step (a model and its strategy state), side by side; then
+    one record for all, here or (``later``) after the caller has its references."""
     if not outputs:
         raise ValueError("put_all_with_lineage needs at least one output")
-    refs = [
-        store.put_bytes(o.key, o.data, kind=o.kind, metadata=dict(o.metadata) or None)
-        for o in outputs
-    ]
-    record_lineage(store, refs, provenance, observers=observers)
+
+    def put(o: Output) -> ObjectRef:
+        return store.put_bytes(o.key, o.data, kind=o.kind, metadata=dict(o.metadata) or None)
+
+    if len(outputs) == 1:
+        refs = [put(outputs[0])]
+    else:
+        with ThreadPoolExecutor(max_workers=len(outputs)) as pool:
+            refs = list(pool.map(put, outputs))
+
+    def record() -> LineageRecord:
+        return record_lineage(store, refs, provenance, observers=observers)
+
+    if later is None:
+        record()
+    else:
+        later(record)
     return refs
 
 
@@ -98,6 +121,7 @@ def put_with_lineage(
     provenance: Provenance,
     *,
     observers: Sequence[LineageObserver] = (),
+    later: Later | None = None,
 ) -> ObjectRef:
-    """Store one output, then its lineage record beside it."""
-    return put_all_with_lineage(store, [output], provenance, observers=observers)[0]
+    """Store one output, then its lineage record beside it (``later``: see the module)."""
+    return put_all_with_lineage(store, [output], provenance, observers=observers, later=later)[0]

@@ -32,12 +32,13 @@ WSGI_THREADS = 16
 
 def s3_app() -> Any:
     """moto's WSGI application (S3 and the ``/moto-api/`` health page) as an ASGI app."""
-    from moto.server import DomainDispatcherApplication, create_backend_app
-    from uvicorn.middleware.wsgi import WSGIMiddleware
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+    from uvicorn.middleware import wsgi
 
     with warnings.catch_warnings():  # uvicorn suggests a2wsgi; its own adapter does the job
         warnings.simplefilter("ignore", DeprecationWarning)
-        return WSGIMiddleware(DomainDispatcherApplication(create_backend_app), workers=WSGI_THREADS)
+        app = DomainDispatcherApplication(create_backend_app)
+        return wsgi.WSGIMiddleware(app, workers=WSGI_THREADS)  # type: ignore[attr-defined]
 
 
 def _config(host: str, port: int, access_log: bool = False) -> uvicorn.Config:

@@ -48,6 +48,7 @@ from infra.outputs import Output, Provenance, put_with_lineage
 from infra.store import ObjectRef, ObjectStore, get_json
 from tasks.close_signal import pause_unless_closed
 from tasks.context import RunContext, current_flow_run_id, store_for
+from tasks.deferred import deferred
 from tasks.intake import LeafIntake
 from tasks.leaf_outcome import LeafOutcome
 from tasks.ui import emit_lineage_events, warn_refused
@@ -184,6 +185,7 @@ def _store_partial(
             flow_run_id=current_flow_run_id(),
         ),
         observers=[emit_lineage_events],
+        later=deferred(t.round),  # in a federated-training run: written beside it
     )
     return ref, intake.collector.norm_summary(partial)
 

@@ -11,6 +11,7 @@ from prefect.cache_policies import NONE
 from infra.run_state import CommitRecord, RoundReport, read_reports, write_commit, write_report
 from infra.store import ObjectRef
 from tasks.context import RunContext, current_flow_run_id, store_for
+from tasks.deferred import settle
 from tasks.reporting import build_round_report, next_commit
 from tasks.results import RoundResults
 
@@ -54,6 +55,7 @@ async def commit_round(
     store = store_for(ctx.s3)
 
     def write() -> CommitRecord:
+        settle(results.opened.round)  # the round's deferred lineage records are in S3
         ref = write_report(store, ctx.job, ctx.run_id, report)
         new = next_commit(commit, report, results.root, ref)
         write_commit(store, new)

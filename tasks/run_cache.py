@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # the template module loads ExecuTorch, which PyTorch runs ne
     from edge.jobs import JobSpec
     from edge.registry_index import RegistryIndex
     from edge.training.template import ProgramTemplate
+    from tasks.deferred import DeferredWrites
 
 
 @dataclass
@@ -42,6 +43,15 @@ class RunCache:
     registries: dict[str, RegistryIndex] = field(default_factory=dict)
     snapshots: dict[str, list[str]] = field(default_factory=dict)
     closes: dict[tuple[str, str, int, str], asyncio.Event] = field(default_factory=dict)
+    writes: DeferredWrites | None = None
+
+    def deferred_writes(self) -> DeferredWrites:
+        """The run's writer of deferred lineage records (``tasks.deferred``)."""
+        if self.writes is None:
+            from tasks.deferred import DeferredWrites
+
+            self.writes = DeferredWrites()
+        return self.writes
 
     def template(
         self, key: str, sha256: str, load: Callable[[], ProgramTemplate]
@@ -100,6 +110,13 @@ def run_cache() -> Iterator[RunCache]:
         yield cache
     finally:
         _CURRENT.reset(token)
+        if cache.writes is not None:  # records of rounds that never committed: still written
+            cache.writes.close()
+
+
+def open_cache() -> RunCache | None:
+    """The open run's cache, or None outside a run."""
+    return _CURRENT.get()
 
 
 def current_cache() -> RunCache:
