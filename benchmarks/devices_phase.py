@@ -9,8 +9,9 @@ process plays the flow's part with the flow's own code (``tasks.planning.plan_ro
 ``--nudge``, it also tells each gateway right after the pointer write, ``POST
 /v1/jobs/{job}/wake``), against
 
-* a moto S3 server and two gateway processes (``python -m edge.gateway``, default
-  settings, as ``canopy up`` runs them), and
+* moto's S3 as the stack serves it (``python -m infra.s3_server``) and two
+  gateway processes (``python -m edge.gateway``, default settings, as ``canopy
+  up`` runs them), and
 * the device simulator in a process of its own (``run_simulation``, an all-fast
   fleet, two spawned training workers), which reports every device's steps
   (``edge.simulator.trace``) so the phase can be split: long-poll wake-up,
@@ -209,6 +210,7 @@ class StandIn:
 
         self.w, self.store, self.close_poll, self.conn = w, store, close_poll, conn
         self.nudge = nudge or []  # gateway URLs told of each open
+        self._http: Any = None  # a keep-alive client for the nudges
         self.run_id = f"dp-{uuid.uuid4().hex[:8]}"
         self.params = TrainingParams.model_validate(
             {
@@ -289,9 +291,11 @@ class StandIn:
 
         from edge.protocol import wake_path
 
+        if self._http is None:
+            self._http = httpx.Client(timeout=1.0)
         for url in self.nudge:
             try:
-                httpx.post(f"{url}{wake_path(self.w.job)}", timeout=1.0)
+                self._http.post(f"{url}{wake_path(self.w.job)}")
             except httpx.HTTPError as exc:  # a hint: a gateway that missed it polls anyway
                 print(f"  (nudge to {url} failed: {exc})")
 
@@ -345,7 +349,7 @@ class Edge:
         }
         os.environ.update({k: v for k, v in self.env.items() if k.startswith("CANOPY_")})
         moto = spawn(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
+            [sys.executable, "-m", "infra.s3_server", "-H", "127.0.0.1", "-p", str(s3_port)],
             root / "moto.log",
             self.env,
         )

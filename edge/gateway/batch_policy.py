@@ -12,10 +12,11 @@ not wait at all. The rule:
 * otherwise it waits while more uploads of the leaf are *arriving* (admitted at
   the door, their bodies being read or checked), but no longer than
   ``max_wait`` seconds after its first update arrived;
-* and with nothing arriving it waits only ``idle_wait`` (10 ms by default, not
-  ``max_wait``): long enough for the uploads of a burst (a cohort that trains
-  in no time uploads within milliseconds) to share a PUT, short enough not to
-  hold up the round's last upload, which its close waits for.
+* and with nothing arriving it waits until no update has joined for
+  ``idle_wait`` (20 ms by default; still at most ``max_wait`` in all): the
+  uploads of a burst (a cohort that trains in no time uploads within
+  milliseconds) keep sharing a PUT, while a lone upload, such as the round's
+  last one, which its close waits for, waits 20 ms instead of ``max_wait``.
 
 The commit rule is what makes batches adaptive: the slower storage answers, the
 longer a batch stays open and the more updates share its PUT, so the number of
@@ -24,7 +25,7 @@ for the fence too (not only the PUT) keeps one batch per leaf in commit at a
 time, which roughly doubles the updates per PUT under a steady load. Under load
 uploads keep arriving, so batches fill for ``max_wait`` as before; an idle
 gateway (the last uploads of a round, which the round's close waits for) writes
-an update ``idle_wait`` after it is checked instead of ``max_wait`` later.
+a lone update ``idle_wait`` after it is checked instead of ``max_wait`` later.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ def flush_decision(
     ``expired``: ``max_wait`` has passed since its first update arrived (its timer
     fired). ``committing``: the leaf's previous batch has not finished its PUT and
     fence. ``arriving``: uploads of the leaf admitted at the door and not yet in the
-    batch (or turned away). ``idle``: ``idle_wait`` has passed since its first
-    update arrived.
+    batch (or turned away). ``idle``: ``idle_wait`` has passed since its last
+    update joined.
     """
     if size >= max_updates:
         return Flush.WRITE

@@ -3,7 +3,7 @@
 Each accepted update joins the open batch of its (job, run, round, leaf, kind:
 training updates and evaluation results never share a batch). The
 batch is written when it is full (``max_updates``), or ``idle_wait`` seconds
-after its first update arrived if no other upload of its leaf is arriving then
+after its last update joined if no other upload of its leaf is arriving then
 (``expect``: admitted at the door, body still being read or checked), or
 ``max_wait`` seconds after its first update arrived, whichever comes first;
 but while the leaf's previous batch is still being committed (written, then
@@ -80,7 +80,7 @@ class _OpenBatch:
     timer: asyncio.TimerHandle | None = None
     idle_timer: asyncio.TimerHandle | None = None
     expired: bool = False  # max_wait has passed since the first update arrived
-    idle: bool = False  # idle_wait has passed since the first update arrived
+    idle: bool = False  # idle_wait has passed since the last update joined
 
 
 class Arrival:
@@ -165,11 +165,14 @@ class GroupCommitter:
         if batch is None:
             batch = _OpenBatch(context, global_model, time.perf_counter())
             batch.timer = loop.call_later(self._max_wait, self._timer_fired, context)
-            if self._idle_wait > 0:
-                batch.idle_timer = loop.call_later(self._idle_wait, self._idle_fired, context)
-            else:
-                batch.idle = True
             self._open[context] = batch
+        # The quiet period restarts with every update: a burst keeps its batch open
+        # (up to max_wait), a lone update waits idle_wait only.
+        if batch.idle_timer is not None:
+            batch.idle_timer.cancel()
+        batch.idle = self._idle_wait <= 0
+        if not batch.idle:
+            batch.idle_timer = loop.call_later(self._idle_wait, self._idle_fired, context)
         future: asyncio.Future[str] = loop.create_future()
         batch.items.append((update, future))
         self.pending += 1

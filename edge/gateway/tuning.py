@@ -30,4 +30,4 @@ class GatewayTuning:
     body_budget_bytes: int = 256 * 1024 * 1024  # upload bodies held at once (then 503)
     # How long a batch waits for company when no other upload of its leaf is arriving
     # (group_commit_max_wait_ms when some are; edge.gateway.batch_policy)
-    group_commit_idle_wait_seconds: float = 0.01
+    group_commit_idle_wait_seconds: float = 0.02
