@@ -641,7 +641,9 @@ def fmt_phases(phases: dict[str, float]) -> str:
 
 
 CYCLE = (
-    ("hand-over and open", "model", "opened"),  # the round before's model -> this round open
+    ("hand-over", "model", "handed"),  # the round before's model -> handed to this round
+    ("wake-up", "handed", "start"),  # -> this round has it
+    ("open", "start", "opened"),
     ("devices", "opened", "closed"),
     ("collect", "closed", "collected"),
     ("aggregate", "collected", "model"),
@@ -675,9 +677,10 @@ def cycle_parts(reports: Sequence[Any], parts: dict[str, list[float]]) -> None:
         if rnd < 1 or prev is None:
             continue
         for name, a, b in CYCLE:
-            start = prev if name == "hand-over and open" else marks
-            if a in start and b in marks:
-                parts[name].append(marks[b] - start[a])
+            start = prev if name in ("hand-over", "wake-up") else marks
+            end = prev if name == "hand-over" else marks
+            if a in start and b in end:
+                parts[name].append(end[b] - start[a])
         if "model" in marks and "evaluated" in marks:
             parts["evaluate (beside the next round)"].append(marks["evaluated"] - marks["model"])
         commit = r_finished(reports, rnd)

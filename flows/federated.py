@@ -292,8 +292,10 @@ async def _play_round(ctx: RunContext, tree: Tree, link: RoundLink, levels: Leve
     #      closes, add level by level, and the root applies the strategy
     root = await levels.root_result()
     evaluate_devices = root.global_model is not None and ctx.params.evaluates_on_devices(rnd)
+    handed_at = None
     if not evaluate_devices:  # the next round may open now: this one no longer needs the pointer
         link.end.basis.set(advance(basis, root))
+        handed_at = time.time()
 
     # 5. evaluate the new global model on held-out data: the server's test split, and
     #    every eval_every rounds, at the same time, devices on their own held-out data
@@ -307,6 +309,7 @@ async def _play_round(ctx: RunContext, tree: Tree, link: RoundLink, levels: Leve
                 ),
             )
             link.end.basis.set(advance(basis, root))
+            handed_at = time.time()
         else:
             evaluation = await evaluate_model(ctx, rnd, root.global_model)
 
@@ -323,6 +326,7 @@ async def _play_round(ctx: RunContext, tree: Tree, link: RoundLink, levels: Leve
         root=root,
         evaluation=evaluation,
         device_evaluation=device_eval,
+        handed_at=handed_at,
     )
     new_commit, report = await commit_round(
         ctx,

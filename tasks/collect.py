@@ -70,12 +70,12 @@ async def close_when_due(ctx: RunContext, opened: OpenedRound) -> Closing:
     evaluating = opened.active.kind == "evaluate"
     count = count_evaluations if evaluating else count_reports
     what = "device evaluations" if evaluating else "device reports"
-    progress = await ProgressBar.start(
+    progress = ProgressBar(
         f"round {opened.round}: {what} ({opened.target} needed)", total=opened.target
     )
     while True:
         seen = await asyncio.to_thread(count, store, ctx.job, ctx.run_id, opened.round)
-        await progress.show(seen)
+        progress.show(seen)
         now = datetime.now(UTC)
         if (reason := policy.reason_to_close(seen, now)) is not None:
             break
@@ -84,7 +84,7 @@ async def close_when_due(ctx: RunContext, opened: OpenedRound) -> Closing:
     await asyncio.to_thread(set_round_status, store, opened.active, "closed")
     active = opened.active
     announce_closed(active.job, active.run_id, active.round, active.kind)
-    await progress.show(seen, final=True)
+    progress.show(seen, final=True)  # in the background: the leaves need not wait for the UI
     get_run_logger().info(
         "close-round: round %d %s closed (%s) with %d upload(s) in",
         opened.round,

@@ -57,6 +57,8 @@ def step_marks(results: RoundResults, start: float) -> dict[str, float]:
         "collected": results.level.finished_at,
         "model": results.root.finished_at,
     }
+    if results.handed_at is not None:
+        marks["handed"] = results.handed_at
     if results.evaluation is not None:
         marks["evaluated"] = results.evaluation.finished_at
     return {name: round(t, 4) for name, t in marks.items()}

@@ -120,3 +120,6 @@ class RoundResults(_Result):
     root: RootResult
     evaluation: Evaluation | None
     device_evaluation: DeviceEvaluation | None = None
+    handed_at: float | None = Field(
+        default=None, description="When the next round was handed the new model (pipelining)."
+    )

@@ -10,10 +10,10 @@ days: enough to browse recent rounds, not an archive.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from urllib.parse import quote
 
 from prefect import task
@@ -85,30 +85,56 @@ def warn_refused(
         )
 
 
-@dataclass
 class ProgressBar:
-    """A progress artifact updated when its count changes, at most every ``min_interval_s``."""
+    """A progress artifact, updated in the background when its count changes.
 
-    artifact_id: str
-    total: int
-    min_interval_s: float = 1.0
-    _shown: int = -1
-    _at: float = 0.0
+    The close task counts uploads and closes the round: the moment it may close
+    is on the round's critical path, and an artifact write to Prefect's API is
+    tens of milliseconds on SQLite, hundreds under load. So nothing here is
+    awaited by the caller: the artifact is created, and then updated to the
+    latest count (at most every ``min_interval_s``, and once more when final),
+    by one background coroutine at a time in the flow's event loop. A failed
+    update is logged, never raised: the UI is a view, S3 the record.
+    """
 
-    @classmethod
-    async def start(cls, description: str, *, total: int) -> ProgressBar:
-        artifact_id = await acreate_progress_artifact(progress=0.0, description=description)
-        return cls(artifact_id=str(artifact_id), total=total)
-
-    async def show(self, count: int, *, final: bool = False) -> None:
-        now = time.monotonic()
-        if count == self._shown or (not final and now - self._at < self.min_interval_s):
-            return
-        self._shown, self._at = count, now
-        percent = 100.0 if self.total <= 0 else 100.0 * count / self.total
-        await aupdate_progress_artifact(
-            artifact_id=self.artifact_id, progress=min(100.0, max(0.0, percent))
+    def __init__(self, description: str, *, total: int, min_interval_s: float = 1.0) -> None:
+        self.total = total
+        self.min_interval_s = min_interval_s
+        self._created = asyncio.ensure_future(
+            acreate_progress_artifact(progress=0.0, description=description)
         )
+        self._pending: asyncio.Future[None] | None = None
+        self._want = 0
+        self._shown = 0
+        self._at = 0.0
+
+    def show(self, count: int, *, final: bool = False) -> None:
+        """Bring the artifact to ``count`` soon (``final``: whatever the interval)."""
+        now = time.monotonic()
+        if count == self._want or (not final and now - self._at < self.min_interval_s):
+            return
+        self._want, self._at = count, now
+        if self._pending is None or self._pending.done():
+            self._pending = asyncio.ensure_future(self._push())
+
+    async def _push(self) -> None:
+        try:
+            artifact_id = await self._created
+            while self._shown != self._want:
+                count = self._want
+                percent = 100.0 if self.total <= 0 else 100.0 * count / self.total
+                await aupdate_progress_artifact(
+                    artifact_id=artifact_id, progress=min(100.0, max(0.0, percent))
+                )
+                self._shown = count
+        except Exception as exc:  # the UI is a view: a failed update loses no data
+            logging.getLogger(__name__).warning("progress artifact not updated: %s", exc)
+
+    async def settled(self) -> None:
+        """Wait for the updates in flight (tests; never on the round's path)."""
+        await asyncio.gather(self._created, return_exceptions=True)
+        if self._pending is not None:
+            await self._pending
 
 
 async def publish_round_artifacts(
