@@ -20,9 +20,12 @@ sides alike; ratios are what to compare.
 2. **Fixed cost** with closed-form devices (``hello-mobile``, instant training) at
    tree depth 1 and 2: round time for cohorts of 5 and 20 reporting devices, fit
    as ``fixed + per_device x reporting`` (and the same over the plain loop), the
-   median of each report phase, the gap between one round's commit and the next
-   round's open, and a timeline of one round from the Prefect API (flow runs,
-   task runs, API calls) and the round pointer in S3.
+   median of each report phase, the pipelined round's critical path from the
+   reports' step marks (the round before's model -> handed over -> this round
+   has it -> opened -> closed -> every leaf collected -> the new model; the
+   evaluation and commit run beside the next round), and a timeline of one round
+   from the Prefect API (flow runs, task runs, API calls) and the round pointer
+   in S3.
 3. **Deployment start**: ``prefect deployment run federated-training/<name>``
    through a runner serving prefect.yaml (``python -m flows.serve``, as ``canopy
    up`` starts it) until the job's ActiveRound says round 0 is open, split by the

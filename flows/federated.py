@@ -282,11 +282,11 @@ async def _play_round(ctx: RunContext, tree: Tree, link: RoundLink, levels: Leve
         program = await export_program(ctx, rnd, basis.global_model)
 
     # 2. dispatch: sample the cohort, write the leaves' tasks, open the round
-    opened, late_open = await asyncio.gather(
-        open_round(ctx, rnd, devices, tree.leaves, basis, program), late_counts(ctx)
-    )
-    link.start.opened.set(late_open)
+    reading = asyncio.ensure_future(late_counts(ctx))  # read as the round opens, not before it
+    opened = await open_round(ctx, rnd, devices, tree.leaves, basis, program)
     levels.opened.set(opened)
+    late_open = await reading
+    link.start.opened.set(late_open)
 
     # 3-4. the level subflows, already running: collect at the leaves until the round
     #      closes, add level by level, and the root applies the strategy
