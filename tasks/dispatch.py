@@ -38,6 +38,7 @@ from infra.keys import registry_index_prefix, registry_prefix
 from infra.run_state import CommitRecord
 from infra.store import ObjectRef, ObjectStore, get_json
 from tasks.context import RunContext, store_for
+from tasks.gateways import wake_soon
 from tasks.models import run_dataset
 from tasks.planning import OpenedRound, RoundPlan, plan_round
 from tasks.results import ProgramExport
@@ -266,6 +267,7 @@ async def open_round(
         )
 
     opened = await asyncio.to_thread(open_planned, ctx, commit.global_model, plan)
+    wake_soon(ctx.gateway, ctx.job)  # held long polls hear of it now, not a watch period later
     get_run_logger().info(
         "open-round: round %d asks %d device(s) on %d leaves, closes at %d reports or %s",
         rnd,

@@ -41,6 +41,7 @@ from infra.store import ObjectRef, ObjectStore, get_json
 from tasks.close_signal import pause_unless_closed
 from tasks.context import RunContext, current_flow_run_id, store_for
 from tasks.dispatch import PlanBasis, open_planned, registered_devices
+from tasks.gateways import wake_soon
 from tasks.planning import OpenedRound, RoundPlan, plan_evaluation
 from tasks.results import Closing, DeviceEvaluation, EvaluationLeaf
 from tasks.ui import emit_lineage_events, warn_refused
@@ -76,6 +77,7 @@ async def open_evaluation(
         )
 
     opened = await asyncio.to_thread(open_planned, ctx, model, plan)
+    wake_soon(ctx.gateway, ctx.job)
     get_run_logger().info(
         "open-evaluation: round %d asks %d device(s) to evaluate model %s, closes at %d "
         "results or %s",
