@@ -53,9 +53,11 @@ from tasks.results import Closing, LeafLevel
 from tasks.ui import ProgressBar, emit_lineage_events
 
 # The close task counts the whole round's uploads with one LIST per poll (a leaf
-# reads its own batches at POLL_SECONDS): polling it faster costs one request a
-# tenth of a second per round, and a round closes up to that much sooner.
-CLOSE_POLL_SECONDS = 0.1
+# reads its own batches at POLL_SECONDS). The round closes on average half a poll
+# after its last acknowledged upload, on the critical path of every round, so it
+# polls every 50 ms: 20 LISTs a second while a round is open (a few ms each on
+# moto, a page per thousand batch keys), for 25 ms less per round than at 0.1 s.
+CLOSE_POLL_SECONDS = 0.05
 
 
 @task(name="close-round", cache_policy=NONE, retries=2, retry_delay_seconds=[1, 3])
