@@ -276,9 +276,9 @@ class Simulator:
         self.running = False
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """User + system CPU seconds of ``root`` and its descendants."""
-    children = _children_map()
+def tree_cpu_seconds(root: int, *, descendants: bool = True) -> float:
+    """User + system CPU seconds of ``root`` and (unless told not to) its descendants."""
+    children = _children_map() if descendants else {}
     ticks = os.sysconf("SC_CLK_TCK")
     total, todo = 0.0, [root]
     while todo:
@@ -291,6 +291,15 @@ def tree_cpu_seconds(root: int) -> float:
             pass
         todo += children.get(pid, [])
     return total
+
+
+def cpu_by_root(roots: Mapping[str, int]) -> dict[str, float]:
+    """CPU seconds so far of each named root's process tree; this process alone (its
+    children are the services, counted under their own names)."""
+    me = os.getpid()
+    return {
+        name: tree_cpu_seconds(pid, descendants=pid != me) for name, pid in roots.items()
+    }
 
 
 # ---------------------------------------------------------------- memory
@@ -443,7 +452,7 @@ class PointerWatcher:
 
         store = S3ObjectStore(S3Settings())
         while not self._stop.wait(self.interval):
-            for job in self.jobs:
+            for job in list(self.jobs):  # the benchmark points it at the job it measures
                 try:
                     active = read_active(store, job)
                 except Exception:  # not written yet, or moto busy: the next poll

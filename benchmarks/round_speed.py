@@ -76,6 +76,7 @@ from benchmarks._stack import (  # noqa: E402
     PrefectApi,
     PssSampler,
     Simulator,
+    cpu_by_root,
     parse_ts,
 )
 
@@ -333,6 +334,7 @@ class CanopyRun:
     task_runs: list[dict[str, Any]] = field(default_factory=list)
     http: list[HttpCall] = field(default_factory=list)
     pointer: dict[tuple[int, str], float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per process tree
 
     def committed(self) -> list[Any]:
         return sorted((r for r in self.reports if r.outcome == "committed"), key=lambda r: r.round)
@@ -377,7 +379,7 @@ class Bench:
         os.environ["PREFECT_HOME"] = str(self.root / "client-home")
         self.http = HttpLog(self.stack.api)
         self.http.install()
-        self.watcher = PointerWatcher(["cifar10-mobile", "hello-mobile"]).__enter__()
+        self.watcher = PointerWatcher([]).__enter__()  # the measured job only: its GETs load moto
         self.sampler.__enter__()
 
     def stop(self) -> None:
@@ -434,20 +436,24 @@ class Bench:
 
         assert self.watcher is not None and self.http is not None
         run_id = f"rs-{uuid.uuid4().hex[:8]}"
+        self.watcher.jobs = [w.job]
         self.pause_simulators()
         self.simulator(w.job, w.devices)
         self.sampler.phase = phase
         self.flow_in_process = True
+        cpu_before = cpu_by_root(self._roots())
         started = time.time()
         try:
             with temporary_settings(updates={PREFECT_API_URL: self.stack.api}):
                 reports = asyncio.run(federated_training(**w.flow_params(rounds, run_id)))
         finally:
             ended = time.time()
+            cpu_after = cpu_by_root(self._roots())
             self.sampler.phase = "idle"
             self.flow_in_process = False
             self.pause_simulators()
         run = CanopyRun(w, run_id, started, ended, list(reports))
+        run.cpu = {k: cpu_after[k] - cpu_before[k] for k in cpu_after if k in cpu_before}
         run.http = self.http.between(started, ended)
         run.pointer = {
             (e.round, e.status): e.seen_at for e in self.watcher.events if e.run_id == run_id
@@ -653,6 +659,32 @@ CYCLE = (
 )
 
 
+MEASURED, COMMITS = "model -> model", "commit -> commit"
+
+
+def print_cpu(label: str, runs: Sequence[CanopyRun]) -> None:
+    """CPU seconds per round by process (the machine has os.cpu_count() cores to share):
+    what the stack burns while a round's critical path waits for its turn."""
+    total: dict[str, float] = defaultdict(float)
+    rounds = wall = 0.0
+    for run in runs:
+        rounds += len(run.reports)
+        wall += run.ended - run.started
+        for name, seconds in run.cpu.items():
+            total[name] += seconds
+    if not rounds or not total:
+        return
+    busy = sum(total.values())
+    print(
+        f"  {label}: {busy / rounds:.2f} CPU s per round over {wall / rounds:.2f} s of wall "
+        f"({busy / wall:.2f} of {os.cpu_count()} cores busy): "
+        + ", ".join(
+            f"{name} {seconds / rounds:.2f}"
+            for name, seconds in sorted(total.items(), key=lambda kv: -kv[1])
+        )
+    )
+
+
 def print_cycle(label: str, runs: Sequence[Sequence[Any]]) -> None:
     """Rounds are pipelined: one round's critical path runs from the round before's new
     model to its own; evaluation and commit run beside the next round (report marks)."""
@@ -670,6 +702,11 @@ def print_cycle(label: str, runs: Sequence[Sequence[Any]]) -> None:
         + ", ".join(f"{n} {median(v):.2f}" for n, v in parts.items() if "beside" in n)
         + f" (medians of {len(parts['devices'])})"
     )
+    if parts[MEASURED]:
+        print(
+            f"    measured model -> model {median(parts[MEASURED]):.2f}s, commit -> commit "
+            f"{median(parts[COMMITS]):.2f}s (medians; the sum above is of each part's median)"
+        )
 
 
 def cycle_parts(reports: Sequence[Any], parts: dict[str, list[float]]) -> None:
@@ -689,6 +726,11 @@ def cycle_parts(reports: Sequence[Any], parts: dict[str, list[float]]) -> None:
         commit = r_finished(reports, rnd)
         if commit is not None and "model" in marks:
             parts["model -> commit (beside the next round)"].append(commit - marks["model"])
+        if "model" in marks and "model" in prev:
+            parts[MEASURED].append(marks["model"] - prev["model"])
+        before = r_finished(reports, rnd - 1)
+        if commit is not None and before is not None:
+            parts[COMMITS].append(commit - before)
 
 
 def r_finished(reports: Sequence[Any], rnd: int) -> float | None:
@@ -820,6 +862,7 @@ def lenet_section(bench: Bench, args: argparse.Namespace) -> tuple[float, float,
     all_reports = [r for run in runs for r in run.reports]
     print(f"  phases (median s): {fmt_phases(phase_medians(all_reports))}")
     print_cycle("critical path", [run.reports for run in runs])
+    print_cpu("CPU", runs)
     print_structure("Prefect", last)
     print_timeline("LeNet", last)
     return plain_med, canopy_med, last
@@ -855,6 +898,7 @@ def hello_section(bench: Bench, args: argparse.Namespace) -> None:
                 f"{fmt_phases(phase_medians(run.reports))}"
             )
             print_cycle("critical path", [run.reports])
+            print_cpu("CPU", [run])
         fixed, per = fit(points)
         fixed_p, per_p = fit(over_plain)
         print(
@@ -874,6 +918,7 @@ def deploy_section(bench: Bench, args: argparse.Namespace) -> None:
     w = lenet(args.runtime, args.over_selection, args.tree_depth)
     name = "cifar10-mobile-pt" if args.runtime == "pytorch" else "cifar10-mobile"
     print(f"\n== deployment: prefect deployment run federated-training/{name} -> round 0 open")
+    bench.watcher.jobs = [w.job]
     bench.pause_simulators()
     bench.simulator(w.job, w.devices)  # as under `canopy up`: the phones are already polling
     starts: dict[str, list[float]] = {"warm": [], "cold": []}

@@ -78,9 +78,14 @@ _D = TrainingParams.model_construct(job="")
 # each level a subflow with its nodes' tasks, is the same as when they ran one
 # after the other; only the API calls that create and finish them no longer sit
 # between one level's last sum and the next level's first.
+#
+# Run names come from templates over the parameters ("{out.source}"), not from
+# ``with_options(flow_run_name=...)`` per call: every ``with_options`` builds a new
+# Flow, whose parameter JSON schema pydantic regenerates (RunContext and friends),
+# which was 15% of the flow process's CPU in a round (py-spy, benchmarks/round_speed.py).
 
 
-@flow(name="leaf-level", validate_parameters=False, log_prints=True)
+@flow(name="leaf-level", flow_run_name="{out.source}", validate_parameters=False, log_prints=True)
 async def leaf_level(ctx: RunContext, opened: Handoff, out: Handoff) -> LeafLevel | State:
     """Every leaf collects its devices' updates while the close task watches the count;
     then round 0's check across leaves bounds any leaf calibrated by outsized updates.
@@ -107,7 +112,7 @@ async def leaf_level(ctx: RunContext, opened: Handoff, out: Handoff) -> LeafLeve
     return level
 
 
-@flow(name="aggregator-level", validate_parameters=False)
+@flow(name="aggregator-level", flow_run_name="{out.source}", validate_parameters=False)
 async def aggregator_level(
     ctx: RunContext, rnd: int, nodes: Sequence[Node], children: Handoff, out: Handoff
 ) -> dict[str, ObjectRef] | State:
@@ -124,7 +129,7 @@ async def aggregator_level(
     return sums
 
 
-@flow(name="server-level", validate_parameters=False)
+@flow(name="server-level", flow_run_name="{out.source}", validate_parameters=False)
 async def server_level(
     ctx: RunContext, rnd: int, root: Node, children: Handoff, basis: Handoff, out: Handoff
 ) -> RootResult | State:
@@ -176,9 +181,7 @@ class Levels:
         children = handoff(name)
         calls = [
             _level(
-                leaf_level.with_options(flow_run_name=name)(
-                    ctx, opened, children, return_state=True
-                ),
+                leaf_level(ctx, opened, children, return_state=True),
                 children,
             )
         ]
@@ -187,9 +190,7 @@ class Levels:
             out = handoff(name)
             calls.append(
                 _level(
-                    aggregator_level.with_options(flow_run_name=name)(
-                        ctx, rnd, nodes, children, out, return_state=True
-                    ),
+                    aggregator_level(ctx, rnd, nodes, children, out, return_state=True),
                     out,
                 )
             )
@@ -197,9 +198,7 @@ class Levels:
         root = handoff(f"{tag}-server")
         calls.append(
             _level(
-                server_level.with_options(flow_run_name=f"{tag}-server")(
-                    ctx, rnd, tree.root, children, basis, root, return_state=True
-                ),
+                server_level(ctx, rnd, tree.root, children, basis, root, return_state=True),
                 root,
             )
         )
@@ -229,7 +228,12 @@ class Levels:
 # ---------------------------------------------------------------- one round
 
 
-@flow(name="device-evaluation", validate_parameters=False, log_prints=True)
+@flow(
+    name="device-evaluation",
+    flow_run_name="r{rnd:04d}-device-evaluation",
+    validate_parameters=False,
+    log_prints=True,
+)
 async def device_evaluation_level(
     ctx: RunContext, rnd: int, leaves: Sequence[str], model: ObjectRef
 ) -> DeviceEvaluation:
@@ -242,7 +246,12 @@ async def device_evaluation_level(
     return await sum_evaluation(ctx, opened, model, closing, outcomes)
 
 
-@flow(name="fl-round", validate_parameters=False, log_prints=True)
+@flow(
+    name="fl-round",
+    flow_run_name="round-{link.round:04d}",
+    validate_parameters=False,
+    log_prints=True,
+)
 async def training_round(ctx: RunContext, tree: Tree, link: RoundLink) -> State:
     """Export, dispatch, collect, aggregate level by level, evaluate (and on devices), commit.
 
@@ -269,7 +278,7 @@ async def _arrival(basis: Handoff) -> tuple[CommitRecord, float]:
 
 
 async def _play_round(ctx: RunContext, tree: Tree, link: RoundLink, levels: Levels) -> State:
-    rnd, tag = link.round, f"r{link.round:04d}"
+    rnd = link.round
 
     # 0. the model this round trains: the round before's, as soon as its root has it
     waiting = asyncio.ensure_future(_arrival(link.start.basis))
@@ -304,9 +313,7 @@ async def _play_round(ctx: RunContext, tree: Tree, link: RoundLink, levels: Leve
         if evaluate_devices:
             evaluation, device_eval = await asyncio.gather(
                 evaluate_model(ctx, rnd, root.global_model),
-                device_evaluation_level.with_options(flow_run_name=f"{tag}-device-evaluation")(
-                    ctx, rnd, tree.leaves, root.global_model
-                ),
+                device_evaluation_level(ctx, rnd, tree.leaves, root.global_model),
             )
             link.end.basis.set(advance(basis, root))
             handed_at = time.time()
@@ -382,9 +389,7 @@ async def play_rounds(ctx: RunContext, layout: Tree, commit: CommitRecord) -> Co
     playing: list[asyncio.Future[tuple[CommitRecord, RoundReport]]] = []
     for rnd in range(commit.next_round, ctx.params.rounds):
         link = RoundLink(round=rnd, start=boundary, end=Boundary.before(rnd + 1))
-        call = training_round.with_options(flow_run_name=f"round-{rnd:04d}")(
-            ctx, layout, link, return_state=True
-        )
+        call = training_round(ctx, layout, link, return_state=True)
         playing.append(
             asyncio.ensure_future(_round_outcome(ctx, call, link, playing[-1] if playing else None))
         )
