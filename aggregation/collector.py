@@ -39,7 +39,6 @@ ACCEPTED = "accepted"
 DUPLICATE = "duplicate"
 
 
-
 def task_refusal(
     device_id: str,
     task_id: str,
@@ -66,6 +65,7 @@ def task_refusal(
             f"not {whose} {expected_version[:12]}"
         )
     return None, ""
+
 
 @dataclass
 class LeafCollector:

@@ -297,9 +297,7 @@ def cpu_by_root(roots: Mapping[str, int]) -> dict[str, float]:
     """CPU seconds so far of each named root's process tree; this process alone (its
     children are the services, counted under their own names)."""
     me = os.getpid()
-    return {
-        name: tree_cpu_seconds(pid, descendants=pid != me) for name, pid in roots.items()
-    }
+    return {name: tree_cpu_seconds(pid, descendants=pid != me) for name, pid in roots.items()}
 
 
 # ---------------------------------------------------------------- memory

@@ -127,6 +127,7 @@ def open_round(
     mixed = sorted(leaf for leaf, task in tasks.items() if task.kind != active.kind)
     if mixed:
         raise ValueError(f"round {active.round}: tasks of leaves {mixed} are not {active.kind}")
+
     def write(leaf: str) -> ObjectRef:
         return put_json(store, active.leaf_manifest_keys[leaf], tasks[leaf], kind=KIND_LEAF_TASK)
 
