@@ -364,6 +364,7 @@ class Bench:
         self.sampler = PssSampler(self._roots)
         self.watcher: PointerWatcher | None = None
         self.http: HttpLog | None = None
+        self.targets: list[Target] = []
 
     def _roots(self) -> dict[str, int]:
         """What the stack is right now: services, running simulators, the flow's process."""
@@ -662,6 +663,28 @@ CYCLE = (
 MEASURED, COMMITS = "model -> model", "commit -> commit"
 
 
+@dataclass(frozen=True)
+class Target:
+    """One of issue 11's targets beside what this run measured (lower is better)."""
+
+    what: str
+    measured: float
+    limit: float
+    unit: str
+
+    def line(self) -> str:
+        verdict = "met" if self.measured <= self.limit else "NOT met"
+        got, limit = f"{self.measured:.2f}{self.unit}", f"{self.limit:g}{self.unit}"
+        return f"  {self.what}: {got} (target {limit}) {verdict}"
+
+
+def print_targets(targets: Sequence[Target]) -> None:
+    if targets:
+        print("\n== issue 11's targets, as measured in this run")
+        for t in targets:
+            print(t.line())
+
+
 def print_cpu(label: str, runs: Sequence[CanopyRun]) -> None:
     """CPU seconds per round by process (the machine has os.cpu_count() cores to share):
     what the stack burns while a round's critical path waits for its turn."""
@@ -905,6 +928,21 @@ def hello_section(bench: Bench, args: argparse.Namespace) -> None:
             f"  depth {depth} fit: round = {fixed:.2f}s fixed + {1000 * per:.0f} ms x reporting "
             f"devices; over the plain loop {fixed_p:.2f}s + {1000 * per_p:.0f} ms/device"
         )
+        if depth == 2:
+            bench.targets += [
+                Target(
+                    "closed-form round at depth 2, fixed cost over the plain loop (fit)",
+                    fixed_p,
+                    0.5,
+                    "s",
+                ),
+                Target(
+                    "closed-form round at depth 2, per reporting device (fit)",
+                    1000 * per_p,
+                    5.0,
+                    " ms",
+                ),
+            ]
         print_structure(f"depth {depth} cohort {cohorts[-1]}", runs[-1])
         if depth == max(args.hello_depths):
             print_timeline(f"hello depth {depth} cohort {cohorts[-1]}", runs[-1])
@@ -936,6 +974,15 @@ def deploy_section(bench: Bench, args: argparse.Namespace) -> None:
             finally:
                 bench.sampler.phase = "idle"
                 bench.stack.stop_runner()
+    if starts["warm"]:
+        bench.targets.append(
+            Target(
+                "prefect deployment run -> round 0 open (warm runner)",
+                statistics.median(starts["warm"]),
+                10.0,
+                " s",
+            )
+        )
     if starts["warm"] and starts["cold"]:
         warm, cold = statistics.median(starts["warm"]), statistics.median(starts["cold"])
         print(
@@ -1094,6 +1141,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not args.skip_lenet:
             plain, canopy, _ = lenet_section(bench, args)
             ratio = canopy / plain
+            bench.targets.append(Target("LeNet round, Canopy/plain", ratio, 2.0, "x"))
         if not args.skip_hello:
             hello_section(bench, args)
         if not args.skip_deploy:
@@ -1105,6 +1153,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("\n== peak stack PSS (sum over every process of the stack, sampled every 0.5 s)")
     for line in pss_lines(bench.sampler):
         print(line)
+    for phase, peak in bench.sampler.peaks.items():
+        if phase.startswith("deployment run") and phase.endswith("warm)") and peak.processes:
+            phones = sum(k for label, k in peak.processes.items() if label.startswith("simulator"))
+            gib = (peak.total_kib - phones) * 1024 / 1e9
+            bench.targets.append(
+                Target("peak stack PSS without the phones, deployment run", gib, 1.2, " GB")
+            )
+    print_targets(bench.targets)
     print(f"\n(benchmark took {time.monotonic() - t_start:.0f}s; logs in {bench.root})")
     if ratio is not None:
         print(f"canopy/plain round ratio: {ratio:.2f}x")

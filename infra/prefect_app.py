@@ -10,9 +10,15 @@ later: ``RetryLockedRequests`` does that inside the server, where the lock is,
 and only a request still refused after its bounded retries reaches the client,
 with a short ``Retry-After`` the client honours instead of its 2 s.
 
+Most such races are between the API's own writes, which start together when a
+round creates its level subflows side by side: on SQLite, ``OneWriterAtATime``
+queues writing requests inside the server, so they stop failing each other and
+each waits only for the writes before it.
+
 Run as ``python -m infra.prefect_app --host H --port P``: the same app and
 services as ``prefect server start`` (``create_app(final=True)``), one worker.
-Postgres does not raise these errors; the middleware then never retries.
+Postgres does not raise these errors; the middleware then never retries, and
+writes are not queued.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 Scope = MutableMapping[str, Any]
@@ -103,6 +109,58 @@ class RetryLockedRequests:
         return swallow
 
 
+# POST endpoints of Prefect's API that only read (filters, counts, the UI's queries).
+READ_ONLY_POSTS = frozenset({"filter", "count", "paginate", "history", "lateness", "graph"})
+
+
+def writes_database(method: str, path: str) -> bool:
+    """Whether a Prefect API request writes (as far as its method and path tell).
+
+    A read taken for a write only waits its turn; a write taken for a read races
+    as before and is retried: either mistake is safe.
+    """
+    if method in ("PUT", "PATCH", "DELETE"):
+        return True
+    if method != "POST" or "/ui/" in path:
+        return False
+    return path.rstrip("/").rsplit("/", 1)[-1] not in READ_ONLY_POSTS
+
+
+class OneWriterAtATime:
+    """ASGI middleware: the API's writing requests run one at a time (SQLite only).
+
+    SQLite has one writer. Prefect begins most write transactions DEFERRED: they
+    read, then ask for the write lock, and one that finds another write committed
+    since its read fails at once ("database is locked", a stale WAL snapshot;
+    SQLite's busy timeout does not apply). Writers that start together, such as a
+    round's level subflows being created side by side, then fail each other in
+    turn: a subflow's parent task run took up to 10 tries and 1.4 s
+    (benchmarks/round_speed.py). Queued in the server instead, each write waits
+    only for the ones before it. Prefect's own services (event persister,
+    task-run recorder) still write beside the queue; ``RetryLockedRequests``,
+    outside this, retries what they make fail, releasing the queue while it waits.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._turn = asyncio.Lock()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not writes_database(scope["method"], scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        async with self._turn:
+            await self.app(scope, receive, send)
+
+
+def uses_sqlite(environ: Mapping[str, str]) -> bool:
+    """Whether the server's database is SQLite (Prefect's default when none is set)."""
+    url = environ.get("PREFECT_API_DATABASE_CONNECTION_URL") or environ.get(
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL", ""
+    )
+    return not url or url.startswith("sqlite")
+
+
 async def _read_body(receive: Receive) -> tuple[bytes, bool]:
     """The whole request body, and whether it was read to its end."""
     chunks: list[bytes] = []
@@ -146,7 +204,8 @@ def main() -> None:
     import uvicorn
     from prefect.server.api.server import create_app
 
-    app = RetryLockedRequests(create_app(final=True))
+    api = create_app(final=True)
+    app = RetryLockedRequests(OneWriterAtATime(api) if uses_sqlite(os.environ) else api)
     uvicorn.run(
         app,
         host=args.host,

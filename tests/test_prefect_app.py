@@ -6,9 +6,16 @@ times, then 201, stands in for Prefect's API under lock contention.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-from infra.prefect_app import RetryLockedRequests, retry_delays
+from infra.prefect_app import (
+    OneWriterAtATime,
+    RetryLockedRequests,
+    retry_delays,
+    uses_sqlite,
+    writes_database,
+)
 
 
 class LockedApp:
@@ -112,3 +119,58 @@ async def test_an_app_that_raises_after_its_503_is_retried_not_crashed() -> None
 
     assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [201]
     assert len(inner.bodies) == 3
+
+
+# ---------------------------------------------------------------- one writer at a time
+
+
+def test_writes_are_told_from_reads_by_method_and_path() -> None:
+    assert writes_database("POST", "/api/task_runs/")
+    assert writes_database("POST", "/api/flow_runs/abc/set_state")
+    assert writes_database("PATCH", "/api/flow_runs/abc")
+    assert writes_database("DELETE", "/api/artifacts/abc")
+    assert not writes_database("GET", "/api/flow_runs/abc")
+    assert not writes_database("POST", "/api/flow_runs/filter")
+    assert not writes_database("POST", "/api/task_runs/count")
+    assert not writes_database("POST", "/api/ui/flow_runs/history")
+
+
+class SlowApp:
+    """Records how many requests run inside it at once."""
+
+    def __init__(self) -> None:
+        self.inside = 0
+        self.most = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self.inside += 1
+        self.most = max(self.most, self.inside)
+        await asyncio.sleep(0.01)
+        self.inside -= 1
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def _request(app: Any, method: str, path: str) -> None:
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    await app({"type": "http", "method": method, "path": path}, receive, send)
+
+
+async def test_writes_wait_their_turn_and_reads_do_not() -> None:
+    inner = SlowApp()
+    app = OneWriterAtATime(inner)
+    await asyncio.gather(*(_request(app, "POST", "/api/task_runs/") for _ in range(5)))
+    assert inner.most == 1, "writes ran side by side"
+    await asyncio.gather(*(_request(app, "POST", "/api/flow_runs/filter") for _ in range(5)))
+    assert inner.most == 5, "reads were queued behind each other"
+
+
+def test_only_an_sqlite_server_queues_its_writes() -> None:
+    assert uses_sqlite({})
+    assert uses_sqlite({"PREFECT_API_DATABASE_CONNECTION_URL": "sqlite+aiosqlite:///x.db"})
+    assert not uses_sqlite({"PREFECT_API_DATABASE_CONNECTION_URL": "postgresql+asyncpg://u:p@h/db"})
