@@ -34,7 +34,11 @@ sides alike; ratios are what to compare.
 4. **Peak stack PSS** (``/proc/PID/smaps_rollup``) over every process of the stack,
    sampled twice a second: peak per phase and per process.
 
-The last line is ``canopy/plain round ratio: X.XXx`` for the LeNet round.
+Each Canopy run also prints the CPU seconds per round of every process (on 2
+cores, a round waits for CPU as much as for anything), and the measured model ->
+model and commit -> commit periods beside the sum of the critical path's median
+parts. Then issue 11's targets beside what this run measured, met or not, and
+last ``canopy/plain round ratio: X.XXx`` for the LeNet round.
 
 Over-selection is 1.0 by default, so both sides train exactly the same devices and
 their accuracy must agree round by round (printed); ``--over-selection 1.3`` gives
