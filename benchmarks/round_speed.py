@@ -24,8 +24,8 @@ sides alike; ratios are what to compare.
    reports' step marks (the round before's model -> handed over -> this round
    has it -> opened -> closed -> every leaf collected -> the new model; the
    evaluation and commit run beside the next round), and a timeline of one round
-   from the Prefect API (flow runs, task runs, API calls) and the round pointer
-   in S3.
+   from the Prefect API (flow runs, task runs, API calls) and the report's step
+   marks.
 3. **Deployment start**: ``prefect deployment run federated-training/<name>``
    through a runner serving prefect.yaml (``python -m flows.serve``, as ``canopy
    up`` starts it) until the job's ActiveRound says round 0 is open, split by the
@@ -384,7 +384,7 @@ class Bench:
         os.environ["PREFECT_HOME"] = str(self.root / "client-home")
         self.http = HttpLog(self.stack.api)
         self.http.install()
-        self.watcher = PointerWatcher([]).__enter__()  # the measured job only: its GETs load moto
+        self.watcher = PointerWatcher([]).__enter__()  # jobs set by the deployment section
         self.sampler.__enter__()
 
     def stop(self) -> None:
@@ -441,7 +441,10 @@ class Bench:
 
         assert self.watcher is not None and self.http is not None
         run_id = f"rs-{uuid.uuid4().hex[:8]}"
-        self.watcher.jobs = [w.job]
+        # No pointer polling here: this process is the flow being measured, and the
+        # watcher's GETs were a quarter of its botocore time (py-spy). The reports'
+        # own marks say when each round opened and closed.
+        self.watcher.jobs = []
         self.pause_simulators()
         self.simulator(w.job, w.devices)
         self.sampler.phase = phase
@@ -460,9 +463,6 @@ class Bench:
         run = CanopyRun(w, run_id, started, ended, list(reports))
         run.cpu = {k: cpu_after[k] - cpu_before[k] for k in cpu_after if k in cpu_before}
         run.http = self.http.between(started, ended)
-        run.pointer = {
-            (e.round, e.status): e.seen_at for e in self.watcher.events if e.run_id == run_id
-        }
         return run
 
     def read_back(self, run: CanopyRun) -> None:
@@ -554,10 +554,10 @@ def timeline(run: CanopyRun, rnd: int) -> list[tuple[float, float | None, str]]:
         s, e = parse_ts(t.get("start_time")), parse_ts(t.get("end_time"))
         if s is not None:
             items.append((s - base, None if e is None else e - base, f"  task {t['name']}"))
-    for status in ("open", "closed"):
-        if (seen := run.pointer.get((rnd, status))) is not None:
-            items.append((seen - base, None, f"pointer says {status} (seen in S3)"))
     report = next((r for r in run.reports if r.round == rnd), None)
+    for status, mark in (("open", "opened"), ("closed", "closed")):
+        if report is not None and report.marks and mark in report.marks:
+            items.append((report.marks[mark] - base, None, f"pointer written {status}"))
     end = parse_ts(flow.get("end_time")) or run.ended
     if report is not None:
         items.append((report.finished_at.timestamp() - base, None, "report finished_at (commit)"))
