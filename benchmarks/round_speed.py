@@ -78,6 +78,7 @@ from benchmarks._stack import (  # noqa: E402
     HttpLog,
     PointerWatcher,
     PrefectApi,
+    PssPeak,
     PssSampler,
     Simulator,
     cpu_by_root,
@@ -664,7 +665,7 @@ CYCLE = (
 )
 
 
-MEASURED, COMMITS = "model -> model", "commit -> commit"
+MEASURED = "model -> model"
 
 
 @dataclass(frozen=True)
@@ -731,8 +732,8 @@ def print_cycle(label: str, runs: Sequence[Sequence[Any]]) -> None:
     )
     if parts[MEASURED]:
         print(
-            f"    measured model -> model {median(parts[MEASURED]):.2f}s, commit -> commit "
-            f"{median(parts[COMMITS]):.2f}s (medians; the sum above is of each part's median)"
+            f"    measured model -> model {median(parts[MEASURED]):.2f}s (median; the sum "
+            "above is of each part's median)"
         )
 
 
@@ -755,9 +756,6 @@ def cycle_parts(reports: Sequence[Any], parts: dict[str, list[float]]) -> None:
             parts["model -> commit (beside the next round)"].append(commit - marks["model"])
         if "model" in marks and "model" in prev:
             parts[MEASURED].append(marks["model"] - prev["model"])
-        before = r_finished(reports, rnd - 1)
-        if commit is not None and before is not None:
-            parts[COMMITS].append(commit - before)
 
 
 def r_finished(reports: Sequence[Any], rnd: int) -> float | None:
@@ -811,16 +809,21 @@ def print_timeline(label: str, run: CanopyRun) -> None:
         print(f"    {span}  {what}")
 
 
+def stack_kib(peak: PssPeak) -> int:
+    """A phase's peak PSS without the simulated phones (they stand in for the fleet)."""
+    phones = sum(kib for label, kib in peak.processes.items() if label.startswith("simulator"))
+    return peak.total_kib - phones
+
+
 def pss_lines(sampler: PssSampler) -> list[str]:
     lines = []
     for phase, peak in sampler.peaks.items():
         if phase == "idle" or not peak.processes:
             continue
-        phones = sum(kib for label, kib in peak.processes.items() if label.startswith("simulator"))
         lines.append(
             f"  {phase}: peak {peak.total_kib / 1024:.0f} MiB PSS in {len(peak.processes)} "
             f"processes ({peak.samples} samples); without the simulated phones "
-            f"{(peak.total_kib - phones) / 1024:.0f} MiB"
+            f"{stack_kib(peak) / 1024:.0f} MiB"
         )
         for label, kib in sorted(peak.processes.items(), key=lambda kv: -kv[1]):
             own = peak.maxima.get(label, kib)
@@ -1159,10 +1162,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(line)
     for phase, peak in bench.sampler.peaks.items():
         if phase.startswith("deployment run") and phase.endswith("warm)") and peak.processes:
-            phones = sum(k for label, k in peak.processes.items() if label.startswith("simulator"))
-            gib = (peak.total_kib - phones) * 1024 / 1e9
+            gb = stack_kib(peak) * 1024 / 1e9
             bench.targets.append(
-                Target("peak stack PSS without the phones, deployment run", gib, 1.2, " GB")
+                Target("peak stack PSS without the phones, deployment run", gb, 1.2, " GB")
             )
     print_targets(bench.targets)
     print(f"\n(benchmark took {time.monotonic() - t_start:.0f}s; logs in {bench.root})")
