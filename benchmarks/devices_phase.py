@@ -5,9 +5,9 @@ The *devices phase* is what a round spends between the flow's write of the open
 uploads in S3. This benchmark measures exactly that, without Prefect: this
 process plays the flow's part with the flow's own code (``tasks.planning.plan_round``,
 ``edge.round_control.open_round``, then ``tasks.intake.count_reports`` every
-``--close-poll`` seconds, as ``tasks.collect.close_when_due`` does; with
-``--nudge``, it also tells each gateway right after the pointer write, ``POST
-/v1/jobs/{job}/wake``), against
+``--close-poll`` seconds, as ``tasks.collect.close_when_due`` does, and tells
+each gateway right after the pointer write, ``POST /v1/jobs/{job}/wake``, unless
+``--no-nudge``), against
 
 * moto's S3 as the stack serves it (``python -m infra.s3_server``) and two
   gateway processes (``python -m edge.gateway``, default settings, as ``canopy
@@ -487,18 +487,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=6, help="Rounds per workload (1 warm-up).")
     parser.add_argument("--workloads", default="lenet,hello5,hello20")
+    from tasks.collect import CLOSE_POLL_SECONDS
+
     parser.add_argument(
         "--close-poll",
         type=float,
-        default=0.1,
-        help="Seconds between the stand-in close task's LISTs (tasks/collect.py's "
-        "CLOSE_POLL_SECONDS).",
+        default=CLOSE_POLL_SECONDS,
+        help="Seconds between the stand-in close task's LISTs (default: the flow's, "
+        "tasks/collect.py's CLOSE_POLL_SECONDS).",
     )
     parser.add_argument(
         "--nudge",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="Tell the gateways of each open (POST /v1/jobs/{job}/wake), as the flow could.",
+        default=True,
+        help="Tell the gateways of each open (POST /v1/jobs/{job}/wake), as the flow does "
+        "(--no-nudge: the gateways hear of it from their watch alone).",
     )
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="canopy-devices-phase-"))
